@@ -1,0 +1,58 @@
+# The two commands a new operator types (see README.md):
+#   make demo   a working hub on http://127.0.0.1:8000 whose users get JupyterLab in containers
+#   make test   the whole test suite, after setting up everything it needs
+# Both install what is missing and are fast when it is already there.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Daemons the tests run against: the whole suite on Incus, the client and a spawn on LXD too.
+TEST_DAEMONS ?= incus lxd
+PYTEST_ARGS ?=
+
+.PHONY: test demo setup venv daemons images tools lint unit integration e2e clean-test-instances
+
+test: setup lint
+	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" $(PY) -m pytest -ra $(PYTEST_ARGS)
+
+demo: venv
+	scripts/setup-lxd.sh incus
+	VENV=$(VENV) images/ensure-image.sh jupyter-base incus
+	VENV=$(VENV) scripts/demo.sh
+
+setup: venv daemons images tools
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@python3 -m venv --help >/dev/null 2>&1 || { apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv; }
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+daemons:
+	@for d in $(TEST_DAEMONS); do scripts/setup-lxd.sh $$d || exit 1; done
+
+images: venv daemons
+	@for d in $(TEST_DAEMONS); do \
+	  VENV=$(VENV) images/ensure-image.sh lxdspawner-tiny $$d || exit 1; \
+	  VENV=$(VENV) images/ensure-image.sh jupyter-base $$d || exit 1; \
+	done
+
+tools:
+	scripts/ensure-tools.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+integration: setup
+	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" $(PY) -m pytest -ra -m integration
+
+e2e: setup
+	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" $(PY) -m pytest -ra -m e2e

@@ -1,0 +1,19 @@
+"""Async client for the LXD and Incus REST API (no JupyterHub imports)."""
+
+from .client import ExecResult, LxdClient, image_source, ipv4_addresses
+from .dialect import Dialect, local_socket_candidates
+from .errors import Conflict, LxdError, NotFound, OperationFailed, Unreachable
+
+__all__ = [
+    "Conflict",
+    "Dialect",
+    "ExecResult",
+    "LxdClient",
+    "LxdError",
+    "NotFound",
+    "OperationFailed",
+    "Unreachable",
+    "image_source",
+    "ipv4_addresses",
+    "local_socket_candidates",
+]

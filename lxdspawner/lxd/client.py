@@ -1,0 +1,590 @@
+"""An asyncio client for the LXD / Incus REST API, on aiohttp.
+
+It speaks to the local unix socket (found automatically) or to a remote daemon over HTTPS
+with a client certificate and a pinned server certificate. Every call is a coroutine; nothing
+blocks the event loop, because the hub serves all of its users from one loop.
+
+It knows nothing of JupyterHub: the spawner, the CLI and the tests all use it as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+from .dialect import Dialect, local_socket_candidates
+from .errors import LxdError, NotFound, OperationFailed, Unreachable, error_for_status
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[dict], Any]
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        """stdout and stderr together, for messages shown to a person."""
+        return "\n".join(s for s in (self.stdout.strip(), self.stderr.strip()) if s)
+
+
+def _q(name: str) -> str:
+    return quote(name, safe="")
+
+
+class LxdClient:
+    """One connection pool to one daemon (one endpoint, one project)."""
+
+    def __init__(
+        self,
+        endpoint: str = "",
+        *,
+        client_cert: str = "",
+        client_key: str = "",
+        server_cert: str = "",
+        project: str = "",
+        timeout: float = 30.0,
+    ):
+        self.endpoint = endpoint
+        self.client_cert = client_cert
+        self.client_key = client_key
+        self.server_cert = server_cert
+        self.project = project
+        self.timeout = timeout
+        self.dialect: Dialect | None = None
+        #: Every HTTP request and websocket this client made: benchmarks read it.
+        self.request_count = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._base = ""
+        self._where = ""
+
+    # -- connection -------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, endpoint: str = "", **kwargs: Any) -> LxdClient:
+        client = cls(endpoint, **kwargs)
+        try:
+            await client.open()
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def open(self) -> Dialect:
+        """Open the session and learn the dialect from ``GET /1.0``."""
+        if self._session is None:
+            self._session = self._make_session()
+        info = await self.request("GET", "/1.0")
+        self.dialect = Dialect.from_server_info(info)
+        return self.dialect
+
+    def _make_session(self) -> aiohttp.ClientSession:
+        endpoint = self.endpoint
+        if endpoint.startswith("https://"):
+            self._base = endpoint.rstrip("/")
+            self._where = endpoint
+            connector = aiohttp.TCPConnector(ssl=self._ssl_context(), limit=100)
+        else:
+            path = endpoint.removeprefix("unix://") if endpoint else self._find_socket()
+            self._base = "http://lxd"
+            self._where = f"unix socket {path}"
+            connector = aiohttp.UnixConnector(path=path, limit=100)
+        return aiohttp.ClientSession(connector=connector)
+
+    @staticmethod
+    def _find_socket() -> str:
+        import os
+
+        candidates = local_socket_candidates()
+        for path in candidates:
+            if os.path.exists(path):
+                return path
+        raise Unreachable(
+            "no local LXD or Incus socket found (looked at "
+            + ", ".join(candidates)
+            + "); is the daemon installed and running? For a remote daemon set the endpoint "
+            "to its https:// URL."
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if not (self.client_cert and self.client_key):
+            raise LxdError(
+                f"endpoint {self.endpoint} is HTTPS: a client certificate and key are needed "
+                "(client_cert, client_key), trusted by the daemon"
+            )
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if self.server_cert:
+            # LXD servers use self-signed certificates: trust exactly that one (pinning),
+            # whatever name it carries.
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=self.server_cert)
+        try:
+            ctx.load_cert_chain(self.client_cert, self.client_key)
+        except (OSError, ssl.SSLError) as e:
+            raise LxdError(
+                f"cannot load client certificate {self.client_cert} / key {self.client_key}: {e}"
+            ) from e
+        return ctx
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> LxdClient:
+        if self.dialect is None:
+            await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def where(self) -> str:
+        """A human description of the endpoint, for messages."""
+        return self._where or self.endpoint or "the local daemon"
+
+    # -- raw requests -----------------------------------------------------------------------
+
+    def _params(self, params: Mapping[str, Any] | None) -> dict[str, str]:
+        merged = {k: str(v) for k, v in (params or {}).items() if v is not None}
+        if self.project and "project" not in merged:
+            merged["project"] = self.project
+        return merged
+
+    async def raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        data: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, bytes, str]:
+        """One HTTP request: (status, body, content type). Connection errors become Unreachable."""
+        if self._session is None:
+            self._session = self._make_session()
+        url = self._base + path
+        self.request_count += 1
+        try:
+            async with self._session.request(
+                method,
+                url,
+                params=self._params(params),
+                json=json_body,
+                data=data,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
+            ) as resp:
+                body = await resp.read()
+                return resp.status, body, resp.headers.get("Content-Type", "")
+        except asyncio.TimeoutError as e:
+            raise Unreachable(
+                f"{method} {path} on {self.where} got no answer within "
+                f"{timeout or self.timeout:g} s"
+            ) from e
+        except aiohttp.ClientError as e:
+            raise Unreachable(f"cannot reach the LXD/Incus daemon at {self.where}: {e}") from e
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A request whose answer is LXD's JSON envelope; returns its metadata.
+
+        Sync answers give their metadata; async answers give the operation's metadata
+        (``{"id": ..., "status": ...}``): await it with :meth:`wait`.
+        """
+        status, body, _ = await self.raw(method, path, **kwargs)
+        try:
+            envelope = json.loads(body) if body else {}
+        except ValueError as e:
+            raise LxdError(
+                f"{method} {path}: the daemon answered HTTP {status} with non-JSON", status=status
+            ) from e
+        if envelope.get("type") == "error" or status >= 400:
+            message = envelope.get("error") or f"HTTP {status}"
+            raise error_for_status(
+                status, f"{method} {path}: {message}", envelope.get("error_code")
+            )
+        return envelope.get("metadata")
+
+    async def wait(
+        self,
+        operation: Mapping | str,
+        *,
+        timeout: float = 120.0,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict:
+        """Wait for a background operation; raise OperationFailed if it failed.
+
+        With ``on_progress`` the wait is cut into short slices, and the operation's metadata
+        (image unpack, file system remap, ...) is passed on after each slice.
+        """
+        op_id = operation if isinstance(operation, str) else operation["id"]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        slice_s = 1 if on_progress else max(1, int(timeout))
+        while True:
+            remaining = deadline - loop.time()
+            wait_s = max(1, min(slice_s, int(remaining) if remaining > 1 else 1))
+            op = await self.request(
+                "GET",
+                f"/1.0/operations/{_q(op_id)}/wait",
+                params={"timeout": wait_s},
+                timeout=wait_s + self.timeout,
+            )
+            status = op.get("status")
+            if status == "Success":
+                return op
+            if status in ("Failure", "Cancelled"):
+                raise OperationFailed(op.get("err") or f"operation {status.lower()}")
+            if on_progress and op.get("metadata"):
+                result = on_progress(op["metadata"])
+                if asyncio.iscoroutine(result):
+                    await result
+            if loop.time() >= deadline:
+                raise LxdError(f"operation {op_id} did not finish within {timeout:g} s")
+
+    async def run(self, method: str, path: str, *, timeout: float = 120.0, **kwargs: Any) -> dict:
+        """A request whose answer is an operation, awaited to its end."""
+        on_progress = kwargs.pop("on_progress", None)
+        op = await self.request(method, path, **kwargs)
+        return await self.wait(op, timeout=timeout, on_progress=on_progress)
+
+    # -- server -----------------------------------------------------------------------------
+
+    async def server_info(self) -> dict:
+        return await self.request("GET", "/1.0")
+
+    async def resources(self, target: str | None = None) -> dict:
+        return await self.request("GET", "/1.0/resources", params={"target": target})
+
+    async def cluster_members(self) -> list[dict]:
+        """The cluster's members with their status; an empty list on a standalone daemon."""
+        try:
+            return await self.request("GET", "/1.0/cluster/members", params={"recursion": 1})
+        except LxdError as e:
+            if e.status in (400, 404) or "not clustered" in e.message.lower():
+                return []
+            raise
+
+    async def network(self, name: str) -> dict:
+        return await self.request("GET", f"/1.0/networks/{_q(name)}")
+
+    async def profile(self, name: str) -> dict:
+        return await self.request("GET", f"/1.0/profiles/{_q(name)}")
+
+    async def image_alias(self, alias: str) -> dict:
+        return await self.request("GET", f"/1.0/images/aliases/{_q(alias)}")
+
+    # -- instances --------------------------------------------------------------------------
+
+    async def create_instance(
+        self,
+        name: str,
+        *,
+        source: Mapping[str, Any],
+        profiles: Iterable[str] | None = None,
+        config: Mapping[str, str] | None = None,
+        devices: Mapping[str, Mapping[str, str]] | None = None,
+        target: str | None = None,
+        start: bool = False,
+        instance_type: str = "container",
+        timeout: float = 300.0,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict:
+        """Create an instance from ``source`` (see :func:`image_source`); optionally start it.
+
+        When the daemon can create and start in one request it does; otherwise the start is a
+        second request. Either way the instance is running when this returns with start=True.
+        """
+        body: dict[str, Any] = {
+            "name": name,
+            "type": instance_type,
+            "source": dict(source),
+            "config": dict(config or {}),
+            "devices": {k: dict(v) for k, v in (devices or {}).items()},
+        }
+        if profiles is not None:
+            body["profiles"] = list(profiles)
+        one_request = start and self.dialect is not None and self.dialect.create_and_start
+        if one_request:
+            body["start"] = True
+        op = await self.run(
+            "POST",
+            "/1.0/instances",
+            params={"target": target},
+            json_body=body,
+            timeout=timeout,
+            on_progress=on_progress,
+        )
+        if start and not one_request:
+            await self.start_instance(name, timeout=timeout)
+        return op
+
+    async def _state_change(self, name: str, action: str, timeout: float, **extra: Any) -> dict:
+        body = {"action": action, "timeout": int(timeout), **extra}
+        return await self.run(
+            "PUT", f"/1.0/instances/{_q(name)}/state", json_body=body, timeout=timeout + 30
+        )
+
+    async def start_instance(self, name: str, *, timeout: float = 60.0) -> dict:
+        return await self._state_change(name, "start", timeout)
+
+    async def stop_instance(self, name: str, *, timeout: float = 30.0, force: bool = False) -> dict:
+        """Stop gracefully within ``timeout`` seconds, or at once with ``force``."""
+        return await self._state_change(name, "stop", -1 if force else timeout, force=force)
+
+    async def delete_instance(self, name: str, *, timeout: float = 120.0) -> dict:
+        return await self.run("DELETE", f"/1.0/instances/{_q(name)}", timeout=timeout)
+
+    async def get_instance(self, name: str) -> dict:
+        return await self.request("GET", f"/1.0/instances/{_q(name)}")
+
+    async def update_instance(self, name: str, patch: Mapping[str, Any]) -> None:
+        await self.request("PATCH", f"/1.0/instances/{_q(name)}", json_body=dict(patch))
+
+    async def instance_state(self, name: str) -> dict:
+        return await self.request("GET", f"/1.0/instances/{_q(name)}/state")
+
+    async def list_instances(self, *, filter: str | None = None, recursion: int = 1) -> list:
+        """Instances (full objects with recursion=1), optionally narrowed by LXD's ``filter=``."""
+        return await self.request(
+            "GET", "/1.0/instances", params={"recursion": recursion, "filter": filter}
+        )
+
+    async def instance_log(self, name: str, log_name: str = "lxc.log") -> str:
+        status, body, _ = await self.raw("GET", f"/1.0/instances/{_q(name)}/logs/{_q(log_name)}")
+        return body.decode(errors="replace") if status == 200 else ""
+
+    async def console_log(self, name: str) -> str:
+        status, body, _ = await self.raw("GET", f"/1.0/instances/{_q(name)}/console")
+        return body.decode(errors="replace") if status == 200 else ""
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _dialect(self) -> Dialect:
+        if self.dialect is None:
+            raise LxdError("client not opened: call await client.open() first")
+        return self.dialect
+
+    async def push_file(
+        self,
+        name: str,
+        path: str,
+        content: bytes | str,
+        *,
+        uid: int = 0,
+        gid: int = 0,
+        mode: int = 0o644,
+    ) -> None:
+        """Write a file into the instance (running or stopped), replacing what is there."""
+        data = content.encode() if isinstance(content, str) else content
+        headers = self._dialect().file_headers(uid=uid, gid=gid, mode=mode)
+        headers["Content-Type"] = "application/octet-stream"
+        await self.request(
+            "POST",
+            f"/1.0/instances/{_q(name)}/files",
+            params={"path": path},
+            data=data,
+            headers=headers,
+        )
+
+    async def make_directory(
+        self, name: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755
+    ) -> None:
+        headers = self._dialect().file_headers(uid=uid, gid=gid, mode=mode, kind="directory")
+        await self.request(
+            "POST", f"/1.0/instances/{_q(name)}/files", params={"path": path}, headers=headers
+        )
+
+    async def make_symlink(self, name: str, path: str, target: str) -> None:
+        headers = self._dialect().file_headers(uid=0, gid=0, mode=0o777, kind="symlink")
+        await self.request(
+            "POST",
+            f"/1.0/instances/{_q(name)}/files",
+            params={"path": path},
+            data=target.encode(),
+            headers=headers,
+        )
+
+    async def read_file(self, name: str, path: str) -> bytes:
+        status, body, ctype = await self.raw(
+            "GET", f"/1.0/instances/{_q(name)}/files", params={"path": path}
+        )
+        if status >= 400:
+            try:
+                message = json.loads(body).get("error") or f"HTTP {status}"
+            except ValueError:
+                message = f"HTTP {status}"
+            raise error_for_status(status, f"read {path} in {name}: {message}")
+        return body
+
+    # -- exec -------------------------------------------------------------------------------
+
+    async def exec(
+        self,
+        name: str,
+        command: list[str],
+        *,
+        environment: Mapping[str, str] | None = None,
+        user: int | None = None,
+        group: int | None = None,
+        cwd: str | None = None,
+        timeout: float = 300.0,
+    ) -> ExecResult:
+        """Run a command to its end with its output recorded; the records are then deleted.
+
+        The command is an argument vector: nothing here goes through a shell unless the caller
+        runs one, so user-supplied values belong in ``environment``.
+        """
+        body: dict[str, Any] = {
+            "command": list(command),
+            "environment": dict(environment or {}),
+            "wait-for-websocket": False,
+            "interactive": False,
+            "record-output": True,
+        }
+        if user is not None:
+            body["user"] = int(user)
+        if group is not None:
+            body["group"] = int(group)
+        if cwd:
+            body["cwd"] = cwd
+        op = await self.run(
+            "POST", f"/1.0/instances/{_q(name)}/exec", json_body=body, timeout=timeout
+        )
+        meta = op.get("metadata") or {}
+        outputs = meta.get("output") or {}
+        texts: dict[str, str] = {}
+        for fd, log_path in outputs.items():
+            status, data, _ = await self.raw("GET", log_path)
+            texts[str(fd)] = data.decode(errors="replace") if status == 200 else ""
+            await self.raw("DELETE", log_path)
+        return ExecResult(int(meta.get("return", -1)), texts.get("1", ""), texts.get("2", ""))
+
+    # -- storage volumes --------------------------------------------------------------------
+
+    async def create_volume(
+        self,
+        pool: str,
+        name: str,
+        *,
+        config: Mapping[str, str] | None = None,
+        target: str | None = None,
+    ) -> None:
+        body = {"name": name, "type": "custom", "config": dict(config or {})}
+        result = await self.request(
+            "POST",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom",
+            params={"target": target},
+            json_body=body,
+        )
+        if isinstance(result, dict) and result.get("id") and result.get("class") == "task":
+            await self.wait(result)
+
+    async def get_volume(self, pool: str, name: str) -> dict:
+        return await self.request("GET", f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}")
+
+    async def list_volumes(self, pool: str) -> list[dict]:
+        return await self.request(
+            "GET", f"/1.0/storage-pools/{_q(pool)}/volumes/custom", params={"recursion": 1}
+        )
+
+    async def delete_volume(self, pool: str, name: str) -> None:
+        await self.request("DELETE", f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}")
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def events(
+        self,
+        types: Iterable[str] = ("lifecycle", "operation"),
+        *,
+        reconnect: bool = True,
+        retry_delay: float = 1.0,
+    ) -> AsyncIterator[dict]:
+        """Yield events from the ``/1.0/events`` websocket, reconnecting after failures.
+
+        A consumer that must not miss anything (a cache) should relist after each reconnect;
+        it learns of one from the synthetic ``{"type": "lxdspawner-reconnected"}`` event.
+        """
+        if self._session is None:
+            self._session = self._make_session()
+        params = self._params({"type": ",".join(types)})
+        url = self._base.replace("https://", "wss://").replace("http://", "ws://") + "/1.0/events"
+        first = True
+        while True:
+            try:
+                self.request_count += 1
+                async with self._session.ws_connect(url, params=params, heartbeat=30) as ws:
+                    if not first:
+                        yield {"type": "lxdspawner-reconnected"}
+                    first = False
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            yield json.loads(msg.data)
+                        elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
+                            break
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                if not reconnect:
+                    raise Unreachable(f"events stream from {self.where} failed: {e}") from e
+                log.warning("events stream from %s failed (%s); reconnecting", self.where, e)
+            else:
+                if not reconnect:
+                    return
+            first = False
+            await asyncio.sleep(retry_delay)
+
+
+def image_source(image: str, *, server: str = "", protocol: str = "simplestreams") -> dict:
+    """The ``source`` of an instance created from a local image alias or fingerprint.
+
+    A string of 12 to 64 hex digits is taken as a fingerprint (prefix), anything else as an
+    alias. ``server`` names a remote image server (then ``image`` is an alias there).
+    """
+    is_fingerprint = 12 <= len(image) <= 64 and all(c in "0123456789abcdef" for c in image)
+    source: dict[str, Any] = {"type": "image"}
+    source["fingerprint" if is_fingerprint else "alias"] = image
+    if server:
+        source.update(server=server, protocol=protocol, mode="pull")
+    return source
+
+
+def ipv4_addresses(state: Mapping, interface: str = "eth0") -> list[str]:
+    """Global IPv4 addresses of an interface in ``GET …/state``'s answer."""
+    network = (state or {}).get("network") or {}
+    nic = network.get(interface) or {}
+    return [
+        a["address"]
+        for a in nic.get("addresses") or []
+        if a.get("family") == "inet" and a.get("scope") == "global"
+    ]
+
+
+def host_from_endpoint(endpoint: str) -> str:
+    """The host name of an https:// endpoint, or "" for the local socket."""
+    return urlsplit(endpoint).hostname or "" if endpoint.startswith("https://") else ""
+
+
+__all__ = [
+    "ExecResult",
+    "LxdClient",
+    "NotFound",
+    "host_from_endpoint",
+    "image_source",
+    "ipv4_addresses",
+]

@@ -1,0 +1,218 @@
+"""Pure builders: what we send to LXD and what we put inside the container.
+
+Plain data in, plain data out, no I/O, so every rule here is unit-tested without a daemon:
+the instance's config keys and devices, the server's environment file and its systemd unit.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+#: Config keys under which we record whose instance this is (and find our instances).
+KEY_USER = "user.jupyterhub.user"
+KEY_SERVER = "user.jupyterhub.server"
+KEY_MANAGED = "user.jupyterhub.managed-by"
+MANAGED_BY = "lxdspawner"
+
+UNIT_NAME = "jupyterhub-singleuser.service"
+UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
+UNIT_WANTS_LINK = f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"
+CONFIG_DIR = "/etc/lxdspawner"
+ENV_PATH = f"{CONFIG_DIR}/singleuser.env"
+DEFAULT_PATH = "/opt/jupyterhub/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory mounted into the container (an LXD disk device)."""
+
+    name: str
+    source: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """Everything that defines one user's server, resolved from the spawner's settings."""
+
+    instance: str
+    username: str
+    server_name: str
+    uid: int
+    gid: int
+    home: str
+    cmd: tuple[str, ...]
+    port: int = 8888
+    profiles: tuple[str, ...] = ("default",)
+    mounts: tuple[Mount, ...] = ()
+    mem_limit: int | None = None
+    cpu_limit: float | None = None
+    process_limit: int | None = None
+    privileged: bool = False
+    extra_config: Mapping[str, str] = field(default_factory=dict)
+    extra_devices: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+# -- instance -----------------------------------------------------------------------------
+
+
+def cpu_allowance(cpu_limit: float) -> str:
+    """A CPU time quota: 0.5 → ``50ms/100ms`` (half of one CPU), 2 → ``200ms/100ms``.
+
+    A quota rather than ``limits.cpu`` (which pins whole CPUs), so fractional limits mean
+    what JupyterHub's ``cpu_limit`` says: a share of CPU time.
+    """
+    if cpu_limit <= 0:
+        raise ValueError(f"cpu_limit must be positive, not {cpu_limit}")
+    return f"{max(1, round(cpu_limit * 100))}ms/100ms"
+
+
+def instance_config(spec: ServerSpec) -> dict[str, str]:
+    config = {
+        KEY_MANAGED: MANAGED_BY,
+        KEY_USER: spec.username,
+        KEY_SERVER: spec.server_name,
+    }
+    if spec.mem_limit:
+        config["limits.memory"] = str(int(spec.mem_limit))
+    if spec.cpu_limit:
+        config["limits.cpu.allowance"] = cpu_allowance(spec.cpu_limit)
+    if spec.process_limit:
+        config["limits.processes"] = str(int(spec.process_limit))
+    if spec.privileged:
+        config["security.privileged"] = "true"
+    config.update(spec.extra_config)
+    return config
+
+
+def instance_devices(spec: ServerSpec) -> dict[str, dict[str, str]]:
+    devices = {m.name: {"type": "disk", "source": m.source, "path": m.path} for m in spec.mounts}
+    devices.update({k: dict(v) for k, v in spec.extra_devices.items()})
+    return devices
+
+
+# -- templates: {USERNAME} ----------------------------------------------------------------
+
+
+def expand_username_in_command(command: str, username: str) -> str:
+    """``{USERNAME}``/``{username}`` → the username, shell-quoted: safe in ``sh -c``."""
+    quoted = shlex.quote(username)
+    return command.replace("{USERNAME}", quoted).replace("{username}", quoted)
+
+
+def expand_username_in_path(path: str, username: str) -> str:
+    """``{USERNAME}``/``{username}`` in a path → the username, which must stay one component."""
+    if ("{USERNAME}" in path or "{username}" in path) and (
+        "/" in username or username in (".", "..") or "\0" in username
+    ):
+        raise ValueError(f"username {username!r} cannot be used as a path component in {path!r}")
+    expanded = path.replace("{USERNAME}", username).replace("{username}", username)
+    return posixpath.normpath(expanded) if expanded else expanded
+
+
+# -- inside the container -----------------------------------------------------------------
+
+
+def env_file(env: Mapping[str, str]) -> str:
+    """A systemd ``EnvironmentFile=``: one ``KEY='value'`` per line, taken literally.
+
+    Single quotes make systemd take the value as it is (JSON scopes, ``$``, ``%``, ``\\``);
+    a value that holds a single quote is written double-quoted with ``\\`` escapes instead.
+    """
+    lines = []
+    for key, value in env.items():
+        if not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ValueError(f"environment variable name {key!r} is not valid")
+        value = str(value)
+        if "'" not in value:
+            lines.append(f"{key}='{value}'")
+        else:
+            escaped = (
+                value.replace("\\", "\\\\")
+                .replace('"', '\\"')
+                .replace("$", "\\$")
+                .replace("`", "\\`")
+                .replace("\n", "\\n")
+            )
+            lines.append(f'{key}="{escaped}"')
+    return "\n".join(lines) + "\n"
+
+
+def systemd_quote(arg: str) -> str:
+    """Quote one word of a unit's command line so systemd passes it on unchanged."""
+    escaped = (
+        arg.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("%", "%%")
+        .replace("$", "$$")
+        .replace("\n", "\\n")
+    )
+    return f'"{escaped}"'
+
+
+def server_unit(spec: ServerSpec, *, env_path: str = ENV_PATH) -> str:
+    """The systemd unit that runs the server inside the container.
+
+    The server belongs to the container, not to the hub: the hub may restart at any time. When
+    the server exits, for any reason, the container powers off, so "container running" and
+    "server running" are one state that the hub can read from LXD.
+    """
+    command = " ".join(systemd_quote(a) for a in ("/usr/bin/env", *spec.cmd))
+    home = systemd_quote(spec.home)
+    return f"""\
+# Written by lxdspawner for {spec.username!r}; replaced at every start.
+[Unit]
+Description=Jupyter single-user server (lxdspawner)
+After=network.target systemd-networkd.service
+SuccessAction=poweroff
+FailureAction=poweroff
+
+[Service]
+Type=simple
+User={spec.uid}
+Group={spec.gid}
+EnvironmentFile={env_path}
+Environment=PATH={DEFAULT_PATH}
+Environment=HOME={home}
+ExecStartPre=-+/usr/bin/install -d -o {spec.uid} -g {spec.gid} -m 0755 {home}
+WorkingDirectory={home}
+ExecStart={command}
+Restart=no
+KillMode=mixed
+TimeoutStopSec=20
+OOMPolicy=continue
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def wait_for_systemd_and_start_unit() -> list[str]:
+    """A command (no user data in it) that starts the unit once the container's systemd
+    accepts requests: right after a start, PID 1 may not listen yet."""
+    script = (
+        f"for i in $(seq 1 100); do systemctl start --no-block {UNIT_NAME} && exit 0; "
+        "sleep 0.1; done; exit 1"
+    )
+    return ["/bin/sh", "-c", script]
+
+
+def prepare_command(command: str, username: str) -> list[str]:
+    return ["/bin/sh", "-c", expand_username_in_command(command, username)]
+
+
+def as_pairs(value: Sequence, setting: str, size: int) -> list[tuple[str, ...]]:
+    """Check a list-of-lists setting's shape, naming the setting when it is wrong."""
+    rows = []
+    for i, row in enumerate(value):
+        if isinstance(row, str) or not isinstance(row, Sequence) or len(row) != size:
+            raise ValueError(
+                f"{setting}[{i}] = {row!r}: each entry must be a list of {size} strings"
+            )
+        if not all(isinstance(x, str) and x for x in row):
+            raise ValueError(f"{setting}[{i}] = {row!r}: each item must be a non-empty string")
+        rows.append(tuple(row))
+    return rows

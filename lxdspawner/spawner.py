@@ -1,0 +1,733 @@
+"""LxdSpawner: each user's notebook server in its own Incus or LXD system container.
+
+Orchestration only: names come from :mod:`names`, request bodies and in-container files from
+:mod:`objects`, the daemon is spoken to through :mod:`lxd`. The server runs as a systemd unit
+of the container, so it survives hub restarts; when it exits the container powers off, so the
+container's state in LXD is the server's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import inspect
+import ipaddress
+import os
+import pwd
+import stat
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from jupyterhub.spawner import Spawner
+from traitlets import (
+    Any as AnyTrait,
+)
+from traitlets import (
+    Bool,
+    Dict,
+    Float,
+    Int,
+    List,
+    Unicode,
+    default,
+    observe,
+    validate,
+)
+
+from . import names, objects
+from .lxd import LxdClient, LxdError, NotFound, Unreachable, image_source, ipv4_addresses
+
+STATE_VERSION = 1
+
+
+class SpawnError(Exception):
+    """A spawn failed for a reason we can explain; the message is shown to the user."""
+
+
+def _default_get_uid_gid(spawner: LxdSpawner) -> tuple[int, int]:
+    """The hub host's passwd/group entry for the user, else the configured default."""
+    try:
+        entry = pwd.getpwnam(spawner.user.name)
+    except KeyError:
+        return spawner.default_uid, spawner.default_gid
+    return entry.pw_uid, entry.pw_gid
+
+
+def _host_group_gid(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+class LxdSpawner(Spawner):
+    """Spawn single-user servers in Incus or LXD containers, through the REST API."""
+
+    # -- where: the daemon ------------------------------------------------------------------
+
+    endpoint = Unicode(
+        "",
+        config=True,
+        help="""The Incus/LXD daemon to use.
+
+        Empty (the default): the local unix socket, found automatically (INCUS_DIR, LXD_DIR,
+        /var/lib/incus, /run/incus, /var/lib/lxd, the snap's path). Otherwise
+        `unix:///path/to/unix.socket`, or `https://host:8443` for a remote server or cluster
+        (then set `client_cert`, `client_key` and `server_cert`).
+        """,
+    )
+    client_cert = Unicode("", config=True, help="Client certificate (PEM) for an https endpoint.")
+    client_key = Unicode("", config=True, help="Client key (PEM) for an https endpoint.")
+    server_cert = Unicode(
+        "",
+        config=True,
+        help="The server's certificate (PEM), pinned: only that certificate is trusted.",
+    )
+    project = Unicode("", config=True, help="LXD project for the instances (default: default).")
+    api_timeout = Float(30.0, config=True, help="Seconds to wait for one API request.")
+
+    # -- what: the container ----------------------------------------------------------------
+
+    image = Unicode(
+        "jupyter-base",
+        config=True,
+        help="""Image alias or fingerprint the containers are created from.
+
+        The image needs systemd and `jupyterhub-singleuser` (see images/ in the repository).
+        Example: `c.LxdSpawner.image = "jupyter-base"`.
+        """,
+    )
+    profiles = List(
+        Unicode(),
+        ["default"],
+        config=True,
+        help="LXD profiles applied to each container, in order (default: ['default']).",
+    )
+    name_prefix = Unicode(
+        names.DEFAULT_PREFIX,
+        config=True,
+        help="Prefix of container names: `jupyter` gives `jupyter-alice`.",
+    )
+    files_to_push = List(
+        config=True,
+        help="""Files copied from the hub host into the container before the server starts,
+        keeping their mode: `[[host_path, container_path], ...]`.
+
+        Example: `[['/etc/passwd', '/etc/passwd'], ['/etc/group', '/etc/group']]`.
+        """,
+    )
+    filesystems_to_mount = List(
+        config=True,
+        help="""Host directories mounted into the container: `[[name, host_dir, path], ...]`.
+
+        `{USERNAME}` (or `{username}`) in the paths is replaced by the username. The host
+        directory must exist. Example: `[['home', '/srv/home/{USERNAME}', '/home/jupyter']]`.
+        """,
+    )
+    commands_to_prepare = List(
+        Unicode(),
+        config=True,
+        help="""Shell commands run in the container, as the user's uid/gid, after it starts and
+        before the server. `{USERNAME}` is replaced by the shell-quoted username (also in
+        $JUPYTERHUB_USER). A failing command fails the spawn, showing its exit code and output.
+        """,
+    )
+    post_hub_commands = List(
+        Unicode(),
+        config=True,
+        help="""Shell commands run on the hub host once the server has started. `{USERNAME}` is
+        replaced by the shell-quoted username (also in $JUPYTERHUB_USER). Failures are logged.
+        """,
+    )
+    host_weights = Dict(
+        config=True,
+        help="""On a cluster, relative weight of each member for placement:
+        `{"node1": 2, "node2": 1}`; 0 means never. Ignored on a standalone daemon.
+        """,
+    )
+    get_uid_gid = AnyTrait(
+        _default_get_uid_gid,
+        config=True,
+        help="""Callable (may be async) taking the spawner and returning (uid, gid) for the
+        server's process. The default looks the user up in the hub host's passwd database and
+        falls back to (`default_uid`, `default_gid`) for users that are not system users.
+        """,
+    )
+    default_uid = Int(1000, config=True, help="uid for users unknown to the hub host.")
+    default_gid = Int(1000, config=True, help="gid for users unknown to the hub host.")
+    privileged_containers = Bool(
+        False, config=True, help="Run the containers privileged (security.privileged)."
+    )
+    privileged_container = Bool(
+        False, config=True, help="Alias of `privileged_containers`, as in the original spawner."
+    )
+    process_limit = Int(
+        0, config=True, help="Maximum number of processes in a container (0: no limit)."
+    )
+    home_dir = Unicode(
+        "/home/{username}",
+        config=True,
+        help="""Home directory of the server's process (created if missing). `{username}` is the
+        raw username. The server's root directory is `notebook_dir` if set, else this.
+        """,
+    )
+    server_port = Int(8888, config=True, help="Port of the server inside the container.")
+    remove = Bool(
+        True,
+        config=True,
+        help="""Delete the container when the server stops (default). With False the stopped
+        container is kept and started again next time: faster, and keeps what the user
+        installed; its name stays the same.
+        """,
+    )
+    stop_timeout = Float(
+        20.0, config=True, help="Seconds for a graceful stop before the container is killed."
+    )
+    extra_instance_config = Dict(
+        config=True,
+        help="Extra LXD config keys for every container, e.g. {'boot.autostart': 'false'}.",
+    )
+    extra_devices = Dict(
+        config=True, help="Extra LXD devices for every container: {name: {type: ..., ...}}."
+    )
+
+    @default("cmd")
+    def _default_cmd(self) -> list[str]:
+        return ["jupyterhub-singleuser"]
+
+    @observe("privileged_container")
+    def _alias_privileged(self, change: dict) -> None:
+        self.privileged_containers = change["new"]
+
+    @validate("files_to_push")
+    def _check_files_to_push(self, proposal: dict) -> list:
+        return [list(r) for r in objects.as_pairs(proposal["value"], "files_to_push", 2)]
+
+    @validate("filesystems_to_mount")
+    def _check_filesystems(self, proposal: dict) -> list:
+        return [list(r) for r in objects.as_pairs(proposal["value"], "filesystems_to_mount", 3)]
+
+    @validate("host_weights")
+    def _check_weights(self, proposal: dict) -> dict:
+        for member, weight in proposal["value"].items():
+            if not isinstance(weight, (int, float)) or weight < 0:
+                raise ValueError(f"host_weights[{member!r}] = {weight!r}: must be a number >= 0")
+        return proposal["value"]
+
+    @validate("get_uid_gid")
+    def _check_get_uid_gid(self, proposal: dict) -> Callable:
+        if not callable(proposal["value"]):
+            raise ValueError(f"get_uid_gid = {proposal['value']!r}: must be a callable")
+        return proposal["value"]
+
+    @validate("name_prefix")
+    def _check_prefix(self, proposal: dict) -> str:
+        return names.validate_prefix(proposal["value"])
+
+    # -- state ------------------------------------------------------------------------------
+
+    instance_name = Unicode("")
+    member = Unicode("")
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        if state.get("lxd_state_version"):
+            self.instance_name = state.get("instance", "")
+            self.member = state.get("member", "")
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.instance_name:
+            state.update(
+                lxd_state_version=STATE_VERSION,
+                instance=self.instance_name,
+                member=self.member,
+                endpoint=self.endpoint,
+                project=self.project,
+            )
+        return state
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        if self.remove:
+            self.instance_name = ""
+            self.member = ""
+
+    # -- the shared client ------------------------------------------------------------------
+
+    _clients: dict[tuple, LxdClient] = {}
+    _gateways: dict[tuple, str] = {}
+
+    async def client(self) -> LxdClient:
+        """One client per endpoint, shared by every spawner of the hub (one connection pool)."""
+        key = (self.endpoint, self.project, self.client_cert, self.client_key, self.server_cert)
+        client = self._clients.get(key)
+        if client is None or client.dialect is None:
+            client = LxdClient(
+                self.endpoint,
+                client_cert=self.client_cert,
+                client_key=self.client_key,
+                server_cert=self.server_cert,
+                project=self.project,
+                timeout=self.api_timeout,
+            )
+            await client.open()
+            self._clients[key] = client
+        return client
+
+    # -- progress ---------------------------------------------------------------------------
+
+    def _emit(self, message: str, progress: int | None = None) -> None:
+        self.log.info("%s: %s", self._log_name, message)
+        event: dict[str, Any] = {"message": message}
+        if progress is not None:
+            event["progress"] = progress
+        self._progress_events.append(event)
+        self._progress_changed.set()
+
+    def _reset_progress(self) -> None:
+        self._progress_events: list[dict] = []
+        self._progress_changed = asyncio.Event()
+        self._progress_done = False
+
+    async def progress(self):
+        if not hasattr(self, "_progress_events"):
+            return
+        sent = 0
+        while True:
+            while sent < len(self._progress_events):
+                yield self._progress_events[sent]
+                sent += 1
+            if self._progress_done:
+                return
+            self._progress_changed.clear()
+            try:
+                await asyncio.wait_for(self._progress_changed.wait(), timeout=1)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- spawn ------------------------------------------------------------------------------
+
+    @property
+    def _log_name(self) -> str:
+        return f"{self.user.name}:{self.name}" if self.name else self.user.name
+
+    def _target_instance_name(self) -> str:
+        return names.instance_name(self.user.name, self.name or "", self.name_prefix)
+
+    async def _resolve_uid_gid(self) -> tuple[int, int]:
+        result = self.get_uid_gid(self)
+        if inspect.isawaitable(result):
+            result = await result
+        try:
+            uid, gid = (int(x) for x in result)
+        except (TypeError, ValueError) as e:
+            raise SpawnError(f"get_uid_gid returned {result!r}; expected (uid, gid)") from e
+        return uid, gid
+
+    def _mounts(self) -> tuple[objects.Mount, ...]:
+        mounts = []
+        for name, source, path in self.filesystems_to_mount:
+            try:
+                source = objects.expand_username_in_path(source, self.user.name)
+                path = objects.expand_username_in_path(path, self.user.name)
+            except ValueError as e:
+                raise SpawnError(f"filesystems_to_mount entry {name!r}: {e}") from e
+            if not os.path.isdir(source):
+                raise SpawnError(
+                    f"filesystems_to_mount entry {name!r}: host directory {source!r} does not "
+                    "exist on the hub host"
+                )
+            mounts.append(objects.Mount(name=name, source=source, path=path))
+        return tuple(mounts)
+
+    async def _read_files_to_push(self) -> list[tuple[str, bytes, int]]:
+        def read(host_path: str) -> tuple[bytes, int]:
+            with open(host_path, "rb") as f:
+                return f.read(), stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+
+        found = []
+        for host_path, container_path in self.files_to_push:
+            try:
+                data, mode = await asyncio.to_thread(read, host_path)
+            except OSError as e:
+                raise SpawnError(
+                    f"files_to_push: cannot read {host_path!r} on the hub host: {e.strerror}"
+                ) from e
+            found.append((container_path, data, mode))
+        return found
+
+    def _spec(self, uid: int, gid: int) -> objects.ServerSpec:
+        home = self.home_dir.replace("{username}", self.user.name).replace(
+            "{USERNAME}", self.user.name
+        )
+        return objects.ServerSpec(
+            instance=self.instance_name,
+            username=self.user.name,
+            server_name=self.name or "",
+            uid=uid,
+            gid=gid,
+            home=home,
+            cmd=tuple(self.cmd) + tuple(self.get_args()),
+            port=self.server_port,
+            profiles=tuple(self.profiles),
+            mounts=self._mounts(),
+            mem_limit=self.mem_limit,
+            cpu_limit=self.cpu_limit,
+            process_limit=self.process_limit or None,
+            privileged=self.privileged_containers,
+            extra_config=dict(self.extra_instance_config),
+            extra_devices=dict(self.extra_devices),
+        )
+
+    async def _hub_api_url(self, client: LxdClient, instance: dict) -> str | None:
+        """Where the container reaches the hub's API, when JupyterHub's own default won't do.
+
+        With `hub_connect_url` set, JupyterHub's choice stands. Otherwise a loopback or
+        wildcard address is replaced by the gateway of the container's bridge, which is this
+        host as the container sees it.
+        """
+        if self.hub_connect_url:
+            return None
+        parts = urlsplit(self.hub.api_url)
+        host = parts.hostname or ""
+        if self._is_reachable_host(host):
+            return None
+        bind_ip = self.hub.ip or ""
+        if bind_ip and bind_ip not in ("0.0.0.0", "::") and self._is_loopback(bind_ip):  # noqa: S104
+            raise SpawnError(
+                f"the hub listens on {bind_ip}, which containers cannot reach: set "
+                "c.JupyterHub.hub_bind_url to the address of the containers' bridge (e.g. "
+                "'http://10.117.40.1:8081') or 0.0.0.0, or set c.LxdSpawner.hub_connect_url"
+            )
+        gateway = await self._bridge_gateway(client, instance)
+        port = parts.port or self.hub.port
+        return urlunsplit(parts._replace(netloc=f"{gateway}:{port}"))
+
+    @staticmethod
+    def _is_loopback(host: str) -> bool:
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host == "localhost"
+
+    def _is_reachable_host(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False  # a host name: the hub's own, usually unresolvable in containers
+        return not (address.is_loopback or address.is_unspecified)
+
+    async def _bridge_gateway(self, client: LxdClient, instance: dict) -> str:
+        nic = (instance.get("expanded_devices") or {}).get("eth0") or {}
+        network = nic.get("network") or nic.get("parent") or ""
+        key = (client.where, network)
+        if key not in self._gateways:
+            if not network:
+                raise SpawnError(
+                    f"container {instance.get('name')} has no eth0 on a managed bridge, so the "
+                    "hub's address cannot be worked out: set c.LxdSpawner.hub_connect_url"
+                )
+            info = await client.network(network)
+            address = (info.get("config") or {}).get("ipv4.address", "")
+            if not address or address == "none":
+                raise SpawnError(
+                    f"network {network!r} has no IPv4 address: set c.LxdSpawner.hub_connect_url"
+                )
+            self._gateways[key] = address.split("/")[0]
+        return self._gateways[key]
+
+    async def start(self) -> tuple[str, int]:
+        self._reset_progress()
+        started = time.monotonic()
+        self.timings: dict[str, float] = {}
+        try:
+            return await self._start()
+        except SpawnError as e:
+            self.log.error("Spawn of %s failed: %s", self._log_name, e)
+            raise
+        except Unreachable as e:
+            message = f"the container daemon is not reachable: {e.message}"
+            self.log.error("Spawn of %s failed: %s", self._log_name, message)
+            raise SpawnError(message) from e
+        except LxdError as e:
+            self.log.error("Spawn of %s failed: %s", self._log_name, e.message)
+            raise SpawnError(e.message) from e
+        finally:
+            self.timings["total"] = time.monotonic() - started
+            self._progress_done = True
+            self._progress_changed.set()
+
+    async def _step(self, name: str, coro):
+        t0 = time.monotonic()
+        try:
+            return await coro
+        finally:
+            self.timings[name] = time.monotonic() - t0
+
+    async def _start(self) -> tuple[str, int]:
+        self.port = self.server_port
+        self.ip = "0.0.0.0"  # noqa: S104 - inside the container; only the bridge reaches it
+        self.instance_name = self._target_instance_name()
+        name = self.instance_name
+        uid, gid = await self._resolve_uid_gid()
+        spec = self._spec(uid, gid)
+        files = await self._read_files_to_push()
+        client = await self.client()
+
+        self._emit(f"Placing server {name}", 5)
+        existing = await self._existing(client, name)
+        if existing and (self.remove or existing.get("status") != "Stopped"):
+            self._emit("Removing a leftover container of an earlier server", 8)
+            await self._force_delete(client, name)
+            existing = None
+
+        created = False
+        try:
+            if existing is None:
+                self._emit(f"Creating container {name} from image {self.image}", 10)
+                await self._step("create", self._create(client, spec))
+                created = True
+            instance = await client.get_instance(name)
+            self.member = instance.get("location") or ""
+            env = self.get_env()
+            api_url = await self._hub_api_url(client, instance)
+            if api_url:
+                env["JUPYTERHUB_API_URL"] = api_url
+                env["JUPYTERHUB_ACTIVITY_URL"] = api_url.rstrip("/") + (
+                    f"/users/{self.user.escaped_name}/activity"
+                )
+            env.setdefault("JUPYTERHUB_USER", self.user.name)
+            self._emit("Pushing configuration and files", 30)
+            await self._step("push", self._push_files(client, spec, env, files))
+            self._emit("Starting container", 40)
+            await self._step("start", client.start_instance(name, timeout=self.start_timeout))
+            ip = await self._step("ipv4", self._wait_ipv4(client, name))
+            if self.commands_to_prepare:
+                self._emit("Running preparation commands", 60)
+                await self._step("prepare", self._prepare(client, name, spec))
+                result = await client.exec(name, objects.wait_for_systemd_and_start_unit())
+                if result.exit_code != 0:
+                    raise SpawnError(f"could not start the server's unit: {result.output}")
+            self._emit(f"Starting the server at {ip}:{self.port}", 80)
+        except BaseException:
+            await self._cleanup_failed_start(client, name, created)
+            raise
+        if self.post_hub_commands:
+            asyncio.ensure_future(self._run_post_hub_commands())
+        self.log.info(
+            "%s: container %s running at %s:%s (timings %s)",
+            self._log_name,
+            name,
+            ip,
+            self.port,
+            {k: round(v, 3) for k, v in self.timings.items()},
+        )
+        return ip, self.port
+
+    async def _existing(self, client: LxdClient, name: str) -> dict | None:
+        try:
+            return await client.get_instance(name)
+        except NotFound:
+            return None
+
+    async def _create(self, client: LxdClient, spec: objects.ServerSpec) -> None:
+        def forward(metadata: dict) -> None:
+            for key, value in metadata.items():
+                if key.endswith("_progress") and isinstance(value, str):
+                    self._emit(f"Creating container: {value}", 15)
+
+        try:
+            await client.create_instance(
+                spec.instance,
+                source=image_source(self.image),
+                profiles=spec.profiles,
+                config=objects.instance_config(spec),
+                devices=objects.instance_devices(spec),
+                timeout=max(self.start_timeout, 60),
+                on_progress=forward,
+            )
+        except LxdError as e:
+            lowered = e.message.lower()
+            if "image" in lowered and ("not found" in lowered or "failed" in lowered):
+                raise SpawnError(
+                    f"the image {self.image!r} (c.LxdSpawner.image) was not found on "
+                    f"{client.where}: {e.message}"
+                ) from e
+            raise SpawnError(f"could not create container {spec.instance}: {e.message}") from e
+
+    async def _push_files(
+        self,
+        client: LxdClient,
+        spec: objects.ServerSpec,
+        env: dict[str, str],
+        files: list[tuple[str, bytes, int]],
+    ) -> None:
+        name = spec.instance
+        await client.make_directory(name, objects.CONFIG_DIR, mode=0o755)
+        # The token is in this file: readable by the user's uid only, never on a command line.
+        await client.push_file(
+            name, objects.ENV_PATH, objects.env_file(env), uid=spec.uid, gid=spec.gid, mode=0o600
+        )
+        await client.push_file(name, objects.UNIT_PATH, objects.server_unit(spec), mode=0o644)
+        if not self.commands_to_prepare:
+            # Enabled before boot: systemd starts the server itself, no exec round trip.
+            await client.make_symlink(name, objects.UNIT_WANTS_LINK, f"../{objects.UNIT_NAME}")
+        else:
+            try:
+                await client.request(
+                    "DELETE",
+                    f"/1.0/instances/{name}/files",
+                    params={"path": objects.UNIT_WANTS_LINK},
+                )
+            except NotFound:
+                pass
+        for container_path, data, mode in files:
+            try:
+                await client.push_file(name, container_path, data, mode=mode)
+            except LxdError as e:
+                raise SpawnError(
+                    f"files_to_push: cannot write {container_path!r} in the container: {e.message}"
+                ) from e
+
+    async def _wait_ipv4(self, client: LxdClient, name: str) -> str:
+        self._emit("Waiting for the container's network address", 50)
+        delay = 0.05
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout
+        while True:
+            state = await client.instance_state(name)
+            addresses = ipv4_addresses(state)
+            if addresses:
+                return addresses[0]
+            if state.get("status") not in ("Running", None):
+                raise SpawnError(
+                    f"container {name} stopped while booting (status {state.get('status')}); "
+                    + await self._server_log_tail(client, name)
+                )
+            if loop.time() > deadline:
+                raise SpawnError(
+                    f"container {name} got no IPv4 address within {self.start_timeout:g} s "
+                    "(start_timeout): is DHCP running on its bridge?"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    async def _prepare(self, client: LxdClient, name: str, spec: objects.ServerSpec) -> None:
+        env = {"JUPYTERHUB_USER": self.user.name, "HOME": spec.home, "USER": self.user.name}
+        for command in self.commands_to_prepare:
+            result = await client.exec(
+                name,
+                objects.prepare_command(command, self.user.name),
+                environment=env,
+                user=spec.uid,
+                group=spec.gid,
+                timeout=self.start_timeout,
+            )
+            if result.exit_code != 0:
+                raise SpawnError(
+                    f"commands_to_prepare: {command!r} failed with exit code "
+                    f"{result.exit_code}: {result.output[-2000:] or '(no output)'}"
+                )
+
+    async def _run_post_hub_commands(self) -> None:
+        env = {**os.environ, "JUPYTERHUB_USER": self.user.name}
+        for command in self.post_hub_commands:
+            line = objects.expand_username_in_command(command, self.user.name)
+            proc = await asyncio.create_subprocess_shell(
+                line,
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            out, _ = await proc.communicate()
+            if proc.returncode:
+                self.log.error(
+                    "post_hub_commands for %s: %r failed with exit code %s: %s",
+                    self._log_name,
+                    command,
+                    proc.returncode,
+                    out.decode(errors="replace")[-2000:],
+                )
+
+    async def _server_log_tail(self, client: LxdClient, name: str, lines: int = 20) -> str:
+        try:
+            result = await client.exec(
+                name,
+                ["journalctl", "-u", objects.UNIT_NAME, "--no-pager", "-n", str(lines)],
+                timeout=10,
+            )
+            text = result.stdout.strip()
+        except LxdError:
+            text = (await client.console_log(name)).strip()[-2000:]
+        return f"last lines of the server's log:\n{text}" if text else "no server log available"
+
+    async def _cleanup_failed_start(self, client: LxdClient, name: str, created: bool) -> None:
+        try:
+            if self.remove or created:
+                await self._force_delete(client, name)
+            else:
+                await client.stop_instance(name, force=True)
+        except LxdError as e:
+            self.log.warning("cleanup after failed spawn of %s: %s", name, e.message)
+
+    async def _force_delete(self, client: LxdClient, name: str) -> None:
+        try:
+            await self._stop_instance(client, name, force=True)
+            await client.delete_instance(name)
+        except NotFound:
+            pass
+
+    # -- poll and stop ----------------------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        if not self.instance_name:
+            return 0
+        try:
+            client = await self.client()
+            instance = await client.get_instance(self.instance_name)
+        except NotFound:
+            return 0
+        except LxdError as e:
+            # We cannot tell: report running rather than have the hub drop a live server.
+            self.log.warning("poll of %s: %s", self._log_name, e.message)
+            return None
+        status = instance.get("status")
+        if status in ("Running", "Starting", "Freezing", "Frozen", "Thawed"):
+            return None
+        return 0
+
+    async def stop(self, now: bool = False) -> None:
+        name = self.instance_name or self._target_instance_name()
+        client = await self.client()
+        try:
+            await self._stop_instance(client, name, force=now)
+            if self.remove:
+                await client.delete_instance(name)
+        except NotFound:
+            return
+
+    async def _stop_instance(self, client: LxdClient, name: str, *, force: bool) -> None:
+        """Stop gracefully within stop_timeout, then by force; a stopped one is fine."""
+        try:
+            await client.stop_instance(name, timeout=self.stop_timeout, force=force)
+            return
+        except NotFound:
+            raise
+        except LxdError as e:
+            if _already_stopped(e):
+                return
+            if force:
+                raise
+            self.log.warning("graceful stop of %s failed (%s); forcing", name, e.message)
+        try:
+            await client.stop_instance(name, force=True)
+        except LxdError as e:
+            if not _already_stopped(e):
+                raise
+
+
+def _already_stopped(error: LxdError) -> bool:
+    return "already stopped" in error.message.lower() or "not running" in error.message.lower()
