@@ -22,6 +22,9 @@ UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
 UNIT_WANTS_LINK = f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"
 CONFIG_DIR = "/etc/lxdspawner"
 ENV_PATH = f"{CONFIG_DIR}/singleuser.env"
+#: The server's output, as a plain file: readable through the files API even after the
+#: container has powered off, so a failed spawn can show why.
+SERVER_LOG_PATH = "/var/log/jupyterhub-singleuser.log"
 DEFAULT_PATH = "/opt/jupyterhub/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -141,6 +144,11 @@ def env_file(env: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def server_environment(spec: ServerSpec, hub_env: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment: HOME, then what the hub gives (which may override it)."""
+    return {"HOME": spec.home, **hub_env}
+
+
 def systemd_quote(arg: str) -> str:
     """Quote one word of a unit's command line so systemd passes it on unchanged."""
     escaped = (
@@ -153,15 +161,22 @@ def systemd_quote(arg: str) -> str:
     return f'"{escaped}"'
 
 
-def server_unit(spec: ServerSpec, *, env_path: str = ENV_PATH) -> str:
+def server_unit(
+    spec: ServerSpec, *, env_path: str = ENV_PATH, log_path: str = SERVER_LOG_PATH
+) -> str:
     """The systemd unit that runs the server inside the container.
 
-    The server belongs to the container, not to the hub: the hub may restart at any time. When
+    HOME comes with the environment file (see :func:`server_environment`). The server belongs
+    to the container, not to the hub: the hub may restart at any time. When
     the server exits, for any reason, the container powers off, so "container running" and
     "server running" are one state that the hub can read from LXD.
     """
     command = " ".join(systemd_quote(a) for a in ("/usr/bin/env", *spec.cmd))
-    home = systemd_quote(spec.home)
+    if "\n" in spec.home or not spec.home.startswith("/"):
+        raise ValueError(f"home directory {spec.home!r} must be an absolute path on one line")
+    # WorkingDirectory= takes the rest of the line as it is (no quotes), expanding only "%";
+    # "-": ExecStartPre, which makes the directory, runs before it exists.
+    working_directory = spec.home.replace("%", "%%")
     return f"""\
 # Written by lxdspawner for {spec.username!r}; replaced at every start.
 [Unit]
@@ -176,10 +191,11 @@ User={spec.uid}
 Group={spec.gid}
 EnvironmentFile={env_path}
 Environment=PATH={DEFAULT_PATH}
-Environment=HOME={home}
-ExecStartPre=-+/usr/bin/install -d -o {spec.uid} -g {spec.gid} -m 0755 {home}
-WorkingDirectory={home}
+ExecStartPre=-+/usr/bin/install -d -o {spec.uid} -g {spec.gid} -m 0755 {systemd_quote(spec.home)}
+WorkingDirectory=-{working_directory}
 ExecStart={command}
+StandardOutput=append:{log_path}
+StandardError=append:{log_path}
 Restart=no
 KillMode=mixed
 TimeoutStopSec=20

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 from jupyterhub.spawner import Spawner
 from traitlets import (
     Any as AnyTrait,
@@ -511,7 +512,8 @@ class LxdSpawner(Spawner):
                 result = await client.exec(name, objects.wait_for_systemd_and_start_unit())
                 if result.exit_code != 0:
                     raise SpawnError(f"could not start the server's unit: {result.output}")
-            self._emit(f"Starting the server at {ip}:{self.port}", 80)
+            self._emit(f"Waiting for the server at {ip}:{self.port}", 80)
+            await self._step("server", self._wait_http(client, name, ip))
         except BaseException:
             await self._cleanup_failed_start(client, name, created)
             raise
@@ -550,13 +552,24 @@ class LxdSpawner(Spawner):
                 on_progress=forward,
             )
         except LxdError as e:
-            lowered = e.message.lower()
-            if "image" in lowered and ("not found" in lowered or "failed" in lowered):
+            if not await self._image_exists(client):
                 raise SpawnError(
-                    f"the image {self.image!r} (c.LxdSpawner.image) was not found on "
-                    f"{client.where}: {e.message}"
+                    f"the image {self.image!r} (c.LxdSpawner.image) does not exist on "
+                    f"{client.where}: build or import it (e.g. images/ensure-image.sh "
+                    f"{self.image}), or set c.LxdSpawner.image to an existing alias"
                 ) from e
             raise SpawnError(f"could not create container {spec.instance}: {e.message}") from e
+
+    async def _image_exists(self, client: LxdClient) -> bool:
+        source = image_source(self.image)
+        try:
+            if "alias" in source:
+                await client.image_alias(self.image)
+            else:
+                await client.request("GET", f"/1.0/images/{self.image}")
+        except NotFound:
+            return False
+        return True
 
     async def _push_files(
         self,
@@ -569,7 +582,12 @@ class LxdSpawner(Spawner):
         await client.make_directory(name, objects.CONFIG_DIR, mode=0o755)
         # The token is in this file: readable by the user's uid only, never on a command line.
         await client.push_file(
-            name, objects.ENV_PATH, objects.env_file(env), uid=spec.uid, gid=spec.gid, mode=0o600
+            name,
+            objects.ENV_PATH,
+            objects.env_file(objects.server_environment(spec, env)),
+            uid=spec.uid,
+            gid=spec.gid,
+            mode=0o600,
         )
         await client.push_file(name, objects.UNIT_PATH, objects.server_unit(spec), mode=0o644)
         if not self.commands_to_prepare:
@@ -598,7 +616,11 @@ class LxdSpawner(Spawner):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout
         while True:
-            state = await client.instance_state(name)
+            try:
+                state = await client.instance_state(name)
+            except LxdError:
+                # The state of a container that is powering off cannot always be read.
+                state = {"status": (await client.get_instance(name)).get("status")}
             addresses = ipv4_addresses(state)
             if addresses:
                 return addresses[0]
@@ -615,8 +637,59 @@ class LxdSpawner(Spawner):
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
+    _http: aiohttp.ClientSession | None = None
+
+    async def _wait_http(self, client: LxdClient, name: str, ip: str) -> None:
+        """Return once the server answers HTTP, or fail with its log.
+
+        JupyterHub checks the server's URL itself after start() with a growing back-off; when
+        we know the moment it answers, that check succeeds at once. And a server that dies on
+        start is reported with its own last words instead of a bare timeout.
+        """
+        if LxdSpawner._http is None or LxdSpawner._http.closed:
+            LxdSpawner._http = aiohttp.ClientSession()
+        base_url = self.server.base_url if self.server else "/"
+        url = f"http://{ip}:{self.port}{base_url}api"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.http_timeout
+        next_check = loop.time() + 1
+        delay = 0.05
+        while True:
+            try:
+                async with LxdSpawner._http.get(
+                    url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=2)
+                ) as response:
+                    if response.status < 500:
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                pass
+            now = loop.time()
+            if now >= next_check:
+                next_check = now + 1
+                status = (await client.get_instance(name)).get("status")
+                if status != "Running":
+                    raise SpawnError(
+                        f"the server in {name} exited while starting; "
+                        + await self._server_log_tail(client, name)
+                    )
+            if now > deadline:
+                raise SpawnError(
+                    f"the server in {name} did not answer at {url} within "
+                    f"{self.http_timeout:g} s (http_timeout); "
+                    + await self._server_log_tail(client, name)
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
     async def _prepare(self, client: LxdClient, name: str, spec: objects.ServerSpec) -> None:
         env = {"JUPYTERHUB_USER": self.user.name, "HOME": spec.home, "USER": self.user.name}
+        # The unit would make the home directory; the commands run before it, so make it here.
+        # The path is one argument of an argument vector: no shell sees it.
+        made = await client.exec(
+            name, ["install", "-d", "-o", str(spec.uid), "-g", str(spec.gid), spec.home]
+        )
+        if made.exit_code != 0:
+            self.log.warning("could not create %s in %s: %s", spec.home, name, made.output)
         for command in self.commands_to_prepare:
             result = await client.exec(
                 name,
@@ -624,6 +697,7 @@ class LxdSpawner(Spawner):
                 environment=env,
                 user=spec.uid,
                 group=spec.gid,
+                cwd=spec.home if made.exit_code == 0 else "/",
                 timeout=self.start_timeout,
             )
             if result.exit_code != 0:
@@ -654,15 +728,11 @@ class LxdSpawner(Spawner):
 
     async def _server_log_tail(self, client: LxdClient, name: str, lines: int = 20) -> str:
         try:
-            result = await client.exec(
-                name,
-                ["journalctl", "-u", objects.UNIT_NAME, "--no-pager", "-n", str(lines)],
-                timeout=10,
-            )
-            text = result.stdout.strip()
+            text = (await client.read_file(name, objects.SERVER_LOG_PATH)).decode(errors="replace")
         except LxdError:
-            text = (await client.console_log(name)).strip()[-2000:]
-        return f"last lines of the server's log:\n{text}" if text else "no server log available"
+            text = ""
+        tail = "\n".join(text.strip().splitlines()[-lines:])
+        return f"last lines of the server's log:\n{tail}" if tail else "the server wrote no log"
 
     async def _cleanup_failed_start(self, client: LxdClient, name: str, created: bool) -> None:
         try:
@@ -694,9 +764,15 @@ class LxdSpawner(Spawner):
             # We cannot tell: report running rather than have the hub drop a live server.
             self.log.warning("poll of %s: %s", self._log_name, e.message)
             return None
-        status = instance.get("status")
-        if status in ("Running", "Starting", "Freezing", "Frozen", "Thawed"):
+        if instance.get("status") in ("Running", "Starting", "Freezing", "Frozen", "Thawed"):
             return None
+        # The server ended by itself (its container powered off). JupyterHub will not call
+        # stop() for a server that is not running, so the container is removed here.
+        if self.remove and not self._spawn_pending:
+            try:
+                await client.delete_instance(self.instance_name)
+            except LxdError as e:
+                self.log.warning("removing stopped %s: %s", self.instance_name, e.message)
         return 0
 
     async def stop(self, now: bool = False) -> None:

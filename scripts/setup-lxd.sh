@@ -74,6 +74,27 @@ EOF
   fi
 }
 
+# Installing Debian's lxd appends a second range for root to /etc/subuid and /etc/subgid.
+# Incus (and LXD) then build an id map from both, which the kernel refuses ("newuidmap:
+# write to uid_map failed"): no unprivileged container starts. Keep root's largest range.
+ensure_single_root_idmap() {
+  local file count
+  for file in /etc/subuid /etc/subgid; do
+    [ -f "$file" ] || continue
+    count=$(grep -c '^root:' "$file" || true)
+    if [ "$count" -eq 0 ]; then
+      log "adding root:1000000:1000000000 to $file"
+      echo "root:1000000:1000000000" >>"$file"
+    elif [ "$count" -gt 1 ]; then
+      local keep
+      keep=$(grep '^root:' "$file" | sort -t: -k3,3n | tail -n 1)
+      log "$file has $count ranges for root; keeping $keep"
+      { grep -v '^root:' "$file" || true; echo "$keep"; } >"$file.lxdspawner.tmp"
+      mv "$file.lxdspawner.tmp" "$file"
+    fi
+  done
+}
+
 api_answers() {
   [ -S "$socket" ] && timeout 5 "${cli[@]}" query /1.0 >/dev/null 2>&1
 }
@@ -149,6 +170,7 @@ ensure_default_profile() {
 }
 
 ensure_packages
+ensure_single_root_idmap
 ensure_running
 ensure_pool
 ensure_network

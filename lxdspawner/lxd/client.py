@@ -241,12 +241,18 @@ class LxdClient:
         while True:
             remaining = deadline - loop.time()
             wait_s = max(1, min(slice_s, int(remaining) if remaining > 1 else 1))
-            op = await self.request(
-                "GET",
-                f"/1.0/operations/{_q(op_id)}/wait",
-                params={"timeout": wait_s},
-                timeout=wait_s + self.timeout,
-            )
+            try:
+                op = await self.request(
+                    "GET",
+                    f"/1.0/operations/{_q(op_id)}/wait",
+                    params={"timeout": wait_s},
+                    timeout=wait_s + self.timeout,
+                )
+            except LxdError as e:
+                # Incus answers a wait that timed out with an error, not the running operation.
+                if "deadline exceeded" not in e.message and e.status != 504:
+                    raise
+                op = await self.request("GET", f"/1.0/operations/{_q(op_id)}")
             status = op.get("status")
             if status == "Success":
                 return op

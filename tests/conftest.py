@@ -1,0 +1,113 @@
+"""Shared fixtures for the hub and browser tests (tests/e2e), and their failure reports.
+
+- Every test's report gets the tail of the log of each hub still running when it failed
+  (hubs held by fixtures; `tests.hubtools.running_hub` prints its own when its block raises),
+  plus ``hub.diagnostics()`` if a test set it (e.g. the containers' logs).
+- ``output_dir``: ``test-output/<module>/<test>/`` under the repository, emptied when the test
+  starts and kept afterwards, for screenshots and other artefacts worth looking at.
+- ``browser``: headless Debian Chromium driven by Playwright (async API) through
+  ``executable_path``; Playwright's own browser downloads are not used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hubtools import HUBS, REPO  # noqa: E402
+
+CHROMIUM = os.environ.get("LXDSPAWNER_CHROMIUM", "/usr/bin/chromium")
+# Without the background-networking flags Chromium keeps trying to reach Google's services,
+# which this machine refuses (and CI should not attempt).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+OUTPUT_ROOT = Path(os.environ.get("LXDSPAWNER_TEST_OUTPUT", REPO / "test-output"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+    if report.failed and report.when in ("call", "setup"):
+        for hub in list(HUBS):
+            report.sections.append((f"hub log ({hub.workdir})", hub.log_tail(150)))
+            diagnostics = getattr(hub, "diagnostics", None)
+            if diagnostics is not None:
+                try:
+                    text = diagnostics()
+                except Exception as e:  # a report must not hide the failure
+                    text = f"(diagnostics failed: {e!r})"
+                report.sections.append((f"diagnostics ({hub.workdir})", text))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:120]
+
+
+@pytest.fixture
+def output_dir(request) -> Path:
+    """A directory for this test's artefacts, kept after the run (test-output/...)."""
+    module = _slug(Path(request.node.path).stem)
+    path = OUTPUT_ROOT / module / _slug(request.node.name)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def chromium_missing() -> str | None:
+    """Why browser tests cannot run here, or None."""
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} missing: run scripts/ensure-tools.sh"
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "the playwright package is missing: pip install -e '.[test]'"
+    return None
+
+
+@pytest.fixture(scope="module")
+def chromium_args() -> list[str]:
+    return list(CHROMIUM_ARGS)
+
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - the test extras install it
+    pytest_asyncio = None
+
+if pytest_asyncio is not None:
+
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def browser():
+        """One headless Chromium per test module (each test opens its own context)."""
+        reason = chromium_missing()
+        if reason:
+            pytest.skip(reason)
+        from playwright.async_api import async_playwright
+
+        async with async_playwright() as pw:
+            # launch() gives every browser a fresh temporary profile (user-data-dir).
+            browser = await pw.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+            )
+            try:
+                yield browser
+            finally:
+                await browser.close()

@@ -1,0 +1,98 @@
+"""Fixtures for tests against a real Incus or LXD daemon set up by scripts/setup-lxd.sh.
+
+The daemons come from LXDSPAWNER_TEST_DAEMONS ("incus lxd" under `make test`, "incus" when
+unset). A missing daemon fails the test: in CI these tests must run, never be skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lxdspawner.lxd import LxdClient, LxdError
+
+SOCKETS = {
+    "incus": "/var/lib/incus/unix.socket",
+    "lxd": "/var/lib/lxd/unix.socket",
+}
+BRIDGE_GATEWAYS = {"incus": "10.117.40.1", "lxd": "10.117.41.1"}
+TINY_IMAGE = "lxdspawner-tiny"
+BASE_IMAGE = "jupyter-base"
+
+
+def test_daemons() -> list[str]:
+    return os.environ.get("LXDSPAWNER_TEST_DAEMONS", "incus").split()
+
+
+test_daemons.__test__ = False  # a helper, not a test
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(params=test_daemons())
+def daemon(request) -> str:
+    """Each daemon under test in turn (client tests run against all of them)."""
+    return request.param
+
+
+def endpoint_for(daemon: str) -> str:
+    socket = SOCKETS[daemon]
+    if not os.path.exists(socket):
+        pytest.fail(
+            f"{daemon} is not running ({socket} missing): run scripts/setup-lxd.sh {daemon}"
+        )
+    return f"unix://{socket}"
+
+
+@pytest.fixture
+async def lxd(daemon):
+    async with LxdClient(endpoint_for(daemon)) as client:
+        yield client
+
+
+@pytest.fixture
+async def instances(lxd, request):
+    """Names for test instances; each is deleted afterwards, its logs printed on failure."""
+    made: list[str] = []
+
+    def new_name(stem: str = "t") -> str:
+        name = f"lxdsp-test-{stem}-{uuid.uuid4().hex[:8]}"
+        made.append(name)
+        return name
+
+    yield new_name
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for name in made:
+        if failed:
+            await dump_instance(lxd, name)
+        try:
+            await lxd.stop_instance(name, force=True)
+        except LxdError:
+            pass
+        try:
+            await lxd.delete_instance(name)
+        except LxdError:
+            pass
+
+
+@pytest.fixture
+def host_dir():
+    """A host directory an unprivileged container can read (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="lxdsp-test-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def dump_instance(client: LxdClient, name: str) -> None:
+    print(f"\n===== {name}: lxc.log =====\n{await client.instance_log(name)}")
+    print(f"===== {name}: console =====\n{await client.console_log(name)}")

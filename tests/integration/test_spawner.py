@@ -1,0 +1,367 @@
+"""LxdSpawner through a real JupyterHub, configurable-http-proxy and Incus/LXD daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from hubtools import LXD_HUB_IP, SpawnFailed, running_hub
+
+from lxdspawner.lxd import LxdClient, NotFound
+from lxdspawner.names import instance_name
+
+from .conftest import SOCKETS
+
+ALL_OPTIONS = """
+c.JupyterHub.spawner_class = "lxd"
+c.JupyterHub.allow_named_servers = True
+c.Spawner.poll_interval = 2
+c.LxdSpawner.name_prefix = {prefix!r}
+c.LxdSpawner.endpoint = {endpoint!r}
+c.LxdSpawner.image = "jupyter-base"
+c.LxdSpawner.files_to_push = [[{greeting!r}, "/etc/greeting.txt"]]
+c.LxdSpawner.filesystems_to_mount = [["data", {data_dir!r} + "/{{USERNAME}}", "/mnt/data"]]
+c.LxdSpawner.commands_to_prepare = [
+    "echo prepared for {{USERNAME}} > $HOME/prepared.txt",
+    "id -u > $HOME/uid.txt",
+]
+c.LxdSpawner.post_hub_commands = ["echo {{USERNAME}} >> " + {post_file!r}]
+c.LxdSpawner.process_limit = 300
+c.LxdSpawner.get_uid_gid = lambda spawner: (1000, 1000)
+c.Spawner.mem_limit = "512M"
+c.Spawner.cpu_limit = 0.5
+c.Spawner.environment = {{"GREETING": "hello $HOME %n 'quoted'"}}
+c.Spawner.default_url = "/lab"
+c.Spawner.start_timeout = 90
+"""
+
+
+@pytest.fixture
+def prefix():
+    return "jt" + secrets.token_hex(3)
+
+
+@pytest.fixture
+async def incus():
+    async with LxdClient(f"unix://{SOCKETS['incus']}") as client:
+        yield client
+
+
+@pytest.fixture
+async def leftovers(incus, prefix):
+    """Every instance this test's hub made is gone at the end, whatever happened."""
+    yield
+    for inst in await incus.list_instances(recursion=0):
+        name = inst.rsplit("/", 1)[-1]
+        if name.startswith(prefix + "-"):
+            try:
+                await incus.stop_instance(name, force=True)
+            except Exception:
+                pass
+            await incus.delete_instance(name)
+
+
+def all_options(prefix: str, host_dir: Path, endpoint: str = "") -> str:
+    greeting = host_dir / "greeting.txt"
+    greeting.write_text("hello from the hub host\n")
+    greeting.chmod(0o640)
+    (host_dir / "data").mkdir()
+    return ALL_OPTIONS.format(
+        prefix=prefix,
+        endpoint=endpoint,
+        greeting=str(greeting),
+        data_dir=str(host_dir / "data"),
+        post_file=str(host_dir / "post.txt"),
+    )
+
+
+async def sh(client: LxdClient, name: str, script: str) -> str:
+    result = await client.exec(name, ["/bin/sh", "-c", script])
+    assert result.exit_code == 0, f"{script!r} failed: {result.output}"
+    return result.stdout.strip()
+
+
+async def server_pid(client: LxdClient, name: str) -> str:
+    return await sh(client, name, "systemctl show -p MainPID --value jupyterhub-singleuser")
+
+
+async def wait_until(predicate, timeout: float, what: str):
+    """Wait for ``predicate()`` (plain or async) to be true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def test_every_option_of_the_original_spawner(tmp_path, host_dir, prefix, incus, leftovers):
+    config = all_options(prefix, host_dir)
+    (host_dir / "data" / "alice").mkdir()
+    (host_dir / "data" / "alice" / "hello.txt").write_text("mounted\n")
+    (host_dir / "data" / "alice").chmod(0o755)
+    async with running_hub(tmp_path, config) as hub:
+        server = await hub.start_server("alice")
+        status, body = await hub.get_via_proxy(server["url"] + "api/status")
+        assert status == 200, body
+
+        name = f"{prefix}-alice"
+        instance = await incus.get_instance(name)
+        config_keys = instance["config"]
+        assert config_keys["user.jupyterhub.user"] == "alice"
+        assert config_keys["limits.memory"] == str(512 * 1024**2)
+        assert config_keys["limits.cpu.allowance"] == "50ms/100ms"
+        assert config_keys["limits.processes"] == "300"
+        assert instance["devices"]["data"]["source"] == str(host_dir / "data" / "alice")
+
+        assert await sh(incus, name, "cat /etc/greeting.txt") == "hello from the hub host"
+        assert await sh(incus, name, "stat -c %a /etc/greeting.txt") == "640"
+        assert await sh(incus, name, "cat /mnt/data/hello.txt") == "mounted"
+        assert await sh(incus, name, "cat /home/alice/prepared.txt") == "prepared for alice"
+        assert await sh(incus, name, "cat /home/alice/uid.txt") == "1000"
+        pid = await server_pid(incus, name)
+        assert await sh(incus, name, f"stat -c %u:%g /proc/{pid}") == "1000:1000"
+        environ = await sh(incus, name, f"tr '\\0' '\\n' < /proc/{pid}/environ")
+        assert "GREETING=hello $HOME %n 'quoted'" in environ.splitlines()
+        assert "JUPYTERHUB_DEFAULT_URL=/lab" in environ.splitlines()
+
+        # The API token: in a file only the user can read, never in config or on a command line.
+        assert await sh(incus, name, "stat -c '%u %a' /etc/lxdspawner/singleuser.env") == "1000 600"
+        token = next(
+            line.split("=", 1)[1].strip("'")
+            for line in environ.splitlines()
+            if line.startswith("JUPYTERHUB_API_TOKEN=")
+        )
+        assert token not in json.dumps(instance)
+        assert token not in await sh(incus, name, "cat /proc/*/cmdline | tr '\\0' ' '")
+
+        await wait_until((host_dir / "post.txt").exists, 30, "post_hub_commands")
+        assert (host_dir / "post.txt").read_text() == "alice\n"
+
+        await hub.stop_server("alice")
+        with pytest.raises(NotFound):
+            await incus.get_instance(name)
+
+
+AWKWARD = ["ana.maria@uni.es", "Élodie", "x;touch pwned", "$(touch pwned2)"]
+
+
+async def test_awkward_usernames_named_servers_and_injection(
+    tmp_path, host_dir, prefix, incus, leftovers
+):
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.JupyterHub.allow_named_servers = True
+c.LxdSpawner.name_prefix = {prefix!r}
+c.LxdSpawner.commands_to_prepare = ["echo {{USERNAME}} > $HOME/me.txt"]
+c.LxdSpawner.post_hub_commands = ["echo {{USERNAME}} >> {host_dir}/post.txt"]
+"""
+    async with running_hub(tmp_path, config) as hub:
+        servers = [(u, "") for u in AWKWARD] + [("alice", "lab"), ("alice", "")]
+        await asyncio.gather(*(hub.start_server(u, s) for u, s in servers))
+        names = [instance_name(u, s, prefix) for u, s in servers]
+        assert len(set(names)) == len(names)
+        for (user, server), name in zip(servers, names, strict=True):
+            instance = await incus.get_instance(name)
+            assert instance["config"]["user.jupyterhub.user"] == user
+            # LXD drops empty config values: no key means the default server.
+            assert instance["config"].get("user.jupyterhub.server", "") == server
+            model = await hub.server_model(user, server)
+            status, _ = await hub.get_via_proxy(model["url"] + "api/status")
+            assert status == 200, (user, server)
+            home = f"/home/{user}"
+            me = await incus.read_file(name, f"{home}/me.txt")
+            assert me.decode().strip() == user
+            found = await sh(incus, name, "find / -xdev -name pwned -o -xdev -name pwned2")
+            assert found == ""
+        post = host_dir / "post.txt"
+        await wait_until(
+            lambda: post.exists() and len(post.read_text().splitlines()) == len(servers),
+            30,
+            "post_hub_commands for every server",
+        )
+        assert sorted((host_dir / "post.txt").read_text().splitlines()) == sorted(
+            u for u, _ in servers
+        )
+        for where in (tmp_path, Path.cwd(), host_dir, Path("/tmp")):
+            assert not (where / "pwned").exists() and not (where / "pwned2").exists()
+        await asyncio.gather(*(hub.stop_server(u, s) for u, s in servers))
+        for name in names:
+            with pytest.raises(NotFound):
+                await incus.get_instance(name)
+
+
+async def test_servers_survive_a_hub_restart(tmp_path, prefix, incus, leftovers):
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+"""
+    async with running_hub(tmp_path, config, cleanup_servers=False) as hub:
+        server = await hub.start_server("bob")
+        name = f"{prefix}-bob"
+        pid_before = await server_pid(incus, name)
+        await hub.restart()
+        model = await hub.server_model("bob")
+        assert model and model["ready"], model
+        status, _ = await hub.get_via_proxy(server["url"] + "api/status")
+        assert status == 200
+        # The same server process: the restart did not touch it.
+        assert await server_pid(incus, name) == pid_before
+        await hub.stop_server("bob")
+        with pytest.raises(NotFound):
+            await incus.get_instance(name)
+
+
+async def test_killed_server_is_reported_stopped(tmp_path, prefix, incus, leftovers):
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+c.Spawner.poll_interval = 1
+"""
+    async with running_hub(tmp_path, config) as hub:
+        await hub.start_server("carol")
+        name = f"{prefix}-carol"
+        pid = await server_pid(incus, name)
+        await sh(incus, name, f"kill -9 {pid}")
+
+        async def gone():
+            return await hub.server_model("carol") is None
+
+        await wait_until(gone, 60, "the hub to notice the server is gone")
+        # The hub then stopped it properly: the container is deleted too.
+        await wait_until(lambda: _instance_missing(incus, name), 60, "the container to be deleted")
+
+
+async def _instance_missing(client: LxdClient, name: str) -> bool:
+    try:
+        await client.get_instance(name)
+    except NotFound:
+        return True
+    return False
+
+
+async def test_missing_image_is_a_clear_error(tmp_path, prefix, incus, leftovers):
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+c.LxdSpawner.image = "no-such-image"
+"""
+    async with running_hub(tmp_path, config) as hub:
+        with pytest.raises(SpawnFailed) as failed:
+            await hub.start_server("dave", timeout=60)
+        message = str(failed.value)
+        assert "no-such-image" in message and "c.LxdSpawner.image" in message
+        assert "Traceback" not in message
+        assert "c.LxdSpawner.image" in hub.log()
+        assert await _instance_missing(incus, f"{prefix}-dave")
+        status, _ = await hub.api("GET", "/users")
+        assert status == 200
+
+
+async def test_bad_setting_shape_names_the_setting(tmp_path, prefix, leftovers):
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+c.LxdSpawner.files_to_push = ["/etc/passwd"]
+"""
+    async with running_hub(tmp_path, config) as hub:
+        with pytest.raises(SpawnFailed) as failed:
+            await hub.start_server("erin", timeout=60)
+        assert "files_to_push[0]" in str(failed.value) or "files_to_push[0]" in hub.log()
+
+
+async def test_missing_host_file_and_directory_are_named(tmp_path, prefix, leftovers):
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+c.LxdSpawner.files_to_push = [["/no/such/file", "/etc/x"]]
+"""
+    async with running_hub(tmp_path, config) as hub:
+        with pytest.raises(SpawnFailed, match="/no/such/file"):
+            await hub.start_server("frank", timeout=60)
+
+
+async def test_failing_prepare_command_shows_exit_code_and_output(
+    tmp_path, prefix, incus, leftovers
+):
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+c.LxdSpawner.commands_to_prepare = ["echo preparing-went-wrong; exit 7"]
+"""
+    async with running_hub(tmp_path, config) as hub:
+        with pytest.raises(SpawnFailed) as failed:
+            await hub.start_server("gina", timeout=60)
+        assert "exit code 7" in str(failed.value)
+        assert "preparing-went-wrong" in str(failed.value)
+        assert await _instance_missing(incus, f"{prefix}-gina")
+
+
+@pytest.mark.lxd
+async def test_spawn_on_lxd_and_daemon_stopped_during_a_spawn(tmp_path, prefix):
+    """One spawn on Debian's LXD 5.0; then LXD dies mid-spawn: a clear error, the hub lives."""
+    if "lxd" not in os.environ.get("LXDSPAWNER_TEST_DAEMONS", "incus").split():
+        pytest.skip("LXD is not among LXDSPAWNER_TEST_DAEMONS")
+    endpoint = f"unix://{SOCKETS['lxd']}"
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+c.LxdSpawner.endpoint = {endpoint!r}
+c.Spawner.start_timeout = 120
+"""
+    async with LxdClient(endpoint) as lxd:
+        try:
+            async with running_hub(tmp_path, config, hub_ip=LXD_HUB_IP) as hub:
+                server = await hub.start_server("henry", timeout=150)
+                status, _ = await hub.get_via_proxy(server["url"] + "api/status")
+                assert status == 200
+                await hub.stop_server("henry")
+
+                spawn = asyncio.create_task(hub.start_server("ivy", timeout=150))
+
+                async def creating():
+                    return any(
+                        i.rsplit("/", 1)[-1] == f"{prefix}-ivy"
+                        for i in await lxd.list_instances(recursion=0)
+                    )
+
+                await wait_until(creating, 60, "the spawn to reach LXD")
+                _stop_lxd()
+                with pytest.raises(SpawnFailed) as failed:
+                    await spawn
+                assert "not reachable" in str(failed.value) or "daemon" in str(failed.value)
+                status, _ = await hub.api("GET", "/users")
+                assert status == 200
+        finally:
+            _start_lxd()
+            await lxd.close()
+    async with LxdClient(endpoint) as lxd:
+        for inst in await lxd.list_instances(recursion=0):
+            name = inst.rsplit("/", 1)[-1]
+            if name.startswith(prefix + "-"):
+                try:
+                    await lxd.stop_instance(name, force=True)
+                except Exception:
+                    pass
+                await lxd.delete_instance(name)
+
+
+def _stop_lxd() -> None:
+    pid = subprocess.run(["pgrep", "-xf", "/usr/bin/lxd .*"], capture_output=True, text=True)
+    for line in pid.stdout.split():
+        os.kill(int(line), signal.SIGKILL)
+
+
+def _start_lxd() -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "setup-lxd.sh"
+    subprocess.run([str(script), "lxd"], check=True, capture_output=True)

@@ -1,0 +1,110 @@
+"""Instance names: valid for LXD and Incus, unique per (user, server), stable, readable."""
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lxdspawner.names import instance_name, is_valid_instance_name, slugify, validate_prefix
+
+# What JupyterHub accepts as a username: anything but "/" (and, in practice, no NUL).
+usernames = st.text(
+    alphabet=st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)),
+    min_size=1,
+    max_size=100,
+)
+server_names = st.one_of(st.just(""), usernames)
+
+
+@pytest.mark.parametrize(
+    "user, expected",
+    [
+        ("alice", "jupyter-alice"),
+        ("a-b", "jupyter-a-b"),
+        ("bob42", "jupyter-bob42"),
+    ],
+)
+def test_safe_usernames_stay_readable(user, expected):
+    assert instance_name(user) == expected
+
+
+@pytest.mark.parametrize(
+    "user, readable",
+    [
+        ("ana.maria@uni.es", "jupyter-ana-maria-uni-es-"),
+        ("Élodie", "jupyter-elodie-"),
+        ("a_b", "jupyter-a-b-"),
+        ("Alice", "jupyter-alice-"),
+    ],
+)
+def test_other_usernames_get_slug_and_hash(user, readable):
+    name = instance_name(user)
+    assert name.startswith(readable)
+    assert re.fullmatch(r"[0-9a-f]{8}", name.removeprefix(readable))
+
+
+def test_the_awkward_names_from_the_issue_are_distinct_and_valid():
+    pairs = [
+        ("alice", ""),
+        ("ana.maria@uni.es", ""),
+        ("ana-maria-uni-es", ""),
+        ("Élodie", ""),
+        ("elodie", ""),
+        ("a-b", ""),
+        ("a_b", ""),
+        ("x" * 80, ""),
+        ("x" * 81, ""),
+        ("alice", "lab"),
+        ("alice", "Lab"),
+        ("alice-lab", ""),
+        ("x;touch pwned", ""),
+    ]
+    got = [instance_name(u, s) for u, s in pairs]
+    assert len(set(got)) == len(got)
+    assert all(is_valid_instance_name(n) for n in got)
+
+
+def test_a_safe_name_that_looks_hashed_is_hashed_itself():
+    # Otherwise the user "a-b-<hash of a_b>" could take a_b's container.
+    looks_hashed = instance_name("a_b").removeprefix("jupyter-")
+    assert instance_name(looks_hashed) != instance_name("a_b")
+
+
+def test_names_are_stable():
+    # Changing these breaks running servers after an upgrade: they are part of the contract.
+    assert instance_name("ana.maria@uni.es") == "jupyter-ana-maria-uni-es-04889c22"
+    assert instance_name("alice", "lab") == "jupyter-alice-lab-27ad1cd5"
+
+
+@settings(max_examples=500)
+@given(usernames, server_names)
+def test_every_name_is_valid(user, server):
+    assert is_valid_instance_name(instance_name(user, server))
+
+
+@settings(max_examples=500)
+@given(usernames, server_names, usernames, server_names)
+def test_distinct_pairs_get_distinct_names(u1, s1, u2, s2):
+    if (u1, s1) != (u2, s2):
+        assert instance_name(u1, s1) != instance_name(u2, s2)
+
+
+@given(usernames, server_names)
+def test_same_pair_same_name(user, server):
+    assert instance_name(user, server) == instance_name(user, server)
+
+
+@given(usernames)
+def test_slug_is_lowercase_ascii_words(user):
+    assert re.fullmatch(r"([a-z0-9]+(-[a-z0-9]+)*)?", slugify(user))
+
+
+@pytest.mark.parametrize("prefix", ["", "1abc", "a_b", "x-", "a" * 21])
+def test_bad_prefixes_are_refused_with_a_reason(prefix):
+    with pytest.raises(ValueError, match="prefix"):
+        validate_prefix(prefix)
+
+
+def test_custom_prefix():
+    assert instance_name("alice", prefix="class101") == "class101-alice"
