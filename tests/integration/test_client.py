@@ -105,7 +105,7 @@ async def test_exec_records_output_and_exit_code(lxd, instances):
     assert "pwned" not in check.stdout
     # The recorded output is deleted afterwards: nothing piles up in the instance's logs.
     logs = await lxd.request("GET", f"/1.0/instances/{name}/logs")
-    assert not [entry for entry in logs if "exec" in entry]
+    assert not [entry for entry in logs if entry.rsplit("/", 1)[-1].startswith("exec")]
 
 
 async def test_events_show_start_and_stop(lxd, instances):
@@ -119,7 +119,7 @@ async def test_events_show_start_and_stop(lxd, instances):
             ready.set()
             if event.get("metadata", {}).get("source", "").endswith(f"/instances/{name}"):
                 seen.append(event["metadata"]["action"])
-                if event["metadata"]["action"] == "instance-stopped":
+                if event["metadata"]["action"] in ("instance-stopped", "instance-shutdown"):
                     return
 
     async def keepalive_ready():
