@@ -9,11 +9,12 @@ container's state in LXD is the server's state.
 from __future__ import annotations
 
 import asyncio
-import grp
+import contextlib
 import inspect
 import ipaddress
 import os
 import pwd
+import socket
 import stat
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from traitlets import (
     Float,
     Int,
     List,
+    TraitError,
     Unicode,
     default,
     observe,
@@ -56,11 +58,13 @@ def _default_get_uid_gid(spawner: LxdSpawner) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def _host_group_gid(name: str) -> int | None:
+@contextlib.contextmanager
+def _as_trait_error():
+    """Our pure checks raise ValueError; traitlets reports TraitError with the setting's name."""
     try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return None
+        yield
+    except ValueError as e:
+        raise TraitError(str(e)) from e
 
 
 class LxdSpawner(Spawner):
@@ -204,28 +208,31 @@ class LxdSpawner(Spawner):
 
     @validate("files_to_push")
     def _check_files_to_push(self, proposal: dict) -> list:
-        return [list(r) for r in objects.as_pairs(proposal["value"], "files_to_push", 2)]
+        with _as_trait_error():
+            return [list(r) for r in objects.as_pairs(proposal["value"], "files_to_push", 2)]
 
     @validate("filesystems_to_mount")
     def _check_filesystems(self, proposal: dict) -> list:
-        return [list(r) for r in objects.as_pairs(proposal["value"], "filesystems_to_mount", 3)]
+        with _as_trait_error():
+            return [list(r) for r in objects.as_pairs(proposal["value"], "filesystems_to_mount", 3)]
 
     @validate("host_weights")
     def _check_weights(self, proposal: dict) -> dict:
         for member, weight in proposal["value"].items():
-            if not isinstance(weight, (int, float)) or weight < 0:
-                raise ValueError(f"host_weights[{member!r}] = {weight!r}: must be a number >= 0")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                raise TraitError(f"host_weights[{member!r}] = {weight!r}: must be a number >= 0")
         return proposal["value"]
 
     @validate("get_uid_gid")
     def _check_get_uid_gid(self, proposal: dict) -> Callable:
         if not callable(proposal["value"]):
-            raise ValueError(f"get_uid_gid = {proposal['value']!r}: must be a callable")
+            raise TraitError(f"get_uid_gid = {proposal['value']!r}: must be a callable")
         return proposal["value"]
 
     @validate("name_prefix")
     def _check_prefix(self, proposal: dict) -> str:
-        return names.validate_prefix(proposal["value"])
+        with _as_trait_error():
+            return names.validate_prefix(proposal["value"])
 
     # -- state ------------------------------------------------------------------------------
 
@@ -386,9 +393,9 @@ class LxdSpawner(Spawner):
     async def _hub_api_url(self, client: LxdClient, instance: dict) -> str | None:
         """Where the container reaches the hub's API, when JupyterHub's own default won't do.
 
-        With `hub_connect_url` set, JupyterHub's choice stands. Otherwise a loopback or
-        wildcard address is replaced by the gateway of the container's bridge, which is this
-        host as the container sees it.
+        With `c.Spawner.hub_connect_url` set, or an address chosen with JupyterHub's
+        `hub_connect_url`/`hub_bind_url`, that choice stands. A loopback or wildcard address is
+        replaced by the gateway of the container's bridge: this host as the container sees it.
         """
         if self.hub_connect_url:
             return None
@@ -415,10 +422,15 @@ class LxdSpawner(Spawner):
             return host == "localhost"
 
     def _is_reachable_host(self, host: str) -> bool:
+        """False for what JupyterHub puts there when the hub binds loopback or a wildcard:
+        a loopback address, or this machine's own host name (rarely resolvable in a
+        container). Any other name or address was chosen by the operator: keep it."""
+        if host in (socket.gethostname(), socket.getfqdn()):
+            return False
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
-            return False  # a host name: the hub's own, usually unresolvable in containers
+            return host != "localhost"
         return not (address.is_loopback or address.is_unspecified)
 
     async def _bridge_gateway(self, client: LxdClient, instance: dict) -> str:

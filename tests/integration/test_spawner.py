@@ -148,9 +148,41 @@ async def test_every_option_of_the_original_spawner(tmp_path, host_dir, prefix, 
         await wait_until((host_dir / "post.txt").exists, 30, "post_hub_commands")
         assert (host_dir / "post.txt").read_text() == "alice\n"
 
+        # Each step was reported as progress (the spawn page shows these).
+        for step in (
+            "Creating container",
+            "Pushing configuration",
+            "Starting container",
+            "Running preparation commands",
+            "Waiting for the server",
+        ):
+            assert step in hub.log(), step
+
         await hub.stop_server("alice")
         with pytest.raises(NotFound):
             await incus.get_instance(name)
+
+
+async def test_remove_false_keeps_the_container_and_what_the_user_installed(
+    tmp_path, prefix, incus, leftovers
+):
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+c.LxdSpawner.remove = False
+"""
+    async with running_hub(tmp_path, config) as hub:
+        await hub.start_server("kim")
+        name = f"{prefix}-kim"
+        await sh(incus, name, "echo mine > /home/kim/installed.txt")
+        await hub.stop_server("kim")
+        assert (await incus.get_instance(name))["status"] == "Stopped"
+        server = await hub.start_server("kim")
+        status, _ = await hub.get_via_proxy(server["url"] + "api/status")
+        assert status == 200
+        assert await sh(incus, name, "cat /home/kim/installed.txt") == "mine"
+        await hub.stop_server("kim")
+        assert (await incus.get_instance(name))["status"] == "Stopped"
 
 
 AWKWARD = ["ana.maria@uni.es", "Élodie", "x;touch pwned", "$(touch pwned2)"]

@@ -1,0 +1,82 @@
+"""LxdSpawner's settings: wrong shapes are refused naming the setting; old names still work."""
+
+from types import SimpleNamespace
+
+import pytest
+from traitlets import TraitError
+from traitlets.config import Config
+
+from lxdspawner import LxdSpawner
+from lxdspawner.spawner import _default_get_uid_gid
+
+
+def spawner(**settings) -> LxdSpawner:
+    config = Config()
+    for key, value in settings.items():
+        setattr(config.LxdSpawner, key, value)
+    return LxdSpawner(config=config)
+
+
+def test_a_config_of_the_original_spawner_loads_unchanged():
+    s = spawner(
+        image="container_image_name",
+        files_to_push=[["/etc/passwd", "/etc/passwd"], ["/etc/group", "/etc/group"]],
+        filesystems_to_mount=[["name", "directory", "path"]],
+        commands_to_prepare=["echo {USERNAME}"],
+        post_hub_commands=["echo {USERNAME}"],
+        host_weights={"node1": 2, "node2": 1},
+        privileged_container=True,
+    )
+    assert s.image == "container_image_name"
+    assert s.files_to_push[1] == ["/etc/group", "/etc/group"]
+    assert s.privileged_containers is True
+
+
+@pytest.mark.parametrize(
+    "setting, value, named",
+    [
+        ("files_to_push", ["/etc/passwd"], "files_to_push[0]"),
+        ("files_to_push", [["/a", "/b", "/c"]], "files_to_push[0]"),
+        ("filesystems_to_mount", [["home", "/srv"]], "filesystems_to_mount[0]"),
+        ("host_weights", {"node1": -1}, "host_weights['node1']"),
+        ("host_weights", {"node1": "heavy"}, "host_weights['node1']"),
+        ("get_uid_gid", 1000, "get_uid_gid"),
+        ("name_prefix", "9lives", "prefix"),
+    ],
+)
+def test_wrong_shapes_name_the_setting(setting, value, named):
+    with pytest.raises(TraitError) as error:
+        spawner(**{setting: value})
+    assert named in str(error.value)
+
+
+def test_defaults():
+    s = spawner()
+    assert s.image == "jupyter-base"
+    assert s.remove is True
+    assert s.privileged_containers is False
+    assert s.cmd == ["jupyterhub-singleuser"]
+    assert (s.default_uid, s.default_gid) == (1000, 1000)
+
+
+def test_default_uid_gid_looks_up_the_hub_host_then_falls_back():
+    s = spawner(default_uid=2000, default_gid=3000)
+    s.user = SimpleNamespace(name="root")
+    assert _default_get_uid_gid(s) == (0, 0)
+    s.user = SimpleNamespace(name="no-such-user-on-this-host")
+    assert _default_get_uid_gid(s) == (2000, 3000)
+
+
+@pytest.mark.parametrize(
+    "host, keep",
+    [
+        ("10.117.40.1", True),
+        ("hub.example.org", True),
+        ("127.0.0.1", False),
+        ("0.0.0.0", False),
+        ("localhost", False),
+        ("::1", False),
+    ],
+)
+def test_which_hub_addresses_are_replaced_by_the_bridge_gateway(host, keep):
+    assert spawner()._is_reachable_host(host) is keep
