@@ -39,10 +39,12 @@ from traitlets import (
     validate,
 )
 
-from . import names, objects
+from . import metrics, names, objects
+from .cache import InstanceCache
 from .lxd import LxdClient, LxdError, NotFound, Unreachable, image_source, ipv4_addresses
 
 STATE_VERSION = 1
+RUNNING_STATES = ("Running", "Starting", "Freezing", "Frozen", "Thawed")
 
 
 class SpawnError(Exception):
@@ -190,6 +192,12 @@ class LxdSpawner(Spawner):
     stop_timeout = Float(
         20.0, config=True, help="Seconds for a graceful stop before the container is killed."
     )
+    cache_resync_interval = Float(
+        300.0,
+        config=True,
+        help="""Seconds between full relists of our instances by the shared cache, which
+        otherwise follows the daemon's events (poll() reads it: no API request per user).""",
+    )
     extra_instance_config = Dict(
         config=True,
         help="Extra LXD config keys for every container, e.g. {'boot.autostart': 'false'}.",
@@ -268,9 +276,25 @@ class LxdSpawner(Spawner):
     _clients: dict[tuple, LxdClient] = {}
     _gateways: dict[tuple, str] = {}
 
+    _caches: dict[tuple, InstanceCache] = {}
+
+    def _endpoint_key(self) -> tuple:
+        return (self.endpoint, self.project, self.client_cert, self.client_key, self.server_cert)
+
+    async def cache(self) -> InstanceCache:
+        """The shared view of our instances on this daemon, fed by its events."""
+        key = self._endpoint_key()
+        cache = self._caches.get(key)
+        if cache is None:
+            cache = self._caches[key] = InstanceCache(
+                await self.client(), resync_interval=self.cache_resync_interval
+            )
+        await cache.start(timeout=self.api_timeout)
+        return cache
+
     async def client(self) -> LxdClient:
         """One client per endpoint, shared by every spawner of the hub (one connection pool)."""
-        key = (self.endpoint, self.project, self.client_cert, self.client_key, self.server_cert)
+        key = self._endpoint_key()
         client = self._clients.get(key)
         if client is None or client.dialect is None:
             client = LxdClient(
@@ -283,6 +307,7 @@ class LxdSpawner(Spawner):
             )
             await client.open()
             self._clients[key] = client
+            metrics.register_request_counts(lambda: list(LxdSpawner._clients.values()))
         return client
 
     # -- progress ---------------------------------------------------------------------------
@@ -470,6 +495,7 @@ class LxdSpawner(Spawner):
             raise SpawnError(e.message) from e
         finally:
             self.timings["total"] = time.monotonic() - started
+            metrics.observe_spawn(self.timings)
             self._progress_done = True
             self._progress_changed.set()
 
@@ -489,6 +515,7 @@ class LxdSpawner(Spawner):
         spec = self._spec(uid, gid)
         files = await self._read_files_to_push()
         client = await self.client()
+        cache = await self.cache()
 
         self._emit(f"Placing server {name}", 5)
         existing = await self._existing(client, name)
@@ -517,6 +544,7 @@ class LxdSpawner(Spawner):
             await self._step("push", self._push_files(client, spec, env, files))
             self._emit("Starting container", 40)
             await self._step("start", client.start_instance(name, timeout=self.start_timeout))
+            cache.note_instance({**instance, "status": "Running"})
             ip = await self._step("ipv4", self._wait_ipv4(client, name))
             if self.commands_to_prepare:
                 self._emit("Running preparation commands", 60)
@@ -765,24 +793,32 @@ class LxdSpawner(Spawner):
     # -- poll and stop ----------------------------------------------------------------------
 
     async def poll(self) -> int | None:
+        """None while the server runs. Reads the shared cache: no request for a running
+        server; one direct request only when the cache says it is not running."""
         if not self.instance_name:
             return 0
         try:
+            cache = await self.cache()
+            cached = cache.get(self.instance_name) if cache.healthy else None
+            if cached is not None and cached.status in RUNNING_STATES:
+                return None
             client = await self.client()
             instance = await client.get_instance(self.instance_name)
         except NotFound:
             return 0
-        except LxdError as e:
+        except (LxdError, asyncio.TimeoutError) as e:
             # We cannot tell: report running rather than have the hub drop a live server.
-            self.log.warning("poll of %s: %s", self._log_name, e.message)
+            self.log.warning("poll of %s: %s", self._log_name, getattr(e, "message", e))
             return None
-        if instance.get("status") in ("Running", "Starting", "Freezing", "Frozen", "Thawed"):
+        cache.note_instance(instance)
+        if instance.get("status") in RUNNING_STATES:
             return None
         # The server ended by itself (its container powered off). JupyterHub will not call
         # stop() for a server that is not running, so the container is removed here.
         if self.remove and not self._spawn_pending:
             try:
                 await client.delete_instance(self.instance_name)
+                cache.note(self.instance_name, deleted=True)
             except LxdError as e:
                 self.log.warning("removing stopped %s: %s", self.instance_name, e.message)
         return 0
@@ -795,7 +831,10 @@ class LxdSpawner(Spawner):
             if self.remove:
                 await client.delete_instance(name)
         except NotFound:
-            return
+            pass
+        cache = self._caches.get(self._endpoint_key())
+        if cache is not None:
+            cache.note(name, deleted=self.remove, status="Stopped")
 
     async def _stop_instance(self, client: LxdClient, name: str, *, force: bool) -> None:
         """Stop gracefully within stop_timeout, then by force; a stopped one is fine."""

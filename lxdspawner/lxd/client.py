@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[dict], Any]
 
+#: Type of the synthetic event :meth:`LxdClient.events` yields whenever its stream connects.
+CONNECTED = "lxdspawner-connected"
+
 
 @dataclass(frozen=True)
 class ExecResult:
@@ -525,8 +528,9 @@ class LxdClient:
     ) -> AsyncIterator[dict]:
         """Yield events from the ``/1.0/events`` websocket, reconnecting after failures.
 
-        A consumer that must not miss anything (a cache) should relist after each reconnect;
-        it learns of one from the synthetic ``{"type": "lxdspawner-reconnected"}`` event.
+        Each (re)connection is announced by a synthetic ``{"type": CONNECTED}`` event: a
+        consumer that must not miss anything (a cache) lists what it follows after that event,
+        and again after every reconnection.
         """
         if self._session is None:
             self._session = self._make_session()
@@ -537,8 +541,7 @@ class LxdClient:
             try:
                 self.request_count += 1
                 async with self._session.ws_connect(url, params=params, heartbeat=30) as ws:
-                    if not first:
-                        yield {"type": "lxdspawner-reconnected"}
+                    yield {"type": CONNECTED, "reconnected": not first}
                     first = False
                     async for msg in ws:
                         if msg.type == aiohttp.WSMsgType.TEXT:

@@ -397,3 +397,30 @@ def _stop_lxd() -> None:
 def _start_lxd() -> None:
     script = Path(__file__).resolve().parents[2] / "scripts" / "setup-lxd.sh"
     subprocess.run([str(script), "lxd"], check=True, capture_output=True)
+
+
+def _requests_total(metrics_text: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith("lxdspawner_api_requests_total")
+    )
+
+
+async def test_poll_costs_no_api_request_per_server(tmp_path, prefix, leftovers):
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+c.Spawner.poll_interval = 1
+"""
+    async with running_hub(tmp_path, config) as hub:
+        await asyncio.gather(hub.start_server("pat"), hub.start_server("quinn"))
+        await asyncio.sleep(2)  # let the spawns' last events settle
+        status, before = await hub.get_via_proxy("/hub/metrics")
+        assert status == 200 and "lxdspawner_api_requests_total" in before
+        await asyncio.sleep(6)  # about 6 poll cycles for each of the 2 servers
+        _, after = await hub.get_via_proxy("/hub/metrics")
+        assert _requests_total(after) - _requests_total(before) == 0
+        assert "lxdspawner_spawn_step_seconds_count" in after
+        for user in ("pat", "quinn"):
+            assert (await hub.server_model(user))["ready"]

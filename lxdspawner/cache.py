@@ -1,0 +1,214 @@
+"""One shared, event-fed view of our instances per daemon (the idea of KubeSpawner's reflector).
+
+Every spawner of the hub reads it, so ``poll()`` of hundreds of users costs no API request:
+the cache lists our instances once (those carrying ``user.jupyterhub.managed-by``), then
+follows the ``/1.0/events`` websocket. It relists periodically, after every reconnect (a
+daemon restart drops the stream: what happened meanwhile is only in a fresh list) and after
+any error, and restarts a stream that has gone quiet for too long.
+
+It is a view, not the truth: callers that see something other than what they expect (a
+server they believe running shown as stopped or missing) confirm with one direct request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
+
+from .lxd import LxdClient, LxdError, NotFound
+from .lxd.client import CONNECTED
+from .objects import KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY
+
+log = logging.getLogger(__name__)
+
+# Lifecycle actions whose outcome we know without asking the daemon.
+_STATUS_AFTER = {
+    "instance-started": "Running",
+    "instance-restarted": "Running",
+    "instance-resumed": "Running",
+    "instance-paused": "Frozen",
+    "instance-stopped": "Stopped",
+    "instance-shutdown": "Stopped",
+}
+
+
+@dataclass(frozen=True)
+class CachedInstance:
+    name: str
+    status: str
+    location: str
+    user: str
+    server: str
+
+
+def _from_api(instance: dict) -> CachedInstance:
+    config = instance.get("config") or {}
+    return CachedInstance(
+        name=instance["name"],
+        status=instance.get("status", ""),
+        location=instance.get("location") or "",
+        user=config.get(KEY_USER, ""),
+        server=config.get(KEY_SERVER, ""),
+    )
+
+
+def _is_ours(instance: dict) -> bool:
+    return (instance.get("config") or {}).get(KEY_MANAGED) == MANAGED_BY
+
+
+class InstanceCache:
+    """Our instances on one daemon, kept current by its events."""
+
+    def __init__(
+        self,
+        client: LxdClient,
+        *,
+        resync_interval: float = 300.0,
+        quiet_timeout: float = 600.0,
+    ):
+        self.client = client
+        self.resync_interval = resync_interval
+        self.quiet_timeout = quiet_timeout
+        self._instances: dict[str, CachedInstance] = {}
+        self._healthy = False
+        self._last_message = 0.0
+        self._task: asyncio.Task | None = None
+        self._changed = asyncio.Condition()
+        self._synced = asyncio.Event()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """True while the view is complete and the event stream is connected."""
+        return self._healthy and self._task is not None and not self._task.done()
+
+    def get(self, name: str) -> CachedInstance | None:
+        return self._instances.get(name)
+
+    def instances(self) -> list[CachedInstance]:
+        return list(self._instances.values())
+
+    def count_by_location(self) -> Counter:
+        return Counter(i.location for i in self._instances.values())
+
+    # -- writing (what a spawner just did, before its event arrives) --------------------------
+
+    def note(self, name: str, *, status: str | None = None, deleted: bool = False) -> None:
+        if deleted:
+            self._instances.pop(name, None)
+        elif status and name in self._instances:
+            self._instances[name] = replace(self._instances[name], status=status)
+
+    def note_instance(self, instance: dict) -> None:
+        if _is_ours(instance):
+            self._instances[instance["name"]] = _from_api(instance)
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start following the daemon, and wait for the first complete list."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+        await asyncio.wait_for(self._synced.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._healthy = False
+
+    async def resync(self) -> None:
+        """Replace the view with a fresh list of our instances (one request)."""
+        listed = await self.client.list_instances(recursion=1)
+        self._instances = {i["name"]: _from_api(i) for i in listed if _is_ours(i)}
+        self._synced.set()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, name: str, predicate, timeout: float) -> CachedInstance | None:
+        """Wait until ``predicate(self.get(name))`` holds; return that entry (or None)."""
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: predicate(self._instances.get(name))), timeout
+            )
+        return self._instances.get(name)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # keep following whatever happens; relist on the way back
+                log.warning("instance cache for %s: %s; relisting", self.client.where, e)
+            self._healthy = False
+            await asyncio.sleep(1)
+
+    async def _follow(self) -> None:
+        events = self.client.events(types=("lifecycle",), reconnect=False)
+        iterator = events.__aiter__()
+        try:
+            # Connected first, then listed: nothing that happens in between is missed.
+            connected = await asyncio.wait_for(iterator.__anext__(), self.client.timeout)
+            if connected.get("type") != CONNECTED:
+                raise LxdError(f"unexpected first event {connected!r}")
+            await self.resync()
+            self._healthy = True
+            self._last_message = time.monotonic()
+            last_resync = time.monotonic()
+            pending = asyncio.ensure_future(iterator.__anext__())
+            while True:
+                timeout = min(self.resync_interval, self.quiet_timeout)
+                done, _ = await asyncio.wait({pending}, timeout=timeout)
+                now = time.monotonic()
+                if done:
+                    event = pending.result()
+                    self._last_message = now
+                    await self._apply(event)
+                    pending = asyncio.ensure_future(iterator.__anext__())
+                elif now - self._last_message > self.quiet_timeout:
+                    pending.cancel()
+                    raise LxdError(f"no event for {self.quiet_timeout:g} s")
+                if now - last_resync > self.resync_interval:
+                    await self.resync()
+                    last_resync = now
+        finally:
+            with contextlib.suppress(Exception):
+                await events.aclose()
+
+    async def _apply(self, event: dict) -> None:
+        meta = event.get("metadata") or {}
+        action = meta.get("action", "")
+        source = urlsplit(meta.get("source", "")).path
+        if not action.startswith("instance-") or not source.startswith("/1.0/instances/"):
+            return
+        if self.client.project and event.get("project", "default") != self.client.project:
+            return
+        name = source.rsplit("/", 1)[-1]
+        if action == "instance-deleted":
+            self._instances.pop(name, None)
+        elif action in _STATUS_AFTER and name in self._instances:
+            self._instances[name] = replace(self._instances[name], status=_STATUS_AFTER[action])
+        elif action in ("instance-created", "instance-updated", "instance-renamed") or (
+            action in _STATUS_AFTER and name not in self._instances
+        ):
+            # Only these need the instance itself: is it ours, where is it?
+            try:
+                self.note_instance(await self.client.get_instance(name))
+            except NotFound:
+                self._instances.pop(name, None)
+            if action == "instance-renamed":
+                old = (meta.get("context") or {}).get("old_name")
+                if old:
+                    self._instances.pop(old, None)
+        else:
+            return
+        async with self._changed:
+            self._changed.notify_all()

@@ -1,0 +1,133 @@
+"""The shared instance cache against the real daemon: events, relists, a daemon restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lxdspawner.cache import InstanceCache
+from lxdspawner.lxd import LxdClient, image_source
+from lxdspawner.objects import KEY_MANAGED, KEY_USER, MANAGED_BY
+
+from .conftest import SOCKETS, TINY_IMAGE
+
+OURS = {KEY_MANAGED: MANAGED_BY, KEY_USER: "cache-test"}
+
+
+async def eventually(predicate, timeout=20.0, what="condition"):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def cache(lxd):
+    cache = InstanceCache(lxd)
+    await cache.start()
+    yield cache
+    await cache.stop()
+
+
+async def test_follows_our_instances_and_ignores_others(lxd, cache, instances):
+    ours, other = instances("ours"), instances("other")
+    await lxd.create_instance(ours, source=image_source(TINY_IMAGE), config=OURS)
+    await lxd.create_instance(other, source=image_source(TINY_IMAGE))
+    await eventually(lambda: cache.get(ours) is not None, what="created event")
+    assert cache.get(ours).status == "Stopped"
+    assert cache.get(ours).user == "cache-test"
+    assert cache.get(other) is None
+
+    await lxd.start_instance(ours)
+    await eventually(lambda: cache.get(ours).status == "Running", what="started event")
+    before = lxd.request_count
+    for _ in range(100):
+        assert cache.get(ours).status == "Running"
+    assert lxd.request_count == before  # reading costs nothing
+
+    await lxd.stop_instance(ours, force=True)
+    await eventually(lambda: cache.get(ours).status == "Stopped", what="stopped event")
+    await lxd.delete_instance(ours)
+    await eventually(lambda: cache.get(ours) is None, what="deleted event")
+    assert cache.healthy
+
+
+async def test_starts_from_a_list_of_what_exists(lxd, instances):
+    name = instances("pre")
+    await lxd.create_instance(name, source=image_source(TINY_IMAGE), config=OURS, start=True)
+    cache = InstanceCache(lxd)
+    await cache.start()
+    try:
+        assert cache.get(name).status == "Running"
+        assert cache.count_by_location()[cache.get(name).location] >= 1
+    finally:
+        await cache.stop()
+
+
+async def test_a_daemon_restart_does_not_confuse_it(daemon, instances):
+    """Kill the daemon; while it is down, a container dies; the cache must catch up."""
+    if daemon != "incus":
+        pytest.skip("restarting one daemon is enough; LXD's restart is the same code path")
+    async with LxdClient(f"unix://{SOCKETS['incus']}") as lxd:
+        cache = InstanceCache(lxd, quiet_timeout=30)
+        await cache.start()
+        try:
+            alive, dying = instances("alive"), instances("dying")
+            for name in (alive, dying):
+                await lxd.create_instance(
+                    name, source=image_source(TINY_IMAGE), config=OURS, start=True
+                )
+            await eventually(
+                lambda: all(
+                    cache.get(n) and cache.get(n).status == "Running" for n in (alive, dying)
+                ),
+                what="both running",
+            )
+            init_pid = (await lxd.instance_state(dying))["pid"]
+
+            _kill_incusd()
+            await eventually(
+                lambda: not cache.healthy, what="the cache to notice the stream is gone"
+            )
+            os.kill(init_pid, signal.SIGKILL)  # the container dies while nobody watches
+            _start_incus()
+
+            await eventually(lambda: cache.healthy, timeout=60, what="the cache to reconnect")
+            await eventually(
+                lambda: cache.get(dying) is not None and cache.get(dying).status == "Stopped",
+                timeout=30,
+                what="the relist to show the dead container stopped",
+            )
+            assert cache.get(alive).status == "Running"
+            # And events flow again after the restart.
+            await lxd.stop_instance(alive, force=True)
+            await eventually(
+                lambda: cache.get(alive).status == "Stopped", what="events after restart"
+            )
+        finally:
+            await cache.stop()
+
+
+def _kill_incusd() -> None:
+    """Kill the standalone daemon that scripts/setup-lxd.sh started (not a cluster member's)."""
+    found = subprocess.run(
+        ["pgrep", "-f", "incusd --logfile /var/log/lxdspawner-incus.log"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert found, "the standalone incusd started by scripts/setup-lxd.sh is not running"
+    for pid in found:
+        os.kill(int(pid), signal.SIGKILL)
+
+
+def _start_incus() -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "setup-lxd.sh"
+    subprocess.run([str(script), "incus"], check=True, capture_output=True)
