@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
 
 from lxdspawner.cache import InstanceCache
-from lxdspawner.lxd import LxdClient, image_source
+from lxdspawner.lxd import LxdClient, LxdError, image_source
 from lxdspawner.objects import KEY_MANAGED, KEY_USER, MANAGED_BY
 
 from .conftest import SOCKETS, TINY_IMAGE
@@ -72,15 +74,15 @@ async def test_starts_from_a_list_of_what_exists(lxd, instances):
         await cache.stop()
 
 
-async def test_a_daemon_restart_does_not_confuse_it(daemon, instances):
-    """Kill the daemon; while it is down, a container dies; the cache must catch up."""
-    if daemon != "incus":
-        pytest.skip("restarting one daemon is enough; LXD's restart is the same code path")
+async def test_a_daemon_restart_does_not_confuse_it():
+    """Kill the daemon; while it is down, a container dies; the cache must catch up.
+
+    Incus only: LXD's restart is the same code path in the cache."""
     async with LxdClient(f"unix://{SOCKETS['incus']}") as lxd:
         cache = InstanceCache(lxd, quiet_timeout=30)
         await cache.start()
+        alive, dying = (f"lxdsp-test-{stem}-{uuid.uuid4().hex[:8]}" for stem in ("alive", "dying"))
         try:
-            alive, dying = instances("alive"), instances("dying")
             for name in (alive, dying):
                 await lxd.create_instance(
                     name, source=image_source(TINY_IMAGE), config=OURS, start=True
@@ -114,6 +116,11 @@ async def test_a_daemon_restart_does_not_confuse_it(daemon, instances):
             )
         finally:
             await cache.stop()
+            for name in (alive, dying):
+                with contextlib.suppress(LxdError):
+                    await lxd.stop_instance(name, force=True)
+                with contextlib.suppress(LxdError):
+                    await lxd.delete_instance(name)
 
 
 def _kill_incusd() -> None:
