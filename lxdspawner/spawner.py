@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from jupyterhub.spawner import Spawner
+from tornado import web
 from traitlets import (
     Any as AnyTrait,
 )
@@ -47,8 +48,29 @@ STATE_VERSION = 1
 RUNNING_STATES = ("Running", "Starting", "Freezing", "Frozen", "Thawed")
 
 
-class SpawnError(Exception):
-    """A spawn failed for a reason we can explain; the message is shown to the user."""
+try:
+    from jupyterhub.spawner import SpawnException as _SpawnFailure  # JupyterHub >= 6
+except ImportError:  # JupyterHub 5
+    _SpawnFailure = None
+
+
+class SpawnError(_SpawnFailure or web.HTTPError):
+    """A spawn failed for a reason we can explain.
+
+    JupyterHub shows the message on the user's spawn page (and in the progress stream, via
+    ``jupyterhub_message``) and logs it without a traceback.
+    """
+
+    def __init__(self, message: str, *, reason: str = "lxd", status_code: int = 500):
+        if _SpawnFailure is not None:
+            super().__init__(message, reason=reason, status_code=status_code)
+        else:
+            super().__init__(status_code, reason=reason)
+            self.message = message
+        self.jupyterhub_message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _default_get_uid_gid(spawner: LxdSpawner) -> tuple[int, int]:
@@ -484,7 +506,7 @@ class LxdSpawner(Spawner):
         try:
             return await self._start()
         except SpawnError as e:
-            self.log.error("Spawn of %s failed: %s", self._log_name, e)
+            self.log.error("Spawn of %s failed: %s", self._log_name, e.message)
             raise
         except Unreachable as e:
             message = f"the container daemon is not reachable: {e.message}"

@@ -18,25 +18,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hubtools import HUBS, REPO  # noqa: E402
+from hubtools import CHROMIUM, CHROMIUM_ARGS, HUBS, REPO, chromium_missing  # noqa: E402
 
-CHROMIUM = os.environ.get("LXDSPAWNER_CHROMIUM", "/usr/bin/chromium")
-# Without the background-networking flags Chromium keeps trying to reach Google's services,
-# which this machine refuses (and CI should not attempt).
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
 OUTPUT_ROOT = Path(os.environ.get("LXDSPAWNER_TEST_OUTPUT", REPO / "test-output"))
 
 
@@ -48,7 +35,7 @@ def pytest_runtest_makereport(item, call):
     if report.failed and report.when in ("call", "setup"):
         for hub in list(HUBS):
             report.sections.append((f"hub log ({hub.workdir})", hub.log_tail(150)))
-            diagnostics = getattr(hub, "diagnostics", None)
+            diagnostics = hub.diagnostics
             if diagnostics is not None:
                 try:
                     text = diagnostics()
@@ -71,43 +58,25 @@ def output_dir(request) -> Path:
     return path
 
 
-def chromium_missing() -> str | None:
-    """Why browser tests cannot run here, or None."""
-    if not Path(CHROMIUM).exists():
-        return f"{CHROMIUM} missing: run scripts/ensure-tools.sh"
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        return "the playwright package is missing: pip install -e '.[test]'"
-    return None
-
-
 @pytest.fixture(scope="module")
 def chromium_args() -> list[str]:
     return list(CHROMIUM_ARGS)
 
 
-try:
-    import pytest_asyncio
-except ImportError:  # pragma: no cover - the test extras install it
-    pytest_asyncio = None
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser():
+    """One headless Chromium per test module (each test opens its own context)."""
+    reason = chromium_missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.async_api import async_playwright
 
-if pytest_asyncio is not None:
-
-    @pytest_asyncio.fixture(scope="module", loop_scope="module")
-    async def browser():
-        """One headless Chromium per test module (each test opens its own context)."""
-        reason = chromium_missing()
-        if reason:
-            pytest.skip(reason)
-        from playwright.async_api import async_playwright
-
-        async with async_playwright() as pw:
-            # launch() gives every browser a fresh temporary profile (user-data-dir).
-            browser = await pw.chromium.launch(
-                executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-            )
-            try:
-                yield browser
-            finally:
-                await browser.close()
+    async with async_playwright() as pw:
+        # launch() gives every browser a fresh temporary profile (user-data-dir).
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()

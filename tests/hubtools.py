@@ -49,7 +49,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -63,6 +63,41 @@ CHP = REPO / ".cache" / "node" / "node_modules" / ".bin" / "configurable-http-pr
 
 INCUS_HUB_IP = "10.117.40.1"
 LXD_HUB_IP = "10.117.41.1"
+# The daemon the e2e tests use: LXDSPAWNER_DAEMON=incus (default) or lxd, as for
+# scripts/setup-lxd.sh; its command line and the bridge address the hub must listen on.
+DAEMON = os.environ.get("LXDSPAWNER_DAEMON", "incus")
+DAEMON_CLI: tuple[str, ...] = (
+    ("incus",) if DAEMON != "lxd" else ("env", "LXD_DIR=/var/lib/lxd", "lxc")
+)
+DAEMON_HUB_IP = LXD_HUB_IP if DAEMON == "lxd" else INCUS_HUB_IP
+
+CHROMIUM = os.environ.get("LXDSPAWNER_CHROMIUM", "/usr/bin/chromium")
+# Debian's Chromium, driven by Playwright through executable_path (no `playwright install`).
+# Without the background-networking flags it keeps trying to reach Google's services, which
+# this machine refuses (and CI should not attempt).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+def chromium_missing() -> str | None:
+    """Why browser tests cannot run here, or None."""
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} missing: run scripts/ensure-tools.sh"
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "the playwright package is missing: pip install -e '.[test]'"
+    return None
+
 
 # Hubs started by running_hub and not yet closed (for failure reports from conftest).
 HUBS: list[Hub] = []
@@ -169,6 +204,8 @@ class Hub:
         self._hub: asyncio.subprocess.Process | None = None
         self._proxy: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
+        # Set by a test to add, e.g., the containers' logs to its failure report (conftest).
+        self.diagnostics: Callable[[], str] | None = None
         self._write_config()
 
     # -- configuration and processes ---------------------------------------------------------
@@ -211,7 +248,7 @@ class Hub:
             "--error-target", f"{self.hub_url}/hub/error",
             "--log-level", "debug" if self.debug else "info",
         ]  # fmt: skip
-        with open(self.proxy_log_path, "ab") as log:
+        with _append(self.proxy_log_path) as log:
             self._proxy = await asyncio.create_subprocess_exec(
                 *cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
@@ -235,9 +272,7 @@ class Hub:
         cmd = [sys.executable, "-m", "jupyterhub", "-f", str(self.config_file)]
         if self.debug:
             cmd.append("--debug")
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== hubtools: starting {' '.join(cmd)}\n".encode())
-            log.flush()
+        with _append(self.log_path, f"\n===== hubtools: starting {' '.join(cmd)}\n") as log:
             self._hub = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdout=log,
@@ -337,6 +372,11 @@ class Hub:
         print(f"\n===== tail of the hub log {self.log_path} =====\n{self.log_tail(lines)}")
         proxy_tail = "\n".join(self.proxy_log().splitlines()[-20:])
         print(f"===== tail of the proxy log {self.proxy_log_path} =====\n{proxy_tail}")
+        if self.diagnostics is not None:
+            try:
+                print(self.diagnostics())
+            except Exception as e:  # a report must not hide the failure
+                print(f"(diagnostics failed: {e!r})")
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -523,6 +563,15 @@ class Hub:
             raise HubError(f"stopping servers at teardown: {errors}")
 
 
+def _append(path: Path, header: str = ""):
+    """A log file opened for appending (the child process writes to it)."""
+    log = open(path, "ab")  # the caller closes it (with ...)
+    if header:
+        log.write(header.encode())
+        log.flush()
+    return log
+
+
 def _url(url: str) -> URL:
     # Send the path exactly as quoted: yarl would otherwise turn "%3B" back into ";", and a
     # server whose base URL is /user/x%3Btouch%20pwned/ would not recognise its own path.
@@ -570,7 +619,35 @@ async def running_hub(
         HUBS.remove(hub)
 
 
-def instance_diagnostics(prefix: str = "jupyter-", cli: tuple[str, ...] = ("incus",)) -> str:
+def daemon_cli(*args: str, cli: tuple[str, ...] = DAEMON_CLI) -> subprocess.CompletedProcess:
+    """Run the daemon's command line (``incus ...`` or ``lxc ...``); never raises on failure."""
+    return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def instance_names(cli: tuple[str, ...] = DAEMON_CLI) -> set[str]:
+    return set(daemon_cli("list", "--format", "csv", "-c", "n", cli=cli).stdout.split())
+
+
+def lxd_unavailable(image: str = "jupyter-base") -> str | None:
+    """Why LxdSpawner cannot run here (not importable, daemon or image missing), or None."""
+    try:
+        from lxdspawner import LxdSpawner  # noqa: F401
+    except Exception as e:
+        return f"lxdspawner.LxdSpawner does not import: {e!r}"
+    try:
+        free_port(DAEMON_HUB_IP)
+    except OSError:
+        return f"no interface has the hub's address {DAEMON_HUB_IP}: run scripts/setup-lxd.sh"
+    try:
+        info = daemon_cli("image", "info", image)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{DAEMON_CLI[-1]} does not answer: {e}"
+    if info.returncode != 0:
+        return f"no image {image!r} (images/ensure-image.sh {image}): {info.stderr.strip()}"
+    return None
+
+
+def instance_diagnostics(prefix: str = "jupyter-", cli: tuple[str, ...] = DAEMON_CLI) -> str:
     """Log, console and journal of every instance whose name starts with ``prefix``.
 
     For failure reports: call it from a test (or conftest) when something went wrong.
@@ -579,9 +656,7 @@ def instance_diagnostics(prefix: str = "jupyter-", cli: tuple[str, ...] = ("incu
 
     def run(*args: str) -> str:
         try:
-            p = subprocess.run(
-                [*cli, *args], capture_output=True, text=True, timeout=30, check=False
-            )
+            p = daemon_cli(*args, cli=cli)
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"({' '.join(args)}: {e})"
         return (p.stdout + p.stderr).strip()

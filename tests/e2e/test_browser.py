@@ -1,0 +1,291 @@
+"""What a person sees: the demo hub driven by a headless Chromium.
+
+The hub is the demo's (scripts/demo_config.py: LxdSpawner, image ``jupyter-base``,
+JupyterLab, named servers) on ports and directories of the test's own. Every step leaves a
+screenshot in ``test-output/test_browser/<test>/<mode>/``.
+
+    LXDSPAWNER_E2E_SPAWNER=lxd    (default) LxdSpawner against the local Incus
+    LXDSPAWNER_E2E_SPAWNER=local  JupyterHub's SimpleLocalProcessSpawner, to work on the
+                                  browser flow without containers
+    LXDSPAWNER_E2E_IMAGE          image for the lxd mode (default: jupyter-base)
+    LXDSPAWNER_DAEMON=lxd         the hub listens on the LXD bridge (10.117.41.1) instead
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from hubtools import (
+    CHP,
+    DAEMON_CLI,
+    DAEMON_HUB_IP,
+    REPO,
+    VENV_BIN,
+    chromium_missing,
+    instance_diagnostics,
+    instance_names,
+    lxd_unavailable,
+    running_hub,
+)
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(not CHP.exists(), reason=f"{CHP} missing: run scripts/ensure-tools.sh"),
+    pytest.mark.skipif(bool(chromium_missing()), reason=str(chromium_missing())),
+]
+
+MODE = os.environ.get("LXDSPAWNER_E2E_SPAWNER", "lxd")
+IMAGE = os.environ.get("LXDSPAWNER_E2E_IMAGE", "jupyter-base")
+DEMO_CONFIG = REPO / "scripts" / "demo_config.py"
+SPAWN_TIMEOUT_MS = 120_000
+
+
+def hub_config(*extra: str) -> str:
+    """The demo's settings (loaded from scripts/demo_config.py), then the mode's, then extra."""
+    text = f"""
+import importlib.util as _ilu
+_spec = _ilu.spec_from_file_location("lxdspawner_demo_config", {str(DEMO_CONFIG)!r})
+_demo = _ilu.module_from_spec(_spec)
+_spec.loader.exec_module(_demo)
+_demo.apply_demo_settings(c)
+"""
+    if MODE == "local":
+        args = ["--allow-root"] if os.geteuid() == 0 else []
+        text += f"""
+c.JupyterHub.spawner_class = "simple"
+c.Spawner.cmd = [{str(VENV_BIN / "jupyterhub-singleuser")!r}]
+c.Spawner.args = {args!r}
+"""
+    else:
+        text += f"c.LxdSpawner.image = {IMAGE!r}\n"
+    return text + "\n".join(extra) + "\n"
+
+
+@pytest.fixture(scope="module")
+def mode() -> str:
+    if MODE not in ("lxd", "local"):
+        pytest.fail(f"LXDSPAWNER_E2E_SPAWNER={MODE!r}: choose lxd or local")
+    if MODE == "lxd":
+        reason = lxd_unavailable(IMAGE)
+        if reason:
+            pytest.skip(f"{reason} (LXDSPAWNER_E2E_SPAWNER=local runs without containers)")
+    return MODE
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def hub(mode, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo-hub")
+    hub_ip = DAEMON_HUB_IP if mode == "lxd" else "127.0.0.1"
+    config = hub_config(
+        f"c.SimpleLocalProcessSpawner.home_dir_template = '{workdir}/home/{{username}}'"
+    )
+    async with running_hub(workdir, config, hub_ip=hub_ip) as hub:
+        if mode == "lxd":
+            hub.diagnostics = lambda: instance_diagnostics("jupyter-", DAEMON_CLI)
+        yield hub
+
+
+class Shots:
+    """Numbered full-page screenshots of one test, in its output directory."""
+
+    def __init__(self, page, directory: Path):
+        self.page = page
+        self.directory = directory
+        self.n = 0
+
+    async def __call__(self, name: str) -> Path:
+        self.n += 1
+        path = self.directory / f"{self.n:02d}-{name}.png"
+        await self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    async def failure(self) -> None:
+        """The page as it was when the test failed (never hides the failure itself)."""
+        try:
+            await self("FAILED")
+        except Exception as e:
+            print(f"no failure screenshot: {e!r}")
+
+
+async def new_page(browser, output_dir: Path):
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    context.set_default_timeout(30_000)
+    page = await context.new_page()
+    shots = output_dir / MODE  # test-output/test_browser/<test>/{lxd,local}/
+    shots.mkdir(exist_ok=True)
+    return context, page, Shots(page, shots)
+
+
+async def log_in(page, shot, hub, username: str, next_path: str | None = None) -> None:
+    url = hub.public_url + "/hub/login"
+    if next_path:
+        url += "?next=" + next_path
+    await page.goto(url)
+    await page.fill("#username_input", username)
+    await page.fill("#password_input", hub.password)
+    await shot("login")
+    await page.click("#login_submit")
+
+
+async def watch_spawn(page, shot, server_path: str) -> None:
+    """From the spawn page (if we see it) into JupyterLab at ``server_path``."""
+    try:
+        await page.wait_for_url(re.compile(r".*/hub/spawn-pending/.*"), timeout=15_000)
+        await page.wait_for_selector("#progress-message:not(:empty)", timeout=15_000)
+        await shot("progress")
+    except Exception:
+        # A fast spawn may go straight to the server: nothing to see then.
+        pass
+    await page.wait_for_url(
+        re.compile(".*" + re.escape(server_path) + "lab.*"), timeout=SPAWN_TIMEOUT_MS
+    )
+    await page.wait_for_selector(".jp-LauncherCard", timeout=60_000)
+    await shot("lab")
+
+
+async def run_in_new_notebook(page, shot, code: str) -> str:
+    """Open a notebook from the launcher, run ``code`` in its first cell, return the output."""
+    await page.click('.jp-LauncherCard[data-category="Notebook"]')
+    panel = page.locator(".jp-NotebookPanel:visible")
+    editor = panel.locator(".jp-Cell .cm-content").first
+    await editor.wait_for(timeout=60_000)
+    # Keys typed while the new notebook is still settling can be lost: type until the cell
+    # holds the code, and run it once the kernel is idle.
+    for _ in range(3):
+        await editor.click()
+        await page.keyboard.press("Control+a")
+        await page.keyboard.type(code)
+        if code in (await editor.inner_text()):
+            break
+        await asyncio.sleep(1)
+    await page.get_by_text(re.compile(r"\| Idle")).first.wait_for(timeout=90_000)
+    await page.keyboard.press("Shift+Enter")
+    output = panel.locator(".jp-OutputArea-output").first
+    await output.wait_for(timeout=60_000)
+    text = (await output.inner_text()).strip()
+    await shot("notebook")
+    return text
+
+
+async def wait_gone(hub, user: str, server_name: str = "", timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while await hub.server_model(user, server_name) is not None:
+        assert time.monotonic() < deadline, f"{user}/{server_name} still listed by the hub"
+        await asyncio.sleep(0.5)
+
+
+async def test_login_lab_notebook_and_stop(hub, browser, output_dir, mode):
+    user = "e2e-lab"
+    context, page, shot = await new_page(browser, output_dir)
+    try:
+        await log_in(page, shot, hub, user)
+        await watch_spawn(page, shot, f"/user/{user}/")
+
+        hostname = await run_in_new_notebook(
+            page, shot, "import socket; print(socket.gethostname())"
+        )
+        if mode == "lxd":
+            assert hostname.startswith("jupyter-") and user in hostname, hostname
+            assert hostname in instance_names()
+        else:
+            assert hostname == socket.gethostname()
+
+        await page.goto(hub.public_url + "/hub/home")
+        await page.wait_for_selector("#stop")
+        await shot("home")
+        await page.click("#stop")
+        await page.wait_for_selector("#stop", state="hidden", timeout=90_000)
+        await page.wait_for_function(
+            "document.querySelector('#start').textContent.includes('Start My Server')"
+        )
+        await shot("stopped")
+
+        await wait_gone(hub, user)
+        if mode == "lxd":
+            assert hostname not in instance_names(), "the container outlived its server"
+    except BaseException:
+        await shot.failure()
+        raise
+    finally:
+        await context.close()
+
+
+async def test_named_server(hub, browser, output_dir, mode):
+    user = "e2e-named"
+    context, page, shot = await new_page(browser, output_dir)
+    try:
+        await log_in(page, shot, hub, user, next_path="/hub/home")
+        await page.wait_for_url(re.compile(r".*/hub/home"))
+        await page.fill(".new-server-name", "work")
+        await shot("home")
+        await page.click(".new-server-btn")
+        # JupyterHub 6 creates the named server without starting it: the page reloads and
+        # lists it with a "start" button.
+        await page.wait_for_selector("#start-work:visible")
+        await shot("listed")
+        await page.click("#start-work")
+        await watch_spawn(page, shot, f"/user/{user}/work/")
+
+        server = await hub.server_model(user, "work")
+        assert server is not None and server["ready"], server
+        assert await hub.server_model(user) is None  # the default server was never started
+        await hub.stop_server(user, "work", remove=True)
+    except BaseException:
+        await shot.failure()
+        raise
+    finally:
+        await context.close()
+
+
+async def test_missing_image_shows_a_clear_error(browser, output_dir, mode, tmp_path):
+    """A hub whose image does not exist: the spawn page says so, without a traceback."""
+    if mode == "lxd":
+        broken = 'c.LxdSpawner.image = "no-such-image"'
+    else:
+        # What a spawner that explains its failures does (LxdSpawner should do the same):
+        # raise SpawnException, whose message JupyterHub shows. Any other exception that
+        # ends a spawn within a second gets "Unhandled error starting server" on the page.
+        broken = """
+from jupyterhub.spawner import SpawnException
+def _no_image(spawner):
+    raise SpawnException("image 'no-such-image' not found (local stand-in)", reason="image")
+c.Spawner.pre_spawn_hook = _no_image
+"""
+    hub_ip = DAEMON_HUB_IP if mode == "lxd" else "127.0.0.1"
+    async with running_hub(tmp_path, hub_config(broken), hub_ip=hub_ip) as hub:
+        context, page, shot = await new_page(browser, output_dir)
+        try:
+            await log_in(page, shot, hub, "e2e-broken")
+            # A spawn that fails within the hub's slow_spawn_timeout (10 s) gets the hub's
+            # error page at once; a slower failure shows on the progress page (red bar).
+            await page.wait_for_selector(
+                "#progress-bar.bg-danger, div.error", timeout=SPAWN_TIMEOUT_MS
+            )
+            if await page.locator("div.error").count():
+                message = (await page.inner_text("div.error")).strip()
+            else:
+                message = (await page.inner_text("#progress-message")).strip()
+            await shot("failed")
+            assert "no-such-image" in message, message
+            assert "Traceback" not in message and 'File "' not in message, message
+            assert "Unhandled error" not in message, message
+
+            # Reloading shows the hub's error page with the same message.
+            await page.goto(hub.public_url + "/hub/spawn")
+            body = await page.inner_text("body")
+            await shot("reloaded")
+            assert "no-such-image" in body and "Traceback" not in body, body
+            assert await hub.server_model("e2e-broken") is None
+        except BaseException:
+            await shot.failure()
+            raise
+        finally:
+            await context.close()
