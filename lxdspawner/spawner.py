@@ -17,6 +17,7 @@ import pwd
 import socket
 import stat
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -40,7 +41,7 @@ from traitlets import (
     validate,
 )
 
-from . import metrics, names, objects
+from . import metrics, names, objects, placement
 from .cache import InstanceCache
 from .lxd import LxdClient, LxdError, NotFound, Unreachable, image_source, ipv4_addresses
 
@@ -176,6 +177,25 @@ class LxdSpawner(Spawner):
         `{"node1": 2, "node2": 1}`; 0 means never. Ignored on a standalone daemon.
         """,
     )
+    placement_policy = AnyTrait(
+        None,
+        allow_none=True,
+        config=True,
+        help="""On a cluster: the function choosing the member for a new server, replacing the
+        default `lxdspawner.placement.weighted_least_loaded` (highest weight / (instances +
+        spawns in flight + 1), Online members only). Signature:
+        `policy(members: Sequence[Member], request: PlacementRequest) -> str` (a member name);
+        raise `lxdspawner.placement.NoMemberAvailable` to refuse. It runs in the hub's event
+        loop: it must be fast and must not block. Ignored on a standalone daemon.
+        """,
+    )
+    target = Unicode(
+        "",
+        config=True,
+        help="""On a cluster: where servers may go. A member name (`"node2"`) or a cluster
+        group (`"@gpu"`). Empty: any Online member. Ignored on a standalone daemon.
+        """,
+    )
     get_uid_gid = AnyTrait(
         _default_get_uid_gid,
         config=True,
@@ -257,6 +277,12 @@ class LxdSpawner(Spawner):
     def _check_get_uid_gid(self, proposal: dict) -> Callable:
         if not callable(proposal["value"]):
             raise TraitError(f"get_uid_gid = {proposal['value']!r}: must be a callable")
+        return proposal["value"]
+
+    @validate("placement_policy")
+    def _check_policy(self, proposal: dict) -> Callable | None:
+        if proposal["value"] is not None and not callable(proposal["value"]):
+            raise TraitError(f"placement_policy = {proposal['value']!r}: must be a callable")
         return proposal["value"]
 
     @validate("name_prefix")
@@ -371,6 +397,40 @@ class LxdSpawner(Spawner):
 
     def _target_instance_name(self) -> str:
         return names.instance_name(self.user.name, self.name or "", self.name_prefix)
+
+    #: Spawns placed on each member and not finished yet, per daemon: what LXD cannot know.
+    _in_flight: dict[tuple, Counter] = {}
+
+    async def _place(self, client: LxdClient, cache: InstanceCache) -> str | None:
+        """The cluster member for this server (None on a standalone daemon)."""
+        if client.dialect is None or not client.dialect.clustered:
+            if self.target:
+                self.log.warning(
+                    "target %r ignored: %s is not a cluster", self.target, client.where
+                )
+            return None
+        members = await client.cluster_members()
+        in_flight = self._in_flight.setdefault(self._endpoint_key(), Counter())
+        # From here to the increment there is no await: concurrent spawns see each other.
+        snapshot = placement.members_from_counts(
+            members, cache.count_by_location(), in_flight, self.host_weights
+        )
+        request = placement.PlacementRequest(
+            user=self.user.name, server_name=self.name or "", require=self.target or None
+        )
+        policy = self.placement_policy or placement.weighted_least_loaded
+        try:
+            chosen = policy(snapshot, request)
+        except placement.NoMemberAvailable as e:
+            raise SpawnError(e.message, reason="placement", status_code=503) from e
+        if chosen not in {m.name for m in snapshot}:
+            raise SpawnError(f"placement_policy chose {chosen!r}, which is not a cluster member")
+        in_flight[chosen] += 1
+        return chosen
+
+    def _landed(self, member: str | None) -> None:
+        if member:
+            self._in_flight.setdefault(self._endpoint_key(), Counter())[member] -= 1
 
     async def _resolve_uid_gid(self) -> tuple[int, int]:
         result = self.get_uid_gid(self)
@@ -539,7 +599,6 @@ class LxdSpawner(Spawner):
         client = await self.client()
         cache = await self.cache()
 
-        self._emit(f"Placing server {name}", 5)
         existing = await self._existing(client, name)
         if existing and (self.remove or existing.get("status") != "Stopped"):
             self._emit("Removing a leftover container of an earlier server", 8)
@@ -547,10 +606,14 @@ class LxdSpawner(Spawner):
             existing = None
 
         created = False
+        member = None
         try:
             if existing is None:
-                self._emit(f"Creating container {name} from image {self.image}", 10)
-                await self._step("create", self._create(client, spec))
+                member = await self._place(client, cache)
+                where = f" on {member}" if member else ""
+                self._emit(f"Placing server {name}{where}", 5)
+                self._emit(f"Creating container {name} from image {self.image}{where}", 10)
+                await self._step("create", self._create(client, spec, member))
                 created = True
             instance = await client.get_instance(name)
             self.member = instance.get("location") or ""
@@ -579,6 +642,8 @@ class LxdSpawner(Spawner):
         except BaseException:
             await self._cleanup_failed_start(client, name, created)
             raise
+        finally:
+            self._landed(member)
         if self.post_hub_commands:
             asyncio.ensure_future(self._run_post_hub_commands())
         self.log.info(
@@ -597,7 +662,9 @@ class LxdSpawner(Spawner):
         except NotFound:
             return None
 
-    async def _create(self, client: LxdClient, spec: objects.ServerSpec) -> None:
+    async def _create(
+        self, client: LxdClient, spec: objects.ServerSpec, member: str | None = None
+    ) -> None:
         def forward(metadata: dict) -> None:
             for key, value in metadata.items():
                 if key.endswith("_progress") and isinstance(value, str):
@@ -610,6 +677,7 @@ class LxdSpawner(Spawner):
                 profiles=spec.profiles,
                 config=objects.instance_config(spec),
                 devices=objects.instance_devices(spec),
+                target=member,
                 timeout=max(self.start_timeout, 60),
                 on_progress=forward,
             )
