@@ -424,3 +424,29 @@ c.Spawner.poll_interval = 1
         assert "lxdspawner_spawn_step_seconds_count" in after
         for user in ("pat", "quinn"):
             assert (await hub.server_model(user))["ready"]
+
+
+@pytest.mark.parametrize(
+    "script, expected",
+    [
+        ("echo warming up forever; exec sleep 600", "did not answer"),
+        ("echo the server broke >&2; exit 3", "exited while starting"),
+    ],
+    ids=["hangs", "crashes"],
+)
+async def test_a_server_that_does_not_come_up_shows_its_log(
+    tmp_path, prefix, incus, leftovers, script, expected
+):
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+c.Spawner.cmd = ["/bin/sh", "-c", {script!r}]
+c.Spawner.http_timeout = 8
+"""
+    async with running_hub(tmp_path, config) as hub:
+        with pytest.raises(SpawnFailed) as failed:
+            await hub.start_server("lou", timeout=90)
+        message = str(failed.value)
+        assert expected in message
+        assert script.split(";")[0].removeprefix("echo ").split(" >&2")[0] in message
+        assert await _instance_missing(incus, f"{prefix}-lou")
