@@ -354,10 +354,24 @@ c.Spawner.start_timeout = 120
     async with LxdClient(endpoint) as lxd:
         try:
             async with running_hub(tmp_path, config, hub_ip=LXD_HUB_IP) as hub:
-                server = await hub.start_server("henry", timeout=150)
-                status, _ = await hub.get_via_proxy(server["url"] + "api/status")
-                assert status == 200
-                await hub.stop_server("henry")
+                servers = await asyncio.gather(
+                    hub.start_server("henry", timeout=150), hub.start_server("hal", timeout=150)
+                )
+                for server in servers:
+                    status, _ = await hub.get_via_proxy(server["url"] + "api/status")
+                    assert status == 200
+                # On LXD, servers are copies of a base shifted once (no remap at each start);
+                # each copy still gets its own machine-id (and so its own DHCP identity).
+                bases = [
+                    i for i in await lxd.list_instances() if i["name"].startswith(f"{prefix}-base-")
+                ]
+                assert [b["status"] for b in bases] == ["Stopped"]
+                ids = {
+                    (await lxd.read_file(f"{prefix}-{u}", "/etc/machine-id")).strip()
+                    for u in ("henry", "hal")
+                }
+                assert len(ids) == 2 and b"" not in ids
+                await asyncio.gather(hub.stop_server("henry"), hub.stop_server("hal"))
 
                 spawn = asyncio.create_task(hub.start_server("ivy", timeout=150))
 
