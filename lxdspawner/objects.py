@@ -119,6 +119,12 @@ def expand_username_in_path(path: str, username: str) -> str:
 # -- inside the container -----------------------------------------------------------------
 
 
+# Inside double quotes in an EnvironmentFile=, and in a quoted word of an Exec line; the
+# Exec line also expands "%" specifiers and "$" variables, which must be doubled there.
+_ENV_FILE_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "$": "\\$", "`": "\\`", "\n": "\\n"})
+_EXEC_LINE_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "%": "%%", "$": "$$", "\n": "\\n"})
+
+
 def env_file(env: Mapping[str, str]) -> str:
     """A systemd ``EnvironmentFile=``: one ``KEY='value'`` per line, taken literally.
 
@@ -133,14 +139,7 @@ def env_file(env: Mapping[str, str]) -> str:
         if "'" not in value:
             lines.append(f"{key}='{value}'")
         else:
-            escaped = (
-                value.replace("\\", "\\\\")
-                .replace('"', '\\"')
-                .replace("$", "\\$")
-                .replace("`", "\\`")
-                .replace("\n", "\\n")
-            )
-            lines.append(f'{key}="{escaped}"')
+            lines.append(f'{key}="{value.translate(_ENV_FILE_ESCAPES)}"')
     return "\n".join(lines) + "\n"
 
 
@@ -151,14 +150,7 @@ def server_environment(spec: ServerSpec, hub_env: Mapping[str, str]) -> dict[str
 
 def systemd_quote(arg: str) -> str:
     """Quote one word of a unit's command line so systemd passes it on unchanged."""
-    escaped = (
-        arg.replace("\\", "\\\\")
-        .replace('"', '\\"')
-        .replace("%", "%%")
-        .replace("$", "$$")
-        .replace("\n", "\\n")
-    )
-    return f'"{escaped}"'
+    return f'"{arg.translate(_EXEC_LINE_ESCAPES)}"'
 
 
 def server_unit(

@@ -96,3 +96,15 @@ def host_dir():
 async def dump_instance(client: LxdClient, name: str) -> None:
     print(f"\n===== {name}: lxc.log =====\n{await client.instance_log(name)}")
     print(f"===== {name}: console =====\n{await client.console_log(name)}")
+
+
+async def remove_instances_named(client: LxdClient, prefix: str) -> None:
+    """Stop and delete every instance whose name starts with ``prefix``."""
+    for url in await client.list_instances(recursion=0):
+        name = url.rsplit("/", 1)[-1]
+        if name.startswith(prefix):
+            try:
+                await client.stop_instance(name, force=True)
+            except LxdError:
+                pass
+            await client.delete_instance(name)

@@ -17,7 +17,7 @@ from hubtools import LXD_HUB_IP, SpawnFailed, running_hub
 from lxdspawner.lxd import LxdClient, NotFound
 from lxdspawner.names import instance_name
 
-from .conftest import SOCKETS
+from .conftest import SOCKETS, remove_instances_named
 
 ALL_OPTIONS = """
 c.JupyterHub.spawner_class = "lxd"
@@ -58,14 +58,7 @@ async def incus():
 async def leftovers(incus, prefix):
     """Every instance this test's hub made is gone at the end, whatever happened."""
     yield
-    for inst in await incus.list_instances(recursion=0):
-        name = inst.rsplit("/", 1)[-1]
-        if name.startswith(prefix + "-"):
-            try:
-                await incus.stop_instance(name, force=True)
-            except Exception:
-                pass
-            await incus.delete_instance(name)
+    await remove_instances_named(incus, prefix + "-")
 
 
 def all_options(prefix: str, host_dir: Path, endpoint: str = "") -> str:
@@ -392,14 +385,7 @@ c.Spawner.start_timeout = 120
             _start_lxd()
             await lxd.close()
     async with LxdClient(endpoint) as lxd:
-        for inst in await lxd.list_instances(recursion=0):
-            name = inst.rsplit("/", 1)[-1]
-            if name.startswith(prefix + "-"):
-                try:
-                    await lxd.stop_instance(name, force=True)
-                except Exception:
-                    pass
-                await lxd.delete_instance(name)
+        await remove_instances_named(lxd, prefix + "-")
 
 
 def _stop_lxd() -> None:
