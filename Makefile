@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TEST_DAEMONS ?= incus lxd
 PYTEST_ARGS ?=
 
-.PHONY: test demo setup venv daemons images tools lint unit integration e2e clean-test-instances
+.PHONY: test demo setup venv daemons images tools lint unit integration e2e cluster cluster-down cluster-test
 
 test: setup lint
 	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" $(PY) -m pytest -ra $(PYTEST_ARGS)
@@ -52,7 +52,18 @@ unit: venv
 	$(PY) -m pytest -q tests/unit
 
 integration: setup
-	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" $(PY) -m pytest -ra -m integration
+	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" $(PY) -m pytest -ra -m "integration and not cluster"
 
 e2e: setup
 	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" $(PY) -m pytest -ra -m e2e
+
+# A three-member Incus cluster on this machine (network namespaces), for the cluster tests;
+# `make test` builds it and tears it down by itself.
+cluster: venv daemons images
+	scripts/cluster.sh up
+
+cluster-down:
+	scripts/cluster.sh down
+
+cluster-test: setup
+	$(PY) -m pytest -ra -m cluster

@@ -75,6 +75,8 @@ class InstanceCache:
         self.resync_interval = resync_interval
         self.quiet_timeout = quiet_timeout
         self._instances: dict[str, CachedInstance] = {}
+        # Kept with every change so placement reads it in O(members), not O(instances).
+        self._counts: Counter = Counter()
         self._healthy = False
         self._last_message = 0.0
         self._task: asyncio.Task | None = None
@@ -95,19 +97,30 @@ class InstanceCache:
         return list(self._instances.values())
 
     def count_by_location(self) -> Counter:
-        return Counter(i.location for i in self._instances.values())
+        """Our instances per cluster member (a copy)."""
+        return +self._counts
+
+    def _put(self, entry: CachedInstance) -> None:
+        self._drop(entry.name)
+        self._instances[entry.name] = entry
+        self._counts[entry.location] += 1
+
+    def _drop(self, name: str) -> None:
+        old = self._instances.pop(name, None)
+        if old is not None:
+            self._counts[old.location] -= 1
 
     # -- writing (what a spawner just did, before its event arrives) --------------------------
 
     def note(self, name: str, *, status: str | None = None, deleted: bool = False) -> None:
         if deleted:
-            self._instances.pop(name, None)
+            self._drop(name)
         elif status and name in self._instances:
-            self._instances[name] = replace(self._instances[name], status=status)
+            self._put(replace(self._instances[name], status=status))
 
     def note_instance(self, instance: dict) -> None:
         if _is_ours(instance):
-            self._instances[instance["name"]] = _from_api(instance)
+            self._put(_from_api(instance))
 
     # -- running ----------------------------------------------------------------------------
 
@@ -128,6 +141,7 @@ class InstanceCache:
         """Replace the view with a fresh list of our instances (one request)."""
         listed = await self.client.list_instances(recursion=1)
         self._instances = {i["name"]: _from_api(i) for i in listed if _is_ours(i)}
+        self._counts = Counter(i.location for i in self._instances.values())
         self._synced.set()
         async with self._changed:
             self._changed.notify_all()
@@ -193,9 +207,9 @@ class InstanceCache:
             return
         name = source.rsplit("/", 1)[-1]
         if action == "instance-deleted":
-            self._instances.pop(name, None)
+            self._drop(name)
         elif action in _STATUS_AFTER and name in self._instances:
-            self._instances[name] = replace(self._instances[name], status=_STATUS_AFTER[action])
+            self._put(replace(self._instances[name], status=_STATUS_AFTER[action]))
         elif action in ("instance-created", "instance-updated", "instance-renamed") or (
             action in _STATUS_AFTER and name not in self._instances
         ):
@@ -203,11 +217,11 @@ class InstanceCache:
             try:
                 self.note_instance(await self.client.get_instance(name))
             except NotFound:
-                self._instances.pop(name, None)
+                self._drop(name)
             if action == "instance-renamed":
                 old = (meta.get("context") or {}).get("old_name")
                 if old:
-                    self._instances.pop(old, None)
+                    self._drop(old)
         else:
             return
         async with self._changed:

@@ -423,6 +423,11 @@ class LxdSpawner(Spawner):
                 )
             return None
         members = await client.cluster_members()
+        now = time.monotonic()
+        for m in members:
+            until = self._suspects.get((self._endpoint_key(), m.get("server_name")), 0)
+            if until > now and m.get("status") == placement.ONLINE:
+                m["status"] = f"Unreachable (a spawn on it failed {30 - (until - now):.0f} s ago)"
         in_flight = self._in_flight.setdefault(self._endpoint_key(), Counter())
         # From here to the increment there is no await: concurrent spawns see each other.
         snapshot = placement.members_from_counts(
@@ -604,15 +609,14 @@ class LxdSpawner(Spawner):
     async def _start(self) -> tuple[str, int]:
         self.port = self.server_port
         self.ip = "0.0.0.0"  # noqa: S104 - inside the container; only the bridge reaches it
-        self.instance_name = self._target_instance_name()
-        name = self.instance_name
         uid, gid = await self._resolve_uid_gid()
-        spec = self._spec(uid, gid)
         files = await self._read_files_to_push()
         client = await self.client()
         cache = await self.cache()
+        name, existing = await self._usable_name(client)
+        self.instance_name = name
+        spec = self._spec(uid, gid)
 
-        existing = await self._existing(client, name)
         if existing and (self.remove or existing.get("status") != "Stopped"):
             self._emit("Removing a leftover container of an earlier server", 8)
             await self._force_delete(client, name)
@@ -652,8 +656,19 @@ class LxdSpawner(Spawner):
                     raise SpawnError(f"could not start the server's unit: {result.output}")
             self._emit(f"Waiting for the server at {ip}:{self.port}", 80)
             await self._step("server", self._wait_http(client, name, ip))
-        except BaseException:
+        except BaseException as e:
             await self._cleanup_failed_start(client, name, created)
+            cause = e if isinstance(e, LxdError) else e.__cause__
+            if member and isinstance(cause, LxdError):
+                # The member itself may be failing (LXD notices only after a heartbeat or
+                # two): leave it out of placement for a while, so a retry goes elsewhere.
+                self._suspects[(self._endpoint_key(), member)] = time.monotonic() + 30
+                raise SpawnError(
+                    f"cluster member {member} failed during the spawn of {name}: "
+                    f"{cause.message}. It is left out of placement for 30 s: start again.",
+                    reason="member",
+                    status_code=503,
+                ) from e
             raise
         finally:
             self._landed(member)
@@ -674,6 +689,53 @@ class LxdSpawner(Spawner):
             return await client.get_instance(name)
         except NotFound:
             return None
+
+    async def _usable_name(self, client: LxdClient) -> tuple[str, dict | None]:
+        """The container's name, and the container if it exists.
+
+        On a cluster, the usual name may be held by a container on a member that is down
+        (left by a spawn that member broke off): then the server gets an alternative name,
+        and the leftover is deleted once its member is back.
+        """
+        name = self._target_instance_name()
+        key = self._endpoint_key()
+        if name not in self._orphans.get(key, set()):
+            try:
+                return name, await self._existing(client, name)
+            except LxdError as e:
+                if client.dialect is None or not client.dialect.clustered:
+                    raise
+                self.log.warning("%s is unavailable (%s): using another name", name, e.message)
+                self._remember_orphan(client, name)
+        alternative = names.instance_name(
+            self.user.name, (self.name or "") + "\0alternative", self.name_prefix
+        )
+        return alternative, await self._existing(client, alternative)
+
+    # Containers that could not be deleted because their member was down, per daemon.
+    _orphans: dict[tuple, set[str]] = {}
+    _reapers: dict[tuple, asyncio.Task] = {}
+    _suspects: dict[tuple, float] = {}
+
+    def _remember_orphan(self, client: LxdClient, name: str) -> None:
+        key = self._endpoint_key()
+        self._orphans.setdefault(key, set()).add(name)
+        reaper = self._reapers.get(key)
+        if reaper is None or reaper.done():
+            self._reapers[key] = asyncio.ensure_future(self._reap(client, key))
+
+    async def _reap(self, client: LxdClient, key: tuple, interval: float = 5.0) -> None:
+        """Delete leftover containers once their member answers again."""
+        orphans = self._orphans[key]
+        while orphans:
+            await asyncio.sleep(interval)
+            for name in list(orphans):
+                try:
+                    await self._force_delete(client, name)
+                except LxdError:
+                    continue  # still unreachable: next round
+                orphans.discard(name)
+                self.log.info("deleted %s, left behind when its cluster member failed", name)
 
     async def _create(
         self, client: LxdClient, spec: objects.ServerSpec, member: str | None = None
@@ -947,6 +1009,8 @@ class LxdSpawner(Spawner):
                 await client.stop_instance(name, force=True)
         except LxdError as e:
             self.log.warning("cleanup after failed spawn of %s: %s", name, e.message)
+            if (self.remove or created) and client.dialect and client.dialect.clustered:
+                self._remember_orphan(client, name)
 
     async def _force_delete(self, client: LxdClient, name: str) -> None:
         try:

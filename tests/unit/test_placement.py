@@ -331,3 +331,21 @@ def test_bursts_follow_weights(members, n):
             score_when_chosen = m.weight / m.load
             others = [o.score for o in final.values() if o.name != m.name]
             assert all(score_when_chosen >= s - 1e-12 for s in others)
+
+
+def test_cache_counts_stay_right_through_changes():
+    """The shared cache keeps per-member counts as instances come, move state and go."""
+    from lxdspawner.cache import InstanceCache
+
+    cache = InstanceCache(client=None)
+    ours = {"user.jupyterhub.managed-by": "lxdspawner"}
+    for i, member in enumerate(["m1", "m1", "m2"]):
+        cache.note_instance(
+            {"name": f"i{i}", "location": member, "status": "Running", "config": ours}
+        )
+    cache.note_instance({"name": "theirs", "location": "m2", "status": "Running", "config": {}})
+    cache.note("i0", status="Stopped")
+    assert cache.count_by_location() == {"m1": 2, "m2": 1}
+    cache.note("i1", deleted=True)
+    cache.note("i2", deleted=True)
+    assert cache.count_by_location() == {"m1": 1}

@@ -1,0 +1,209 @@
+"""The client and placement against a real three-member cluster, over HTTPS as the hub uses it.
+
+What the spawner relies on: members and their status, an explicit target is obeyed, a
+container on any member is reachable from the hub and reaches the hub, a stopped member is
+reported offline (and placement then skips it), and a group target works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+import uuid
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from lxdspawner.lxd import LxdClient, LxdError, image_source
+from lxdspawner.objects import KEY_MANAGED, KEY_USER, MANAGED_BY
+from lxdspawner.placement import PlacementRequest, members_from_api, weighted_least_loaded
+
+from .conftest import (
+    HUB_IP,
+    SUBNET,
+    TINY_IMAGE,
+    start_member,
+    stop_member,
+    wait_for_ipv4,
+    wait_for_status,
+)
+
+TINY = image_source(TINY_IMAGE)
+
+
+async def test_three_members_online_each_at_its_address(cl, cluster):
+    members = await cl.cluster_members()
+    assert {m["server_name"]: m["status"] for m in members} == {
+        name: "Online" for name in cluster.members
+    }
+    assert {m["server_name"]: m["url"] for m in members} == {
+        f"member{i}": f"https://10.117.50.1{i}:8443" for i in (1, 2, 3)
+    }
+    assert cl.dialect.product == "incus"
+
+
+async def test_explicit_target_is_obeyed(cl, cluster, cluster_instances):
+    names = {member: cluster_instances(member) for member in cluster.members}
+    await asyncio.gather(
+        *(cl.create_instance(n, source=TINY, target=m, start=True) for m, n in names.items())
+    )
+    for member, name in names.items():
+        instance = await cl.get_instance(name)
+        assert instance["location"] == member
+        assert instance["status"] == "Running"
+
+
+async def test_hub_and_containers_reach_each_other_on_every_member(cl, cluster, cluster_instances):
+    # A stand-in for the hub's API, on the hub's address.
+    async def hello(request):
+        return web.Response(text=f"hub answers {request.remote}")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, HUB_IP, 0)
+    await site.start()
+    hub_port = site._server.sockets[0].getsockname()[1]
+    try:
+        names = {member: cluster_instances(member) for member in cluster.members}
+        await asyncio.gather(
+            *(cl.create_instance(n, source=TINY, target=m, start=True) for m, n in names.items())
+        )
+        async with aiohttp.ClientSession(trust_env=False) as http:
+            for member, name in names.items():
+                address = await wait_for_ipv4(cl, name)
+                assert ipaddress.ip_address(address) in ipaddress.ip_network(SUBNET)
+                # hub -> container: busybox httpd in the container, fetched from the host.
+                await cl.make_directory(name, "/www")
+                await cl.push_file(name, "/www/index.html", f"served on {member}\n")
+                result = await cl.exec(name, ["httpd", "-p", "8080", "-h", "/www"])
+                assert result.exit_code == 0, result.output
+                async with http.get(
+                    f"http://{address}:8080/", timeout=aiohttp.ClientTimeout(total=10)
+                ) as r:
+                    assert r.status == 200
+                    assert await r.text() == f"served on {member}\n"
+                # container -> hub, from the address the hub sees.
+                result = await cl.exec(name, ["wget", "-qO-", f"http://{HUB_IP}:{hub_port}/"])
+                assert result.exit_code == 0, result.output
+                assert result.stdout == f"hub answers {address}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_containers_reach_nothing_beyond_the_segment(cl, cluster, cluster_instances):
+    name = cluster_instances("isolated")
+    await cl.create_instance(name, source=TINY, target="member2", start=True)
+    await wait_for_ipv4(cl, name)
+    result = await cl.exec(name, ["ip", "route"])
+    assert "default" not in result.stdout, result.stdout
+    result = await cl.exec(name, ["ping", "-c", "1", "-W", "1", "192.0.2.1"])
+    assert result.exit_code != 0
+
+
+async def test_placement_from_the_real_answers(cl, cluster, cluster_instances):
+    async def snapshot():
+        return members_from_api(await cl.cluster_members(), await cl.list_instances(), {}, {})
+
+    before = {m.name: m.instances for m in await snapshot()}
+    ours = [cluster_instances("ours"), cluster_instances("ours")]
+    foreign = cluster_instances("foreign")
+    managed = {KEY_MANAGED: MANAGED_BY, KEY_USER: "alice"}
+    await asyncio.gather(
+        *(cl.create_instance(n, source=TINY, target="member1", config=managed) for n in ours),
+        cl.create_instance(foreign, source=TINY, target="member2"),
+    )
+    members = await snapshot()
+    after = {m.name: m.instances for m in members}
+    assert after == {
+        "member1": before["member1"] + 2,
+        "member2": before["member2"],
+        "member3": before["member3"],
+    }
+    assert all(m.status == "Online" and m.groups == ("default",) for m in members)
+    # A burst of 6 on top of that snapshot goes where the load is lowest.
+    chosen = weighted_least_loaded(members, PlacementRequest("bob", ""))
+    assert chosen == min(after, key=lambda name: (after[name], name))
+
+
+async def test_group_target(cl, cluster, cluster_instances):
+    group = "lxdsp-pair"
+    try:
+        await cl.request(
+            "POST",
+            "/1.0/cluster/groups",
+            json_body={"name": group, "description": "", "members": ["member2", "member3"]},
+        )
+        members = members_from_api(await cl.cluster_members(), await cl.list_instances(), {}, {})
+        assert {m.name for m in members if group in m.groups} == {"member2", "member3"}
+        chosen = weighted_least_loaded(members, PlacementRequest("u", "", require=f"@{group}"))
+        assert chosen in ("member2", "member3")
+        # LXD itself accepts the "@group" target the spawner passes through.
+        name = cluster_instances("group")
+        await cl.create_instance(name, source=TINY, target=f"@{group}")
+        assert (await cl.get_instance(name))["location"] in ("member2", "member3")
+    finally:
+        for attempt in range(2):
+            try:
+                await cl.request("PUT", f"/1.0/cluster/groups/{group}", json_body={"members": []})
+                await cl.request("DELETE", f"/1.0/cluster/groups/{group}")
+                break
+            except LxdError:
+                if attempt:
+                    raise
+
+
+async def test_stopped_member_goes_offline_and_is_skipped(cl, cluster, cluster_instances):
+    loop = asyncio.get_running_loop()
+    keep = cluster_instances("survivor")
+    await cl.create_instance(keep, source=TINY, target="member3", start=True)
+    address = await wait_for_ipv4(cl, keep)
+    await cl.make_directory(keep, "/www")
+    await cl.push_file(keep, "/www/index.html", "still here\n")
+    await cl.exec(keep, ["httpd", "-p", "8080", "-h", "/www"])
+
+    await loop.run_in_executor(None, stop_member, 3)
+    try:
+        took = await wait_for_status(cl, "member3", want_online=False, timeout=60)
+        print(f"member3 reported not Online {took:.1f} s after its daemon stopped")
+        members = members_from_api(await cl.cluster_members(), await cl.list_instances(), {}, {})
+        assert {m.name: m.status for m in members}["member3"] == "Offline"
+        for i in range(20):
+            assert weighted_least_loaded(members, PlacementRequest(f"u{i}", "")) != "member3"
+        # Creating on it anyway fails, quickly and saying so.
+        t0 = time.monotonic()
+        with pytest.raises(LxdError) as e:
+            await cl.create_instance(cluster_instances("nowhere"), source=TINY, target="member3")
+        print(f"create on the offline member failed in {time.monotonic() - t0:.1f} s: {e.value}")
+        assert time.monotonic() - t0 < 30
+        # Its container keeps running: the daemon is gone, not the machine.
+        async with aiohttp.ClientSession(trust_env=False) as http:
+            async with http.get(
+                f"http://{address}:8080/", timeout=aiohttp.ClientTimeout(total=10)
+            ) as r:
+                assert await r.text() == "still here\n"
+    finally:
+        await loop.run_in_executor(None, start_member, 3)
+    await wait_for_status(cl, "member3", want_online=True, timeout=60)
+    assert (await cl.get_instance(keep))["status"] == "Running"
+
+
+async def test_the_standalone_incus_keeps_working(cluster):
+    """The members share the host with the standalone Incus of the other tests: its socket,
+    containers and bridge (lxdspbr0, 10.117.40.0/24) must be unaffected."""
+    socket = "/var/lib/incus/unix.socket"
+    async with LxdClient(f"unix://{socket}") as local:
+        assert await local.cluster_members() == []
+        name = f"lxdsp-clu-standalone-{uuid.uuid4().hex[:8]}"
+        try:
+            await local.create_instance(name, source=TINY, start=True)
+            address = await wait_for_ipv4(local, name)
+            assert ipaddress.ip_address(address) in ipaddress.ip_network("10.117.40.0/24")
+        finally:
+            try:
+                await local.stop_instance(name, force=True)
+            finally:
+                await local.delete_instance(name)

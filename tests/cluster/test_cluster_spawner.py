@@ -1,0 +1,276 @@
+"""The spawner on a real three-member cluster, through a real JupyterHub and proxy.
+
+The hub runs on the host, binds its API on the cluster segment's host address
+(10.117.50.1) and talks to the cluster over HTTPS (member1's address, pinned certificate),
+as a production hub would. Servers land where the placement policy says; a burst of
+concurrent spawns spreads; weights hold; an offline member is skipped; a member lost just
+before a spawn gives a clean failure and a working retry; a hub restart finds the servers on
+every member.
+
+Time: each jupyter-base server costs a few CPU seconds to start, and this machine has two
+cores, so the burst dominates the module's run time (printed by each test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+
+import pytest
+from hubtools import SpawnFailed, instance_diagnostics, running_hub
+
+from lxdspawner.objects import KEY_MANAGED, KEY_USER, MANAGED_BY
+
+from .conftest import BASE_IMAGE, CLUSTER_CLI, HUB_IP, start_member, stop_member, wait_for_status
+
+BURST = int(os.environ.get("LXDSPAWNER_CLUSTER_BURST", "30"))
+WEIGHTED_BURST = int(os.environ.get("LXDSPAWNER_CLUSTER_WEIGHTED_BURST", "12"))
+MEMBERS = ("member1", "member2", "member3")
+
+
+def hub_config(cluster, extra: str = "") -> str:
+    return (
+        'c.JupyterHub.spawner_class = "lxd"\n'
+        f"c.LxdSpawner.image = {BASE_IMAGE!r}\n"
+        + cluster.spawner_config()
+        # Two cores for thirty servers: give each plenty of time.
+        + "c.Spawner.start_timeout = 300\n"
+        "c.Spawner.http_timeout = 300\n"
+        "c.JupyterHub.concurrent_spawn_limit = 100\n" + extra
+    )
+
+
+async def locations(cl, users) -> dict[str, str]:
+    """user -> member of their instance, as the cluster reports it."""
+    wanted = set(users)
+    where: dict[str, str] = {}
+    for inst in await cl.list_instances():
+        config = inst.get("config") or {}
+        if config.get(KEY_MANAGED) == MANAGED_BY and config.get(KEY_USER) in wanted:
+            assert config[KEY_USER] not in where, f"two instances for {config[KEY_USER]}"
+            where[config[KEY_USER]] = inst["location"]
+    return where
+
+
+def with_diagnostics(hub, prefix: str) -> None:
+    hub.diagnostics = lambda: instance_diagnostics(prefix, cli=CLUSTER_CLI)
+
+
+async def start_all(hub, users, timeout=420) -> float:
+    t0 = time.monotonic()
+    results = await asyncio.gather(
+        *(hub.start_server(u, timeout=timeout) for u in users), return_exceptions=True
+    )
+    failures = {u: r for u, r in zip(users, results, strict=True) if isinstance(r, BaseException)}
+    assert not failures, f"{len(failures)} of {len(users)} spawns failed: {failures}"
+    return time.monotonic() - t0
+
+
+async def test_burst_spreads_evenly_and_a_hub_restart_finds_every_server(cluster, cl, tmp_path):
+    users = [f"cb{i:02d}" for i in range(BURST)]
+    async with running_hub(
+        tmp_path, config=hub_config(cluster), hub_ip=HUB_IP, cleanup_servers=False
+    ) as hub:
+        with_diagnostics(hub, "jupyter-cb")
+        took = await start_all(hub, users)
+        where = await locations(cl, users)
+        counts = Counter(where.values())
+        spread = dict(sorted(counts.items()))
+        print(f"{BURST} concurrent spawns ready in {took:.1f} s; spread {spread}")
+        assert set(where) == set(users)
+        assert set(counts) == set(MEMBERS)
+        assert max(counts.values()) - min(counts.values()) <= 2  # 10/10/10 +-1
+        assert all(abs(n - BURST / 3) <= 1 for n in counts.values()), counts
+
+        # The spawner's state records the member (the hub shows state to admins).
+        for user in users:
+            server = await hub.server_model(user)
+            assert server["ready"]
+            if "state" in server:
+                assert server["state"].get("member") == where[user], server["state"]
+
+        # A hub restart finds every server again, on every member, and they stay reachable.
+        t0 = time.monotonic()
+        await hub.restart()
+        print(f"hub restart with {BURST} servers: {time.monotonic() - t0:.1f} s")
+        for user in users:
+            server = await hub.server_model(user)
+            assert server is not None and server["ready"], (user, server)
+        for member in MEMBERS:
+            user = next(u for u in users if where[u] == member)
+            server = await hub.server_model(user)
+            status, body = await hub.get_via_proxy(server["url"] + "api/status")
+            assert status == 200, (member, user, status, body[:300])
+        t0 = time.monotonic()
+        await hub.stop_all_servers(timeout=300)
+        print(f"stopping {BURST} servers: {time.monotonic() - t0:.1f} s")
+    assert await locations(cl, users) == {}
+
+
+async def test_weights_2_1_1(cluster, cl, tmp_path):
+    users = [f"cw{i:02d}" for i in range(WEIGHTED_BURST)]
+    extra = 'c.LxdSpawner.host_weights = {"member1": 2, "member2": 1, "member3": 1}\n'
+    async with running_hub(tmp_path, config=hub_config(cluster, extra), hub_ip=HUB_IP) as hub:
+        with_diagnostics(hub, "jupyter-cw")
+        took = await start_all(hub, users)
+        counts = Counter((await locations(cl, users)).values())
+        print(f"{WEIGHTED_BURST} spawns with weights 2:1:1 in {took:.1f} s: {dict(counts)}")
+        n = WEIGHTED_BURST
+        assert abs(counts["member1"] - n / 2) <= 1, counts
+        assert abs(counts["member2"] - n / 4) <= 1, counts
+        assert abs(counts["member3"] - n / 4) <= 1, counts
+
+
+async def test_weight_zero_and_target_group(cluster, cl, tmp_path):
+    """host_weights 0 keeps a member empty; target "@group" keeps servers in the group."""
+    group = "lxdsp-spawn"
+    await cl.request(
+        "POST",
+        "/1.0/cluster/groups",
+        json_body={"name": group, "description": "", "members": ["member1", "member2"]},
+    )
+    try:
+        extra = f'c.LxdSpawner.host_weights = {{"member1": 0}}\nc.LxdSpawner.target = "@{group}"\n'
+        users = ["cg0", "cg1", "cg2"]
+        async with running_hub(tmp_path, config=hub_config(cluster, extra), hub_ip=HUB_IP) as hub:
+            with_diagnostics(hub, "jupyter-cg")
+            await start_all(hub, users)
+            assert set((await locations(cl, users)).values()) == {"member2"}
+    finally:
+        await cl.request("PUT", f"/1.0/cluster/groups/{group}", json_body={"members": []})
+        await cl.request("DELETE", f"/1.0/cluster/groups/{group}")
+
+
+async def test_offline_member_is_skipped_and_the_hub_keeps_serving(cluster, cl, tmp_path):
+    loop = asyncio.get_running_loop()
+    first = ["co0", "co1", "co2"]
+    more = ["co3", "co4", "co5", "co6"]
+    async with running_hub(tmp_path, config=hub_config(cluster), hub_ip=HUB_IP) as hub:
+        with_diagnostics(hub, "jupyter-co")
+        await start_all(hub, first)
+        where = await locations(cl, first)
+        assert sorted(where.values()) == list(MEMBERS)  # one each
+        on_member3 = next(u for u in first if where[u] == "member3")
+
+        await loop.run_in_executor(None, stop_member, 3)
+        try:
+            took = await wait_for_status(cl, "member3", want_online=False)
+            print(f"member3 offline after {took:.1f} s")
+            await start_all(hub, more)
+            placed = await locations(cl, more)
+            print(f"spawns while member3 is offline: {placed}")
+            assert "member3" not in placed.values()
+            # The other users' servers keep answering through the hub's proxy.
+            for user in first + more:
+                if user == on_member3:
+                    continue
+                server = await hub.server_model(user)
+                status, _ = await hub.get_via_proxy(server["url"] + "api/status")
+                assert status == 200, user
+            # What the hub believes of the server on the offline member (its container
+            # still runs; only its daemon is gone).
+            print(f"{on_member3} (on member3) per the hub: {await hub.server_model(on_member3)}")
+        finally:
+            await loop.run_in_executor(None, start_member, 3)
+
+
+POLICY = """
+from lxdspawner.placement import weighted_least_loaded
+
+def prefer_member3(members, request):
+    # An operator's policy: member3 while the cluster says it is Online, else the default.
+    if any(m.name == "member3" and m.status == "Online" for m in members):
+        return "member3"
+    return weighted_least_loaded(members, request)
+
+c.LxdSpawner.placement_policy = prefer_member3
+"""
+
+
+async def test_member_lost_before_the_spawn_reaches_it(cluster, cl, tmp_path):
+    """member3 crashes; the cluster still calls it Online for a few seconds, the policy picks
+    it: the spawn must fail quickly with a message naming it, leave nothing behind, and a
+    retry must work."""
+    loop = asyncio.get_running_loop()
+    async with running_hub(tmp_path, config=hub_config(cluster, POLICY), hub_ip=HUB_IP) as hub:
+        with_diagnostics(hub, "jupyter-cm")
+        await hub.start_server("cm0")
+        assert await locations(cl, ["cm0"]) == {"cm0": "member3"}  # the policy is used
+
+        await loop.run_in_executor(None, lambda: stop_member(3, kill=True))
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(SpawnFailed) as e:
+                await hub.start_server("cm1", timeout=120)
+            took = time.monotonic() - t0
+            print(f"spawn on the lost member failed in {took:.1f} s: {e.value.message}")
+            assert took < 60
+            assert "member3" in e.value.message or "10.117.50.13" in e.value.message
+            # Retry at once: it must not stay stuck on the lost member.
+            t0 = time.monotonic()
+            await hub.start_server("cm1", timeout=300)
+            print(f"retry succeeded in {time.monotonic() - t0:.1f} s")
+            assert (await locations(cl, ["cm1"]))["cm1"] != "member3"
+        finally:
+            await loop.run_in_executor(None, start_member, 3)
+        # Nothing half-created on member3 now that it is back: cm1 has one instance, elsewhere.
+        where = await locations(cl, ["cm0", "cm1"])
+        assert where["cm0"] == "member3"
+        assert where["cm1"] != "member3"
+
+
+async def test_member_lost_during_a_spawn(cluster, cl, tmp_path):
+    """member3 crashes while a spawn on it is preparing (the container exists and runs there):
+    the spawn must fail within a bounded time, a retry must work, and once member3 is back
+    nothing of the failed spawn may remain on it."""
+    loop = asyncio.get_running_loop()
+    # A preparation step long enough to kill the member in the middle of it.
+    extra = POLICY + 'c.LxdSpawner.commands_to_prepare = ["sleep 8"]\n'
+    async with running_hub(tmp_path, config=hub_config(cluster, extra), hub_ip=HUB_IP) as hub:
+        with_diagnostics(hub, "jupyter-cd")
+        spawn = asyncio.create_task(hub.start_server("cd0", timeout=180))
+        deadline = time.monotonic() + 120
+        while True:  # until the container runs on member3
+            running = [
+                i
+                for i in await cl.list_instances()
+                if (i.get("config") or {}).get(KEY_USER) == "cd0" and i["status"] == "Running"
+            ]
+            if running:
+                break
+            if spawn.done():
+                await spawn  # raises the spawn's own failure
+                raise AssertionError("the spawn finished before its container was seen running")
+            assert time.monotonic() < deadline, "cd0's container never ran"
+            await asyncio.sleep(0.2)
+        assert running[0]["location"] == "member3"
+        await asyncio.sleep(1)
+        await loop.run_in_executor(None, lambda: stop_member(3, kill=True))
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(SpawnFailed) as e:
+                await spawn
+            took = time.monotonic() - t0
+            print(f"spawn failed {took:.1f} s after its member died: {e.value.message}")
+            assert took < 90
+            assert "member3" in e.value.message or "10.117.50.13" in e.value.message
+            t0 = time.monotonic()
+            await hub.start_server("cd0", timeout=300)
+            print(f"retry succeeded in {time.monotonic() - t0:.1f} s")
+            assert (await locations(cl, ["cd0"]))["cd0"] != "member3"
+        finally:
+            await loop.run_in_executor(None, start_member, 3)
+        # Once member3 is back, the half-made container there goes (within a minute).
+        deadline = time.monotonic() + 60
+        while True:
+            on_member3 = [
+                i["name"]
+                for i in await cl.list_instances()
+                if (i.get("config") or {}).get(KEY_USER) == "cd0" and i["location"] == "member3"
+            ]
+            if not on_member3:
+                break
+            assert time.monotonic() < deadline, f"left on member3: {on_member3}"
+            await asyncio.sleep(1)
