@@ -4,7 +4,9 @@ Every spawner of the hub reads it, so ``poll()`` of hundreds of users costs no A
 the cache lists our instances once (those carrying ``user.jupyterhub.managed-by``), then
 follows the ``/1.0/events`` websocket. It relists periodically, after every reconnect (a
 daemon restart drops the stream: what happened meanwhile is only in a fresh list) and after
-any error, and restarts a stream that has gone quiet for too long.
+any error, and restarts a stream that has gone quiet for too long. On a cluster it also reads
+the members' status every ``member_interval`` seconds (one request for the whole hub), so
+servers on a member that went offline are known.
 
 It is a view, not the truth: callers that see something other than what they expect (a
 server they believe running shown as stopped or missing) confirm with one direct request.
@@ -70,10 +72,13 @@ class InstanceCache:
         *,
         resync_interval: float = 300.0,
         quiet_timeout: float = 600.0,
+        member_interval: float = 10.0,
     ):
         self.client = client
         self.resync_interval = resync_interval
         self.quiet_timeout = quiet_timeout
+        self.member_interval = member_interval
+        self._member_status: dict[str, str] = {}
         self._instances: dict[str, CachedInstance] = {}
         # Kept with every change so placement reads it in O(members), not O(instances).
         self._counts: Counter = Counter()
@@ -109,6 +114,17 @@ class InstanceCache:
         old = self._instances.pop(name, None)
         if old is not None:
             self._counts[old.location] -= 1
+
+    def member_down(self, member: str) -> bool:
+        """True when the cluster reports ``member`` neither Online nor Evacuated (Offline,
+        unreachable, ...): its containers may run, but nothing reaches their daemon."""
+        status = self._member_status.get(member)
+        return status is not None and status not in ("Online", "Evacuated")
+
+    async def refresh_members(self) -> None:
+        """Cluster members' status: one request for the whole hub, every member_interval."""
+        members = await self.client.cluster_members()
+        self._member_status = {m.get("server_name", ""): m.get("status", "") for m in members}
 
     # -- writing (what a spawner just did, before its event arrives) --------------------------
 
@@ -178,8 +194,16 @@ class InstanceCache:
             self._last_message = time.monotonic()
             last_resync = time.monotonic()
             pending = asyncio.ensure_future(iterator.__anext__())
+            clustered = self.client.dialect is not None and self.client.dialect.clustered
+            last_members = 0.0
             while True:
+                now = time.monotonic()
+                if clustered and now - last_members >= self.member_interval:
+                    await self.refresh_members()
+                    last_members = now
                 timeout = min(self.resync_interval, self.quiet_timeout)
+                if clustered:
+                    timeout = min(timeout, self.member_interval)
                 done, _ = await asyncio.wait({pending}, timeout=timeout)
                 now = time.monotonic()
                 if done:

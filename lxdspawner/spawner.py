@@ -1030,7 +1030,17 @@ class LxdSpawner(Spawner):
             cache = await self.cache()
             cached = cache.get(self.instance_name) if cache.healthy else None
             if cached is not None and cached.status in RUNNING_STATES:
-                return None
+                if not cache.member_down(cached.location):
+                    return None
+                # Its member is offline: nobody can reach the server. Report it stopped, so
+                # the user can start again elsewhere; the container goes once it is back.
+                self.log.warning(
+                    "%s: cluster member %s is offline; reporting the server stopped",
+                    self._log_name,
+                    cached.location,
+                )
+                self._remember_orphan(await self.client(), self.instance_name)
+                return 0
             client = await self.client()
             instance = await client.get_instance(self.instance_name)
         except NotFound:

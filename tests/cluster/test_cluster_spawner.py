@@ -38,7 +38,8 @@ def hub_config(cluster, extra: str = "") -> str:
         # Two cores for thirty servers: give each plenty of time.
         + "c.Spawner.start_timeout = 300\n"
         "c.Spawner.http_timeout = 300\n"
-        "c.JupyterHub.concurrent_spawn_limit = 100\n" + extra
+        "c.JupyterHub.concurrent_spawn_limit = 100\n"
+        "c.Spawner.poll_interval = 5\n" + extra
     )
 
 
@@ -169,11 +170,25 @@ async def test_offline_member_is_skipped_and_the_hub_keeps_serving(cluster, cl, 
                 server = await hub.server_model(user)
                 status, _ = await hub.get_via_proxy(server["url"] + "api/status")
                 assert status == 200, user
-            # What the hub believes of the server on the offline member (its container
-            # still runs; only its daemon is gone).
-            print(f"{on_member3} (on member3) per the hub: {await hub.server_model(on_member3)}")
+            # The server on the offline member cannot be reached: poll() reports it stopped
+            # (within the cache's member refresh and a poll interval), and the user can start
+            # again at once, elsewhere.
+            deadline = time.monotonic() + 60
+            while await hub.server_model(on_member3) is not None:
+                assert time.monotonic() < deadline, "the hub still lists the unreachable server"
+                await asyncio.sleep(1)
+            await hub.start_server(on_member3, timeout=300)
+            assert (await locations(cl, [on_member3]))[on_member3] != "member3"
         finally:
             await loop.run_in_executor(None, start_member, 3)
+        # Back online, member3 loses the stranded container (it was reported stopped).
+        deadline = time.monotonic() + 60
+        while any(
+            i["location"] == "member3" and (i.get("config") or {}).get(KEY_USER) == on_member3
+            for i in await cl.list_instances()
+        ):
+            assert time.monotonic() < deadline, "the stranded container was not removed"
+            await asyncio.sleep(1)
 
 
 POLICY = """
