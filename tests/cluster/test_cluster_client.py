@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -207,3 +209,36 @@ async def test_the_standalone_incus_keeps_working(cluster):
                 await local.stop_instance(name, force=True)
             finally:
                 await local.delete_instance(name)
+
+
+async def test_prepull_unpacks_the_image_on_every_member(cl, cluster):
+    """`lxdspawner prepull`: every member then holds the image in its own pool."""
+    cli = Path(sys.executable).parent / "lxdspawner"
+    proc = await asyncio.create_subprocess_exec(
+        str(cli),
+        "prepull",
+        "--image",
+        "lxdspawner-tiny",
+        "--endpoint",
+        cluster.endpoint,
+        "--cert",
+        cluster.client_cert,
+        "--key",
+        cluster.client_key,
+        "--server-cert",
+        cluster.server_cert,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out = (await proc.communicate())[0].decode()
+    assert proc.returncode == 0, out
+    for member in cluster.members:
+        assert f"{member}: lxdspawner-tiny ready" in out, out
+    fingerprint = (await cl.image_alias("lxdspawner-tiny"))["target"]
+    for member in cluster.members:
+        volumes = await cl.request(
+            "GET", "/1.0/storage-pools/lxdspawner/volumes/image", params={"target": member}
+        )
+        assert any(v.split("?")[0].endswith(fingerprint) for v in volumes), (member, volumes)
+    leftovers = [i for i in await cl.list_instances(recursion=0) if "prepull" in i]
+    assert leftovers == []

@@ -1,0 +1,79 @@
+"""The ``lxdspawner`` command: operator tasks outside the hub.
+
+    lxdspawner prepull [--image jupyter-base] [--endpoint https://node1:8443 --cert ... ]
+
+``prepull`` makes every Online cluster member hold the image unpacked in its storage pool, so
+the first spawn on a member is not slowed by copying and unpacking the image (LXD copies
+images between members on demand). It creates one stopped container from the image on each
+member and deletes it again. On a standalone daemon it does the same once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+
+from .lxd import LxdClient, LxdError, image_source
+
+
+async def prepull(client: LxdClient, image: str, *, out=sys.stdout) -> int:
+    """Unpack ``image`` on every Online member; return how many members failed."""
+    members = await client.cluster_members()
+    targets = [m["server_name"] for m in members if m.get("status") == "Online"] or [None]
+    for m in members:
+        if m.get("status") != "Online":
+            print(f"{m['server_name']}: skipped ({m.get('status')})", file=out)
+
+    async def one(target: str | None) -> bool:
+        name = f"lxdspawner-prepull-{uuid.uuid4().hex[:8]}"
+        where = target or "this server"
+        started = time.monotonic()
+        try:
+            await client.create_instance(
+                name, source=image_source(image), target=target, timeout=600
+            )
+            await client.delete_instance(name)
+        except LxdError as e:
+            print(f"{where}: failed: {e.message}", file=out)
+            return False
+        print(f"{where}: {image} ready ({time.monotonic() - started:.1f} s)", file=out)
+        return True
+
+    results = await asyncio.gather(*(one(t) for t in targets))
+    return results.count(False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lxdspawner", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("prepull", help="unpack the image on every cluster member")
+    pre.add_argument("--image", default="jupyter-base", help="image alias or fingerprint")
+    pre.add_argument("--endpoint", default="", help="https://member:8443, or empty for local")
+    pre.add_argument("--cert", default="", help="client certificate (PEM) for https")
+    pre.add_argument("--key", default="", help="client key (PEM) for https")
+    pre.add_argument("--server-cert", default="", help="the server's certificate, pinned")
+    pre.add_argument("--project", default="", help="LXD project")
+    args = parser.parse_args(argv)
+
+    async def run() -> int:
+        try:
+            async with LxdClient(
+                args.endpoint,
+                client_cert=args.cert,
+                client_key=args.key,
+                server_cert=args.server_cert,
+                project=args.project,
+            ) as client:
+                return await prepull(client, args.image)
+        except LxdError as e:
+            print(f"lxdspawner: {e.message}", file=sys.stderr)
+            return 1
+
+    return 1 if asyncio.run(run()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
