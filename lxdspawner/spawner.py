@@ -946,7 +946,7 @@ class LxdSpawner(Spawner):
                     + await self._server_log_tail(client, name)
                 )
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+            delay = min(delay * 1.5, 0.1)
 
     async def _prepare(self, client: LxdClient, name: str, spec: objects.ServerSpec) -> None:
         env = {"JUPYTERHUB_USER": self.user.name, "HOME": spec.home, "USER": self.user.name}

@@ -405,31 +405,38 @@ class LxdClient:
         data = content.encode() if isinstance(content, str) else content
         headers = self._dialect().file_headers(uid=uid, gid=gid, mode=mode)
         headers["Content-Type"] = "application/octet-stream"
-        await self.request(
-            "POST",
-            f"/1.0/instances/{_q(name)}/files",
-            params={"path": path},
-            data=data,
-            headers=headers,
-        )
+        await self._write_file(name, path, headers, data)
 
     async def make_directory(
         self, name: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755
     ) -> None:
         headers = self._dialect().file_headers(uid=uid, gid=gid, mode=mode, kind="directory")
-        await self.request(
-            "POST", f"/1.0/instances/{_q(name)}/files", params={"path": path}, headers=headers
-        )
+        await self._write_file(name, path, headers)
 
     async def make_symlink(self, name: str, path: str, target: str) -> None:
         headers = self._dialect().file_headers(uid=0, gid=0, mode=0o777, kind="symlink")
-        await self.request(
-            "POST",
-            f"/1.0/instances/{_q(name)}/files",
-            params={"path": path},
-            data=target.encode(),
-            headers=headers,
-        )
+        await self._write_file(name, path, headers, target.encode())
+
+    async def _write_file(
+        self, name: str, path: str, headers: Mapping[str, str], data: bytes | None = None
+    ) -> None:
+        for attempt in range(4):
+            try:
+                await self.request(
+                    "POST",
+                    f"/1.0/instances/{_q(name)}/files",
+                    params={"path": path},
+                    data=data,
+                    headers=headers,
+                )
+                return
+            except LxdError as e:
+                # Incus 6.0.4 (fixed upstream later) races when several file requests start
+                # the helper that serves a stopped instance's files: "dial unix
+                # /proc/self/fd/N/forkfile.sock: connect: no such file or directory".
+                if "forkfile" not in e.message or attempt == 3:
+                    raise
+                await asyncio.sleep(0.1 * (attempt + 1))
 
     async def read_file(self, name: str, path: str) -> bytes:
         status, body, ctype = await self.raw(
