@@ -22,6 +22,21 @@ fi
 LOG_TAG="ensure $name@$daemon"
 # shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
+
+# What the builds need, installed here (not in lib.sh or build-image.sh, whose contents are
+# part of the images' cache key): a fresh machine has none of it.
+build_tools=(mmdebstrap squashfs-tools xz-utils busybox-static)
+missing_tools=()
+for pkg in "${build_tools[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing_tools+=("$pkg")
+done
+if [ ${#missing_tools[@]} -gt 0 ]; then
+    log "installing the image build tools: ${missing_tools[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing_tools[@]}" >&2 || {
+        apt-get update -q >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing_tools[@]}" >&2
+    }
+fi
 check_image_name "$name"
 
 case "$daemon" in

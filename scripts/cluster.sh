@@ -146,7 +146,8 @@ check_tools() {
     if [ ${#missing[@]} -gt 0 ]; then
         log "missing ${missing[*]}: installing Incus and its tools with scripts/setup-lxd.sh"
         "$REPO/scripts/setup-lxd.sh" incus
-        command -v nft >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables
+        command -v nft >/dev/null && command -v openssl >/dev/null ||
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables openssl
     fi
     getent group incus-admin >/dev/null || groupadd --system incus-admin
     modprobe btrfs 2>/dev/null || true

@@ -17,7 +17,7 @@ from hubtools import LXD_HUB_IP, SpawnFailed, running_hub
 from lxdspawner.lxd import LxdClient, NotFound
 from lxdspawner.names import instance_name
 
-from .conftest import SOCKETS, remove_instances_named
+from .conftest import SOCKETS, dump_instance, remove_instances_named
 
 ALL_OPTIONS = """
 c.JupyterHub.spawner_class = "lxd"
@@ -55,9 +55,21 @@ async def incus():
 
 
 @pytest.fixture
-async def leftovers(incus, prefix):
-    """Every instance this test's hub made is gone at the end, whatever happened."""
+async def leftovers(incus, prefix, request):
+    """Every instance this test's hub made is gone at the end, whatever happened; on a
+    failure, their LXD log, console and server log are printed first."""
     yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for url in await incus.list_instances(recursion=0):
+            name = url.rsplit("/", 1)[-1]
+            if name.startswith(prefix + "-"):
+                await dump_instance(incus, name)
+                try:
+                    log = await incus.read_file(name, "/var/log/jupyterhub-singleuser.log")
+                    print(f"===== {name}: server log =====\n{log.decode(errors='replace')}")
+                except Exception as e:  # the report must not hide the failure
+                    print(f"===== {name}: no server log ({e}) =====")
     await remove_instances_named(incus, prefix + "-")
 
 
