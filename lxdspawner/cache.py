@@ -78,7 +78,7 @@ class InstanceCache:
         self.resync_interval = resync_interval
         self.quiet_timeout = quiet_timeout
         self.member_interval = member_interval
-        self._member_status: dict[str, str] = {}
+        self._member_down_since: dict[str, float] = {}
         self._instances: dict[str, CachedInstance] = {}
         # Kept with every change so placement reads it in O(members), not O(instances).
         self._counts: Counter = Counter()
@@ -115,16 +115,23 @@ class InstanceCache:
         if old is not None:
             self._counts[old.location] -= 1
 
-    def member_down(self, member: str) -> bool:
-        """True when the cluster reports ``member`` neither Online nor Evacuated (Offline,
-        unreachable, ...): its containers may run, but nothing reaches their daemon."""
-        status = self._member_status.get(member)
-        return status is not None and status not in ("Online", "Evacuated")
+    def member_down_for(self, member: str) -> float:
+        """Seconds ``member`` has been seen neither Online nor Evacuated without a break
+        (0 when it is up). A busy member can miss heartbeats for a few seconds and look
+        Offline: callers act only on a member that stays down."""
+        since = self._member_down_since.get(member)
+        return time.monotonic() - since if since is not None else 0.0
 
     async def refresh_members(self) -> None:
         """Cluster members' status: one request for the whole hub, every member_interval."""
         members = await self.client.cluster_members()
-        self._member_status = {m.get("server_name", ""): m.get("status", "") for m in members}
+        now = time.monotonic()
+        for m in members:
+            name = m.get("server_name", "")
+            if m.get("status") in ("Online", "Evacuated"):
+                self._member_down_since.pop(name, None)
+            else:
+                self._member_down_since.setdefault(name, now)
 
     # -- writing (what a spawner just did, before its event arrives) --------------------------
 

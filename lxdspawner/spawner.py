@@ -247,6 +247,14 @@ class LxdSpawner(Spawner):
         containers on a standalone daemon; off for Incus, which uses idmapped mounts.
         """,
     )
+    member_offline_grace = Float(
+        60.0,
+        config=True,
+        help="""On a cluster: seconds a member must stay reported offline before the servers
+        on it are reported stopped (so their users can start again elsewhere; the stranded
+        containers are deleted once the member is back). A busy member can miss heartbeats
+        for a few seconds: this keeps such a blip from stopping anybody's server.""",
+    )
     cache_resync_interval = Float(
         300.0,
         config=True,
@@ -1030,14 +1038,17 @@ class LxdSpawner(Spawner):
             cache = await self.cache()
             cached = cache.get(self.instance_name) if cache.healthy else None
             if cached is not None and cached.status in RUNNING_STATES:
-                if not cache.member_down(cached.location):
+                down_for = cache.member_down_for(cached.location)
+                if down_for < self.member_offline_grace:
                     return None
-                # Its member is offline: nobody can reach the server. Report it stopped, so
-                # the user can start again elsewhere; the container goes once it is back.
+                # Its member stays offline: nobody can reach the server. Report it stopped,
+                # so the user can start again elsewhere; the container goes once it is back.
                 self.log.warning(
-                    "%s: cluster member %s is offline; reporting the server stopped",
+                    "%s: cluster member %s has been offline for %.0f s; reporting the server "
+                    "stopped",
                     self._log_name,
                     cached.location,
+                    down_for,
                 )
                 self._remember_orphan(await self.client(), self.instance_name)
                 return 0

@@ -420,7 +420,8 @@ class LxdClient:
     async def _write_file(
         self, name: str, path: str, headers: Mapping[str, str], data: bytes | None = None
     ) -> None:
-        for attempt in range(4):
+        attempts = 8  # about 4.5 s in all: under a burst the daemon's file helper is slow
+        for attempt in range(attempts):
             try:
                 await self.request(
                     "POST",
@@ -434,9 +435,9 @@ class LxdClient:
                 # Incus 6.0.4 (fixed upstream later) races when several file requests start
                 # the helper that serves a stopped instance's files: "dial unix
                 # /proc/self/fd/N/forkfile.sock: connect: no such file or directory".
-                if "forkfile" not in e.message or attempt == 3:
+                if "forkfile" not in e.message or attempt == attempts - 1:
                     raise
-                await asyncio.sleep(0.1 * (attempt + 1))
+                await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
 
     async def read_file(self, name: str, path: str) -> bytes:
         status, body, ctype = await self.raw(

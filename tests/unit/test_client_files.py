@@ -35,7 +35,7 @@ async def test_other_errors_are_not_retried():
 
 
 async def test_a_race_that_persists_is_reported():
-    client = Flaky([RACE] * 5)
+    client = Flaky([RACE] * 9)
     with pytest.raises(LxdError, match="forkfile"):
         await client.make_symlink("c1", "/etc/x", "y")
-    assert client.calls == 4
+    assert client.calls == 8

@@ -349,3 +349,28 @@ def test_cache_counts_stay_right_through_changes():
     cache.note("i1", deleted=True)
     cache.note("i2", deleted=True)
     assert cache.count_by_location() == {"m1": 1}
+
+
+async def test_a_member_counts_as_down_only_while_it_stays_down():
+    """A heartbeat blip (down, then up again) resets the clock the spawner's grace reads."""
+    from lxdspawner.cache import InstanceCache
+
+    class Cluster:
+        status = "Offline"
+
+        async def cluster_members(self):
+            return [
+                {"server_name": "m1", "status": self.status},
+                {"server_name": "m2", "status": "Online"},
+            ]
+
+    cluster = Cluster()
+    cache = InstanceCache(client=cluster)
+    await cache.refresh_members()
+    first = cache.member_down_for("m1")
+    await cache.refresh_members()
+    assert cache.member_down_for("m1") >= first  # still the same outage
+    assert cache.member_down_for("m2") == 0
+    cluster.status = "Online"
+    await cache.refresh_members()
+    assert cache.member_down_for("m1") == 0
