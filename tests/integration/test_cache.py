@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lxdspawner.cache import InstanceCache
-from lxdspawner.lxd import LxdClient, LxdError, image_source
+from lxdspawner.lxd import LxdClient, LxdError, NotFound, image_source
 from lxdspawner.objects import KEY_MANAGED, KEY_USER, MANAGED_BY
 
 from .conftest import SOCKETS, TINY_IMAGE
@@ -116,11 +116,13 @@ async def test_a_daemon_restart_does_not_confuse_it():
             )
         finally:
             await cache.stop()
-            for name in (alive, dying):
-                with contextlib.suppress(LxdError):
-                    await lxd.stop_instance(name, force=True)
-                with contextlib.suppress(LxdError):
-                    await lxd.delete_instance(name)
+            # A fresh client: this one's pooled connections died with the daemon.
+            async with LxdClient(f"unix://{SOCKETS['incus']}") as fresh:
+                for name in (alive, dying):
+                    with contextlib.suppress(LxdError):
+                        await fresh.stop_instance(name, force=True)
+                    with contextlib.suppress(NotFound):
+                        await fresh.delete_instance(name)
 
 
 def _kill_incusd() -> None:
