@@ -13,11 +13,12 @@ PYTEST_ARGS ?=
 .PHONY: test demo setup venv daemons images tools lint unit integration e2e cluster cluster-down cluster-test
 
 test: setup lint
-	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" $(PY) -m pytest -ra $(PYTEST_ARGS)
+	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" $(PY) -m pytest -ra --durations=20 $(PYTEST_ARGS)
 
 demo: venv
 	scripts/setup-lxd.sh incus
 	VENV=$(VENV) images/ensure-image.sh jupyter-base incus
+	$(VENV)/bin/lxdspawner prepull --image jupyter-base --endpoint unix:///var/lib/incus/unix.socket
 	VENV=$(VENV) scripts/demo.sh
 
 setup: venv daemons images tools
@@ -35,10 +36,14 @@ $(VENV)/.installed: pyproject.toml
 daemons:
 	@for d in $(TEST_DAEMONS); do scripts/setup-lxd.sh $$d || exit 1; done
 
+# Each daemon holds the images, and the shared read-only copy of the image's /opt/jupyterhub
+# (see lxdspawner/sharing.py) is made before the tests, so every spawn in them mounts it.
 images: venv daemons
 	@for d in $(TEST_DAEMONS); do \
 	  VENV=$(VENV) images/ensure-image.sh lxdspawner-tiny $$d || exit 1; \
 	  VENV=$(VENV) images/ensure-image.sh jupyter-base $$d || exit 1; \
+	  $(VENV)/bin/lxdspawner prepull --image jupyter-base \
+	    --endpoint unix:///var/lib/$$d/unix.socket || exit 1; \
 	done
 
 tools:

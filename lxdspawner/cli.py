@@ -5,22 +5,36 @@
 ``prepull`` makes every Online cluster member hold the image unpacked in its storage pool, so
 the first spawn on a member is not slowed by copying and unpacking the image (LXD copies
 images between members on demand). It creates one stopped container from the image on each
-member and deletes it again. On a standalone daemon it does the same once.
+member and deletes it again. On a standalone daemon it does the same once. It also makes the
+read-only copies of the image's shared directories (``c.LxdSpawner.shared_directories``, see
+:mod:`lxdspawner.sharing`) on each member, so that even the first servers share them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 import uuid
 
+from . import sharing
 from .lxd import LxdClient, LxdError, image_source
 
 
-async def prepull(client: LxdClient, image: str, *, out=sys.stdout) -> int:
+async def prepull(
+    client: LxdClient,
+    image: str,
+    *,
+    shared_directories: tuple[str, ...] = ("/usr", "/opt/jupyterhub"),
+    profiles: tuple[str, ...] = ("default",),
+    out=sys.stdout,
+) -> int:
     """Unpack ``image`` on every Online member; return how many members failed."""
+    log = logging.getLogger("lxdspawner")
+    shares = [sharing.SharedDirectory(path, log) for path in shared_directories]
+    fingerprint = await client.image_fingerprint(image)
     members = await client.cluster_members()
     targets = [m["server_name"] for m in members if m.get("status") == "Online"] or [None]
     for m in members:
@@ -40,6 +54,13 @@ async def prepull(client: LxdClient, image: str, *, out=sys.stdout) -> int:
             print(f"{where}: failed: {e.message}", file=out)
             return False
         print(f"{where}: {image} ready ({time.monotonic() - started:.1f} s)", file=out)
+        for share in shares:
+            started = time.monotonic()
+            if not await share.ensure(client, fingerprint, target, profiles):
+                print(f"{where}: shared {share.path}: not made (see above)", file=out)
+                return False
+            took = time.monotonic() - started
+            print(f"{where}: shared {share.path} ready ({took:.1f} s)", file=out)
         return True
 
     results = await asyncio.gather(*(one(t) for t in targets))
@@ -56,7 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--key", default="", help="client key (PEM) for https")
     pre.add_argument("--server-cert", default="", help="the server's certificate, pinned")
     pre.add_argument("--project", default="", help="LXD project")
+    pre.add_argument(
+        "--shared-directory",
+        action="append",
+        help="as c.LxdSpawner.shared_directories (default: /usr and /opt/jupyterhub); "
+        "--shared-directory '' for none",
+    )
+    pre.add_argument(
+        "--profile", action="append", help="as c.LxdSpawner.profiles (default: default)"
+    )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     async def run() -> int:
         try:
@@ -67,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                 server_cert=args.server_cert,
                 project=args.project,
             ) as client:
-                return await prepull(client, args.image)
+                return await prepull(
+                    client,
+                    args.image,
+                    shared_directories=tuple(
+                        p for p in (args.shared_directory or ["/usr", "/opt/jupyterhub"]) if p
+                    ),
+                    profiles=tuple(args.profile or ["default"]),
+                )
         except LxdError as e:
             print(f"lxdspawner: {e.message}", file=sys.stderr)
             return 1

@@ -300,6 +300,15 @@ class LxdClient:
     async def image_alias(self, alias: str) -> dict:
         return await self.request("GET", f"/1.0/images/aliases/{_q(alias)}")
 
+    async def image_fingerprint(self, image: str) -> str | None:
+        """The full fingerprint of an image alias or (partial) fingerprint; None if unknown."""
+        try:
+            if "alias" in image_source(image):
+                return (await self.image_alias(image))["target"]
+            return (await self.request("GET", f"/1.0/images/{_q(image)}"))["fingerprint"]
+        except NotFound:
+            return None
+
     # -- instances --------------------------------------------------------------------------
 
     async def create_instance(
@@ -514,16 +523,35 @@ class LxdClient:
         if isinstance(result, dict) and result.get("id") and result.get("class") == "task":
             await self.wait(result)
 
-    async def get_volume(self, pool: str, name: str) -> dict:
-        return await self.request("GET", f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}")
+    async def get_volume(self, pool: str, name: str, *, target: str | None = None) -> dict:
+        return await self.request(
+            "GET",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}",
+            params={"target": target},
+        )
+
+    async def update_volume_config(
+        self, pool: str, name: str, config: Mapping[str, str], *, target: str | None = None
+    ) -> None:
+        """Set (merge) config keys of a custom volume."""
+        await self.request(
+            "PATCH",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}",
+            params={"target": target},
+            json_body={"config": dict(config)},
+        )
 
     async def list_volumes(self, pool: str) -> list[dict]:
         return await self.request(
             "GET", f"/1.0/storage-pools/{_q(pool)}/volumes/custom", params={"recursion": 1}
         )
 
-    async def delete_volume(self, pool: str, name: str) -> None:
-        await self.request("DELETE", f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}")
+    async def delete_volume(self, pool: str, name: str, *, target: str | None = None) -> None:
+        await self.request(
+            "DELETE",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}",
+            params={"target": target},
+        )
 
     # -- events -----------------------------------------------------------------------------
 

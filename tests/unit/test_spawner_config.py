@@ -80,3 +80,19 @@ def test_default_uid_gid_looks_up_the_hub_host_then_falls_back():
 )
 def test_which_hub_addresses_are_replaced_by_the_bridge_gateway(host, keep):
     assert spawner()._is_reachable_host(host) is keep
+
+
+async def test_a_file_pushed_into_a_shared_directory_is_refused_naming_both_settings(tmp_path):
+    source = tmp_path / "tool"
+    source.write_text("#!/bin/sh\n")
+    s = spawner(files_to_push=[[str(source), "/usr/local/bin/tool"]])
+    with pytest.raises(Exception, match="files_to_push.*shared_directories") as refused:
+        await s._read_files_to_push()
+    assert "/usr/local/bin/tool" in str(refused.value)
+    # Without sharing /usr (or in privileged containers, which never share) it is pushed.
+    assert await spawner(
+        files_to_push=[[str(source), "/usr/local/bin/tool"]], shared_directories=[]
+    )._read_files_to_push()
+    assert await spawner(
+        files_to_push=[[str(source), "/usr/local/bin/tool"]], privileged_containers=True
+    )._read_files_to_push()

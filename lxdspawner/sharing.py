@@ -1,0 +1,255 @@
+"""One read-only copy of the image's software per image and host, shared by every container.
+
+Each container is a copy-on-write clone of its image: the disk blocks are shared, but the
+kernel's page cache is not. Every clone has inodes of its own, so every server reads its own
+copy of the Python environment into memory (about 110 MiB for JupyterLab), which is charged to
+its container. Mounting that directory instead from one custom volume per (image, member),
+read-only, gives all containers the same inodes and so one cached copy, as plain processes
+on a host share their virtualenv's: a server's memory is then what its processes allocate.
+
+The volume is filled once, in the background, by a short-lived helper container started from
+the image (``cp -a``, which reflinks on btrfs). Spawns made before it is ready go without it,
+so the first spawns of a new image never wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import posixpath
+import time
+from collections.abc import Iterable
+
+from .lxd import LxdClient, LxdError, NotFound
+
+#: Volume config key set once the copy is complete: a half-made volume is never mounted.
+KEY_READY = "user.lxdspawner.shared-ready"
+#: Config key of the helper container (not a server: the cache ignores it).
+KEY_HELPER = "user.lxdspawner.share-of"
+DEVICE = "lxdspawner-shared"
+HELPER_MOUNT = "/mnt/lxdspawner-share"
+#: After a failed preparation, how long spawns go without before it is tried again.
+RETRY_AFTER = 300.0
+
+
+def volume_name(fingerprint: str, path: str) -> str:
+    """The same for every hub on the daemon: the copy depends only on the image and path."""
+    return f"lxdspawner-shared-{fingerprint[:12]}-{_digest(path)}"
+
+
+def device_name(path: str) -> str:
+    return f"{DEVICE}-{_digest(path)}"
+
+
+def _digest(path: str) -> str:
+    return hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:6]
+
+
+def helper_name(fingerprint: str, path: str) -> str:
+    return volume_name(fingerprint, path) + "-fill"
+
+
+def writable_device(pool: str, volume: str, path: str) -> dict[str, str]:
+    return {"type": "disk", "pool": pool, "source": volume, "path": path}
+
+
+def shared_device(pool: str, volume: str, path: str) -> dict[str, str]:
+    return {**writable_device(pool, volume, path), "readonly": "true"}
+
+
+def containing(directories: Iterable[str], path: str) -> str | None:
+    """The shared directory that ``path`` (in the container) is in or is, if any."""
+    normal = posixpath.normpath("/" + path)
+    for directory in directories:
+        top = posixpath.normpath("/" + directory)
+        if normal == top or normal.startswith(top.rstrip("/") + "/"):
+            return directory
+    return None
+
+
+def root_pool(profiles: Iterable[dict]) -> str | None:
+    """The storage pool of the root disk the profiles give (later profiles win, as in LXD)."""
+    pool = None
+    for profile in profiles:
+        for device in (profile.get("devices") or {}).values():
+            if device.get("type") == "disk" and device.get("path") == "/" and device.get("pool"):
+                pool = device["pool"]
+    return pool
+
+
+class SharedDirectory:
+    """The shared copy of one directory of the images on one daemon or cluster."""
+
+    def __init__(self, path: str, log: logging.Logger) -> None:
+        self.path = path.rstrip("/") or "/"
+        self.log = log
+        self._ready: set[tuple[str | None, str]] = set()
+        self._checks: dict[tuple[str | None, str], asyncio.Task] = {}
+        self._fills: dict[tuple[str | None, str], asyncio.Task] = {}
+        self._pools: dict[tuple[str, ...], str | None] = {}
+
+    async def device(
+        self,
+        client: LxdClient,
+        fingerprint: str,
+        member: str | None,
+        profiles: tuple[str, ...],
+    ) -> dict[str, str] | None:
+        """The disk device to add to a new container, or None while there is no copy yet.
+
+        The first call for an image and member looks the volume up (one request) and, when it
+        is missing, starts filling it in the background; later calls cost no request.
+        """
+        pool = await self._pool(client, profiles)
+        if pool is None:
+            return None
+        key = (member, fingerprint)
+        if key not in self._ready:
+            check = self._checks.get(key)
+            if check is None:
+                check = self._checks[key] = asyncio.ensure_future(
+                    self._check(client, key, pool, profiles)
+                )
+            await asyncio.shield(check)
+        if key not in self._ready:
+            return None
+        return shared_device(pool, volume_name(fingerprint, self.path), self.path)
+
+    async def ensure(
+        self,
+        client: LxdClient,
+        fingerprint: str,
+        member: str | None,
+        profiles: tuple[str, ...],
+    ) -> bool:
+        """Make the copy now (for a prepull before a class starts); True when it is ready."""
+        await self.device(client, fingerprint, member, profiles)
+        fill = self._fills.get((member, fingerprint))
+        if fill is not None:
+            await fill
+        return (member, fingerprint) in self._ready
+
+    def forget(self, fingerprint: str, member: str | None) -> None:
+        """The volume turned out unusable (deleted by hand?): look again next time."""
+        key = (member, fingerprint)
+        self._ready.discard(key)
+        self._checks.pop(key, None)
+
+    async def _pool(self, client: LxdClient, profiles: tuple[str, ...]) -> str | None:
+        if profiles not in self._pools:
+            try:
+                found = [await client.profile(name) for name in profiles]
+            except LxdError as e:
+                self.log.warning("shared %s: cannot read the profiles: %s", self.path, e.message)
+                return None
+            self._pools[profiles] = root_pool(found)
+        return self._pools[profiles]
+
+    async def _check(
+        self, client: LxdClient, key: tuple[str | None, str], pool: str, profiles: tuple[str, ...]
+    ) -> None:
+        member, fingerprint = key
+        volume = volume_name(fingerprint, self.path)
+        try:
+            existing = await client.get_volume(pool, volume, target=member)
+        except NotFound:
+            existing = None
+        except LxdError as e:
+            self.log.warning("shared %s: cannot look up %s: %s", self.path, volume, e.message)
+            self._retry_later(key)
+            return
+        if existing and (existing.get("config") or {}).get(KEY_READY) == "true":
+            self._ready.add(key)
+            return
+        self._fills[key] = asyncio.ensure_future(
+            self._fill(client, key, pool, profiles, half_made=bool(existing))
+        )
+
+    def _retry_later(self, key: tuple[str | None, str]) -> None:
+        asyncio.get_running_loop().call_later(RETRY_AFTER, self._checks.pop, key, None)
+
+    async def _fill(
+        self,
+        client: LxdClient,
+        key: tuple[str | None, str],
+        pool: str,
+        profiles: tuple[str, ...],
+        half_made: bool,
+    ) -> None:
+        member, fingerprint = key
+        volume = volume_name(fingerprint, self.path)
+        helper = helper_name(fingerprint, self.path)
+        where = f" on {member}" if member else ""
+        started = time.monotonic()
+        self.log.info("shared %s: filling volume %s%s from the image", self.path, volume, where)
+        try:
+            await _delete_instance(client, helper)
+            if half_made:
+                await client.delete_volume(pool, volume, target=member)
+            await client.create_volume(pool, volume, target=member)
+            await client.create_instance(
+                helper,
+                source={"type": "image", "fingerprint": fingerprint},
+                profiles=list(profiles),
+                config={KEY_HELPER: fingerprint},
+                devices={DEVICE: writable_device(pool, volume, HELPER_MOUNT)},
+                target=member,
+                start=True,
+                timeout=600,
+            )
+            try:
+                copy = await client.exec(helper, _copy_command(self.path), timeout=600)
+            finally:
+                await _delete_instance(client, helper)
+            if copy.exit_code == NO_SUCH_DIRECTORY:
+                self.log.info(
+                    "shared %s: image %s has no such directory; its servers go without",
+                    self.path,
+                    fingerprint[:12],
+                )
+                await client.delete_volume(pool, volume, target=member)
+                return  # the check stays done: no new try for this image
+            if copy.exit_code != 0:
+                raise LxdError(f"copying {self.path} failed ({copy.exit_code}): {copy.output}")
+            await client.update_volume_config(pool, volume, {KEY_READY: "true"}, target=member)
+        except LxdError as e:
+            self.log.warning(
+                "shared %s: could not fill volume %s%s (servers go without it, next try in "
+                "%.0f s): %s",
+                self.path,
+                volume,
+                where,
+                RETRY_AFTER,
+                e.message,
+            )
+            self._retry_later(key)
+            return
+        self._ready.add(key)
+        self.log.info(
+            "shared %s: volume %s%s ready in %.1f s; new servers mount it read-only",
+            self.path,
+            volume,
+            where,
+            time.monotonic() - started,
+        )
+
+
+NO_SUCH_DIRECTORY = 3
+
+
+def _copy_command(path: str) -> list[str]:
+    # Paths as arguments, not in the script: nothing is parsed by the shell.
+    script = 'test -d "$1" || exit 3; cp -a "$1/." "$2/"'
+    return ["sh", "-c", script, "sh", path, HELPER_MOUNT]
+
+
+async def _delete_instance(client: LxdClient, name: str) -> None:
+    try:
+        await client.stop_instance(name, force=True)
+    except LxdError:
+        pass  # stopped already, or not there
+    try:
+        await client.delete_instance(name)
+    except NotFound:
+        pass
