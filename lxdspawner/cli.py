@@ -56,11 +56,15 @@ async def prepull(
         print(f"{where}: {image} ready ({time.monotonic() - started:.1f} s)", file=out)
         for share in shares:
             started = time.monotonic()
-            if not await share.ensure(client, fingerprint, target, profiles):
-                print(f"{where}: shared {share.path}: not made (see above)", file=out)
-                return False
+            outcome = await share.ensure(client, fingerprint, target, profiles)
             took = time.monotonic() - started
-            print(f"{where}: shared {share.path} ready ({took:.1f} s)", file=out)
+            if outcome == "failed":
+                print(f"{where}: shared {share.path}: not made (see the log above)", file=out)
+                return False
+            if outcome == "absent":
+                print(f"{where}: shared {share.path}: not in the image, skipped", file=out)
+            else:
+                print(f"{where}: shared {share.path} ready ({took:.1f} s)", file=out)
         return True
 
     results = await asyncio.gather(*(one(t) for t in targets))

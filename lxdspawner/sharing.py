@@ -46,8 +46,9 @@ def _digest(path: str) -> str:
     return hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:6]
 
 
-def helper_name(fingerprint: str, path: str) -> str:
-    return volume_name(fingerprint, path) + "-fill"
+def helper_name(fingerprint: str, path: str, member: str | None) -> str:
+    """Instance names are unique in a whole cluster: one helper per member."""
+    return f"{volume_name(fingerprint, path)}-fill-{_digest(member or '')}"
 
 
 def writable_device(pool: str, volume: str, path: str) -> dict[str, str]:
@@ -87,6 +88,7 @@ class SharedDirectory:
         self._ready: set[tuple[str | None, str]] = set()
         self._checks: dict[tuple[str | None, str], asyncio.Task] = {}
         self._fills: dict[tuple[str | None, str], asyncio.Task] = {}
+        self._absent: set[tuple[str | None, str]] = set()
         self._pools: dict[tuple[str, ...], str | None] = {}
 
     async def device(
@@ -122,13 +124,17 @@ class SharedDirectory:
         fingerprint: str,
         member: str | None,
         profiles: tuple[str, ...],
-    ) -> bool:
-        """Make the copy now (for a prepull before a class starts); True when it is ready."""
+    ) -> str:
+        """Make the copy now (for a prepull before a class starts): "ready", "absent" (the
+        image has no such directory) or "failed" (the reason is logged)."""
+        key = (member, fingerprint)
         await self.device(client, fingerprint, member, profiles)
-        fill = self._fills.get((member, fingerprint))
+        fill = self._fills.get(key)
         if fill is not None:
             await fill
-        return (member, fingerprint) in self._ready
+        if key in self._ready:
+            return "ready"
+        return "absent" if key in self._absent else "failed"
 
     def forget(self, fingerprint: str, member: str | None) -> None:
         """The volume turned out unusable (deleted by hand?): look again next time."""
@@ -179,7 +185,7 @@ class SharedDirectory:
     ) -> None:
         member, fingerprint = key
         volume = volume_name(fingerprint, self.path)
-        helper = helper_name(fingerprint, self.path)
+        helper = helper_name(fingerprint, self.path, member)
         where = f" on {member}" if member else ""
         started = time.monotonic()
         self.log.info("shared %s: filling volume %s%s from the image", self.path, volume, where)
@@ -209,6 +215,7 @@ class SharedDirectory:
                     fingerprint[:12],
                 )
                 await client.delete_volume(pool, volume, target=member)
+                self._absent.add(key)
                 return  # the check stays done: no new try for this image
             if copy.exit_code != 0:
                 raise LxdError(f"copying {self.path} failed ({copy.exit_code}): {copy.output}")

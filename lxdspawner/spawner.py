@@ -18,7 +18,6 @@ import pwd
 import socket
 import stat
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -45,6 +44,7 @@ from traitlets import (
 from . import metrics, names, objects, placement, sharing
 from .cache import InstanceCache
 from .lxd import LxdClient, LxdError, NotFound, Unreachable, image_source, ipv4_addresses
+from .members import SUSPECT_FOR, MemberBook
 
 STATE_VERSION = 1
 RUNNING_STATES = ("Running", "Starting", "Freezing", "Frozen", "Thawed")
@@ -435,8 +435,15 @@ class LxdSpawner(Spawner):
     def _target_instance_name(self) -> str:
         return names.instance_name(self.user.name, self.name or "", self.name_prefix)
 
-    #: Spawns placed on each member and not finished yet, per daemon: what LXD cannot know.
-    _in_flight: dict[tuple, Counter] = {}
+    _books: dict[tuple, MemberBook] = {}
+
+    def _book(self) -> MemberBook:
+        """What this hub knows of the cluster's members beyond LXD's answers (per daemon)."""
+        key = self._endpoint_key()
+        book = self._books.get(key)
+        if book is None:
+            book = self._books[key] = MemberBook(self.log)
+        return book
 
     async def _place(self, client: LxdClient, cache: InstanceCache) -> str | None:
         """The cluster member for this server (None on a standalone daemon)."""
@@ -447,15 +454,11 @@ class LxdSpawner(Spawner):
                 )
             return None
         members = await client.cluster_members()
-        now = time.monotonic()
-        for m in members:
-            until = self._suspects.get((self._endpoint_key(), m.get("server_name")), 0)
-            if until > now and m.get("status") == placement.ONLINE:
-                m["status"] = f"Unreachable (a spawn on it failed {30 - (until - now):.0f} s ago)"
-        in_flight = self._in_flight.setdefault(self._endpoint_key(), Counter())
-        # From here to the increment there is no await: concurrent spawns see each other.
+        book = self._book()
+        book.mark_suspects(members)
+        # From here to placed() there is no await: concurrent spawns see each other.
         snapshot = placement.members_from_counts(
-            members, cache.count_by_location(), in_flight, self.host_weights
+            members, cache.count_by_location(), book.in_flight, self.host_weights
         )
         request = placement.PlacementRequest(
             user=self.user.name, server_name=self.name or "", require=self.target or None
@@ -467,12 +470,8 @@ class LxdSpawner(Spawner):
             raise SpawnError(e.message, reason="placement", status_code=503) from e
         if chosen not in {m.name for m in snapshot}:
             raise SpawnError(f"placement_policy chose {chosen!r}, which is not a cluster member")
-        in_flight[chosen] += 1
+        book.placed(chosen)
         return chosen
-
-    def _landed(self, member: str | None) -> None:
-        if member:
-            self._in_flight.setdefault(self._endpoint_key(), Counter())[member] -= 1
 
     async def _resolve_uid_gid(self) -> tuple[int, int]:
         result = self.get_uid_gid(self)
@@ -694,16 +693,17 @@ class LxdSpawner(Spawner):
             if member and isinstance(cause, LxdError):
                 # The member itself may be failing (LXD notices only after a heartbeat or
                 # two): leave it out of placement for a while, so a retry goes elsewhere.
-                self._suspects[(self._endpoint_key(), member)] = time.monotonic() + 30
+                self._book().suspect(member)
                 raise SpawnError(
                     f"cluster member {member} failed during the spawn of {name}: "
-                    f"{cause.message}. It is left out of placement for 30 s: start again.",
+                    f"{cause.message}. It is left out of placement for "
+                    f"{SUSPECT_FOR:.0f} s: start again.",
                     reason="member",
                     status_code=503,
                 ) from e
             raise
         finally:
-            self._landed(member)
+            self._book().landed(member)
         if self.post_hub_commands:
             asyncio.ensure_future(self._run_post_hub_commands())
         self.log.info(
@@ -730,8 +730,7 @@ class LxdSpawner(Spawner):
         and the leftover is deleted once its member is back.
         """
         name = self._target_instance_name()
-        key = self._endpoint_key()
-        if name not in self._orphans.get(key, set()):
+        if not self._book().is_orphan(name):
             try:
                 return name, await self._existing(client, name)
             except LxdError as e:
@@ -744,30 +743,8 @@ class LxdSpawner(Spawner):
         )
         return alternative, await self._existing(client, alternative)
 
-    # Containers that could not be deleted because their member was down, per daemon.
-    _orphans: dict[tuple, set[str]] = {}
-    _reapers: dict[tuple, asyncio.Task] = {}
-    _suspects: dict[tuple, float] = {}
-
     def _remember_orphan(self, client: LxdClient, name: str) -> None:
-        key = self._endpoint_key()
-        self._orphans.setdefault(key, set()).add(name)
-        reaper = self._reapers.get(key)
-        if reaper is None or reaper.done():
-            self._reapers[key] = asyncio.ensure_future(self._reap(client, key))
-
-    async def _reap(self, client: LxdClient, key: tuple, interval: float = 5.0) -> None:
-        """Delete leftover containers once their member answers again."""
-        orphans = self._orphans[key]
-        while orphans:
-            await asyncio.sleep(interval)
-            for name in list(orphans):
-                try:
-                    await self._force_delete(client, name)
-                except LxdError:
-                    continue  # still unreachable: next round
-                orphans.discard(name)
-                self.log.info("deleted %s, left behind when its cluster member failed", name)
+        self._book().orphan(name, lambda orphan: self._force_delete(client, orphan))
 
     async def _create(
         self, client: LxdClient, spec: objects.ServerSpec, member: str | None = None

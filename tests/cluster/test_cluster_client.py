@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from lxdspawner import sharing
 from lxdspawner.lxd import LxdClient, LxdError, image_source
 from lxdspawner.objects import KEY_MANAGED, KEY_USER, MANAGED_BY
 from lxdspawner.placement import PlacementRequest, members_from_api, weighted_least_loaded
@@ -234,6 +235,16 @@ async def test_prepull_unpacks_the_image_on_every_member(cl, cluster):
     assert proc.returncode == 0, out
     for member in cluster.members:
         assert f"{member}: lxdspawner-tiny ready" in out, out
+        # Its shared read-only copies: /usr is made on each member; this image has no
+        # /opt/jupyterhub, which is skipped, not an error.
+        assert f"{member}: shared /usr ready" in out, out
+        assert f"{member}: shared /opt/jupyterhub: not in the image, skipped" in out, out
+        volume = await cl.get_volume(
+            "lxdspawner",
+            sharing.volume_name(await cl.image_fingerprint("lxdspawner-tiny"), "/usr"),
+            target=member,
+        )
+        assert volume["config"][sharing.KEY_READY] == "true"
     fingerprint = (await cl.image_alias("lxdspawner-tiny"))["target"]
     for member in cluster.members:
         volumes = await cl.request(

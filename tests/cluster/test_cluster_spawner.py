@@ -8,7 +8,10 @@ before a spawn gives a clean failure and a working retry; a hub restart finds th
 every member.
 
 Time: each jupyter-base server costs a few CPU seconds to start, and this machine has two
-cores, so the burst dominates the module's run time (printed by each test).
+cores: thirty JupyterLabs starting at once would take it more than a minute. Placement is what
+these tests are about, so most of them run a light HTTP server (LIGHT_SERVER) in the same
+image, through the same container, unit and readiness path; the real server runs on the
+cluster in the member-lost test, and everywhere in the standalone and browser tests.
 """
 
 from __future__ import annotations
@@ -30,10 +33,21 @@ WEIGHTED_BURST = int(os.environ.get("LXDSPAWNER_CLUSTER_WEIGHTED_BURST", "12"))
 MEMBERS = ("member1", "member2", "member3")
 
 
-def hub_config(cluster, extra: str = "") -> str:
+#: Answers 200 to every GET (so api/status through the proxy works), in a tenth of a second.
+LIGHT_SERVER = (
+    "import http.server as s;"
+    "h=type('H',(s.BaseHTTPRequestHandler,),{'do_GET':lambda r:"
+    "(r.send_response(200),r.end_headers(),r.wfile.write(b'{}'))});"
+    "s.ThreadingHTTPServer(('',8888),h).serve_forever()"
+)
+
+
+def hub_config(cluster, extra: str = "", light: bool = True) -> str:
+    server = f"c.Spawner.cmd = ['/usr/bin/python3', '-c', {LIGHT_SERVER!r}]\n" if light else ""
     return (
         'c.JupyterHub.spawner_class = "lxd"\n'
         f"c.LxdSpawner.image = {BASE_IMAGE!r}\n"
+        + server
         + cluster.spawner_config()
         # Two cores for thirty servers: give each plenty of time.
         + "c.Spawner.start_timeout = 300\n"
@@ -210,10 +224,13 @@ async def test_member_lost_before_the_spawn_reaches_it(cluster, cl, tmp_path):
     it: the spawn must fail quickly with a message naming it, leave nothing behind, and a
     retry must work."""
     loop = asyncio.get_running_loop()
-    async with running_hub(tmp_path, config=hub_config(cluster, POLICY), hub_ip=HUB_IP) as hub:
+    config = hub_config(cluster, POLICY, light=False)  # here the real server, on the cluster
+    async with running_hub(tmp_path, config=config, hub_ip=HUB_IP) as hub:
         with_diagnostics(hub, "jupyter-cm")
-        await hub.start_server("cm0")
+        server = await hub.start_server("cm0")
         assert await locations(cl, ["cm0"]) == {"cm0": "member3"}  # the policy is used
+        status, body = await hub.get_via_proxy(server["url"] + "api/status")
+        assert status == 200 and "last_activity" in body, (status, body[:300])
 
         await loop.run_in_executor(None, lambda: stop_member(3, kill=True))
         try:

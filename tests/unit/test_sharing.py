@@ -12,9 +12,10 @@ fingerprints = st.text("0123456789abcdef", min_size=64, max_size=64)
 paths = st.text(min_size=1, max_size=200).map(lambda p: "/" + p)
 
 
-@given(fingerprints, paths)
-def test_volume_and_helper_names_are_valid_instance_names(fingerprint, path):
-    for name in (sharing.volume_name(fingerprint, path), sharing.helper_name(fingerprint, path)):
+@given(fingerprints, paths, st.none() | st.text(max_size=100))
+def test_volume_and_helper_names_are_valid_instance_names(fingerprint, path, member):
+    helper = sharing.helper_name(fingerprint, path, member)
+    for name in (sharing.volume_name(fingerprint, path), helper):
         assert len(name) <= MAX_LENGTH
         assert is_valid_instance_name(name)
 
@@ -24,6 +25,11 @@ def test_one_volume_per_image_and_path():
     assert sharing.volume_name(a, "/opt/jupyterhub") == sharing.volume_name(a, "/opt/jupyterhub")
     assert sharing.volume_name(a, "/opt/jupyterhub") != sharing.volume_name(b, "/opt/jupyterhub")
     assert sharing.volume_name(a, "/opt/jupyterhub") != sharing.volume_name(a, "/opt/conda")
+
+
+def test_one_helper_per_member_as_instance_names_are_cluster_wide():
+    helpers = {sharing.helper_name("a" * 64, "/usr", m) for m in ("member1", "member2", None)}
+    assert len(helpers) == 3
 
 
 def test_servers_get_it_read_only_and_the_helper_writable():
