@@ -190,7 +190,7 @@ class SharedDirectory:
         started = time.monotonic()
         self.log.info("shared %s: filling volume %s%s from the image", self.path, volume, where)
         try:
-            await _delete_instance(client, helper)
+            await client.remove_instance(helper)
             if half_made:
                 await client.delete_volume(pool, volume, target=member)
             await client.create_volume(pool, volume, target=member)
@@ -207,7 +207,7 @@ class SharedDirectory:
             try:
                 copy = await client.exec(helper, _copy_command(self.path), timeout=600)
             finally:
-                await _delete_instance(client, helper)
+                await client.remove_instance(helper)
             if copy.exit_code == NO_SUCH_DIRECTORY:
                 self.log.info(
                     "shared %s: image %s has no such directory; its servers go without",
@@ -251,12 +251,37 @@ def _copy_command(path: str) -> list[str]:
     return ["sh", "-c", script, "sh", path, HELPER_MOUNT]
 
 
-async def _delete_instance(client: LxdClient, name: str) -> None:
-    try:
-        await client.stop_instance(name, force=True)
-    except LxdError:
-        pass  # stopped already, or not there
-    try:
-        await client.delete_instance(name)
-    except NotFound:
-        pass
+class SharedDirectories:
+    """Every shared directory of one daemon or cluster, for the spawners of a hub."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self._directories: dict[str, SharedDirectory] = {}
+
+    def _directory(self, path: str) -> SharedDirectory:
+        if path not in self._directories:
+            self._directories[path] = SharedDirectory(path, self.log)
+        return self._directories[path]
+
+    async def devices(
+        self,
+        client: LxdClient,
+        fingerprint: str,
+        member: str | None,
+        paths: Iterable[str],
+        profiles: tuple[str, ...],
+    ) -> dict[str, dict[str, str]]:
+        """{device name: disk device} of the directories whose copies are ready."""
+        paths = list(paths)
+        found = await asyncio.gather(
+            *(self._directory(p).device(client, fingerprint, member, profiles) for p in paths)
+        )
+        return {
+            device_name(path): device
+            for path, device in zip(paths, found, strict=True)
+            if device is not None
+        }
+
+    def forget(self, fingerprint: str, member: str | None) -> None:
+        for directory in self._directories.values():
+            directory.forget(fingerprint, member)

@@ -9,6 +9,7 @@ container's state in LXD is the server's state.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import inspect
@@ -41,9 +42,17 @@ from traitlets import (
     validate,
 )
 
-from . import metrics, names, objects, placement, sharing
+from . import bases, metrics, names, objects, placement, sharing
 from .cache import InstanceCache
-from .lxd import LxdClient, LxdError, NotFound, Unreachable, image_source, ipv4_addresses
+from .lxd import (
+    LxdClient,
+    LxdError,
+    NotFound,
+    Unreachable,
+    image_source,
+    ipv4_addresses,
+    not_running,
+)
 from .members import SUSPECT_FOR, MemberBook
 
 STATE_VERSION = 1
@@ -644,6 +653,7 @@ class LxdSpawner(Spawner):
         files = await self._read_files_to_push()
         client = await self.client()
         cache = await self.cache()
+        await self._removed(self._target_instance_name())
         name, existing = await self._usable_name(client)
         self.instance_name = name
         spec = self._spec(uid, gid)
@@ -789,20 +799,11 @@ class LxdSpawner(Spawner):
         except SpawnError as e:
             # A volume may have been deleted by hand: go without, and look again next time.
             self.log.warning("create with the shared directories failed (%s); without", e)
-            for path in self.shared_directories:
-                self._share(path).forget(fingerprint, member)
+            self._shares[self._endpoint_key()].forget(fingerprint, member)
             await self._force_delete(client, spec.instance)
         return await self._create(client, spec, member)
 
-    _shares: dict[tuple, sharing.SharedDirectory] = {}
-    _fingerprints: dict[tuple, tuple[str | None, float]] = {}
-
-    def _share(self, path: str) -> sharing.SharedDirectory:
-        key = (self._endpoint_key(), path)
-        share = self._shares.get(key)
-        if share is None:
-            share = self._shares[key] = sharing.SharedDirectory(path, self.log)
-        return share
+    _shares: dict[tuple, sharing.SharedDirectories] = {}
 
     async def _shared_devices(
         self, client: LxdClient, member: str | None
@@ -812,86 +813,39 @@ class LxdSpawner(Spawner):
             return "", {}
         if member is None and client.dialect is not None and client.dialect.clustered:
             return "", {}  # the volumes are per member: only when we chose the member
+        shares = self._shares.setdefault(self._endpoint_key(), sharing.SharedDirectories(self.log))
         try:
-            fingerprint = await self._recent_fingerprint(client)
+            fingerprint = await client.image_fingerprint(self.image, max_age=30)
             if fingerprint is None:
                 return "", {}
-            found = await asyncio.gather(
-                *(
-                    self._share(path).device(client, fingerprint, member, tuple(self.profiles))
-                    for path in self.shared_directories
-                )
+            return fingerprint, await shares.devices(
+                client, fingerprint, member, self.shared_directories, tuple(self.profiles)
             )
         except LxdError as e:
             self.log.warning("shared directories unavailable: %s", e.message)
             return "", {}
-        return fingerprint, {
-            sharing.device_name(path): device
-            for path, device in zip(self.shared_directories, found, strict=True)
-            if device is not None
-        }
 
-    async def _recent_fingerprint(self, client: LxdClient, max_age: float = 30.0) -> str | None:
-        """The image's fingerprint, looked up at most every max_age seconds per image."""
-        key = (self._endpoint_key(), self.image)
-        fingerprint, when = self._fingerprints.get(key, (None, -max_age))
-        if time.monotonic() - when >= max_age:
-            fingerprint = await client.image_fingerprint(self.image)
-            self._fingerprints[key] = (fingerprint, time.monotonic())
-        return fingerprint
-
-    _base_locks: dict[tuple, asyncio.Lock] = {}
-
-    def _wants_shifted_base(self, client: LxdClient, member: str | None) -> bool:
-        if self.clone_shifted_base is not None:
-            return self.clone_shifted_base
-        dialect = client.dialect
-        return (
-            dialect is not None
-            and dialect.product == "lxd"
-            and not dialect.clustered
-            and not self.privileged_containers
-            and member is None
-        )
+    _bases: dict[tuple, bases.ShiftedBases] = {}
 
     async def _source(self, client: LxdClient, member: str | None) -> dict:
         """Where the container comes from: the image, or a copy of the shifted base."""
-        if not self._wants_shifted_base(client, member):
+        dialect = client.dialect
+        if not bases.wanted(self.clone_shifted_base, dialect, self.privileged_containers, member):
             return image_source(self.image)
         fingerprint = await client.image_fingerprint(self.image)
         if fingerprint is None:
             return image_source(self.image)  # let the create fail with the usual message
-        base = f"{self.name_prefix}-base-{fingerprint[:12]}"
-        lock = self._base_locks.setdefault((self._endpoint_key(), base), asyncio.Lock())
-        async with lock:
-            try:
-                existing = await client.get_instance(base)
-            except NotFound:
-                existing = None
-            if existing is None or existing.get("status") != "Stopped":
-                if existing is not None:
-                    await self._force_delete(client, base)
-                self._emit("Preparing a base container for this image (once per image)", 12)
-                await self._make_shifted_base(client, base, fingerprint)
-        return {"type": "copy", "source": base, "instance_only": True}
-
-    async def _make_shifted_base(self, client: LxdClient, base: str, fingerprint: str) -> None:
-        await client.create_instance(
-            base,
-            source={"type": "image", "fingerprint": fingerprint},
-            profiles=list(self.profiles),
-            config={"user.jupyterhub.base-of": fingerprint},
+        shifted = self._bases.setdefault(self._endpoint_key(), bases.ShiftedBases())
+        return await shifted.source(
+            client,
+            fingerprint=fingerprint,
+            prefix=self.name_prefix,
+            profiles=tuple(self.profiles),
             timeout=max(self.start_timeout, 120),
+            on_make=lambda: self._emit(
+                "Preparing a base container for this image (once per image)", 12
+            ),
         )
-        try:
-            await client.start_instance(base, timeout=max(self.start_timeout, 120))
-            await client.stop_instance(base, force=True)
-            # Its first boot wrote a machine-id; copies must make their own (DHCP client ids
-            # and the journal derive from it).
-            await client.push_file(base, "/etc/machine-id", b"", mode=0o444)
-        except BaseException:
-            await self._force_delete(client, base)
-            raise
 
     async def _push_files(
         self,
@@ -1068,11 +1022,7 @@ class LxdSpawner(Spawner):
                 self._remember_orphan(client, name)
 
     async def _force_delete(self, client: LxdClient, name: str) -> None:
-        try:
-            await self._stop_instance(client, name, force=True)
-            await client.delete_instance(name)
-        except NotFound:
-            pass
+        await client.remove_instance(name)
 
     # -- poll and stop ----------------------------------------------------------------------
 
@@ -1121,17 +1071,93 @@ class LxdSpawner(Spawner):
         return 0
 
     async def stop(self, now: bool = False) -> None:
+        """Stop the server; with `remove`, its container is deleted.
+
+        As for a local process, the server is stopped (SIGTERM through its unit) and stop()
+        returns once it has exited; the container's own shutdown and deletion, about half a
+        second more, go on in the background. A new start of the same server waits for them.
+        """
         name = self.instance_name or self._target_instance_name()
         client = await self.client()
+        cache = self._caches.get(self._endpoint_key())
+        if self.remove and not now and await self._stop_server(client, name):
+            key = (self._endpoint_key(), name)
+            self._removals[key] = asyncio.ensure_future(self._remove(client, name))
+            if cache is not None:
+                cache.note(name, status="Stopped")
+            return
         try:
             await self._stop_instance(client, name, force=now)
             if self.remove:
                 await client.delete_instance(name)
         except NotFound:
             pass
-        cache = self._caches.get(self._endpoint_key())
         if cache is not None:
             cache.note(name, deleted=self.remove, status="Stopped")
+
+    #: Containers being shut down and deleted after stop() returned, per (daemon, name).
+    _removals: dict[tuple, asyncio.Task] = {}
+
+    async def _stop_server(self, client: LxdClient, name: str) -> bool:
+        """Stop the server's unit (its container then powers off); False if that failed."""
+        try:
+            result = await client.exec(
+                name, ["systemctl", "stop", objects.UNIT_NAME], timeout=self.stop_timeout + 10
+            )
+        except LxdError as e:
+            self.log.debug("stopping the server in %s through its unit: %s", name, e.message)
+            return False
+        return result.exit_code == 0
+
+    async def _remove(self, client: LxdClient, name: str) -> None:
+        """Wait for the container to power off (by force after stop_timeout), then delete it.
+
+        Should the hub exit first (it cancels every task then), an exit handler finishes it.
+        """
+        key = (self._endpoint_key(), name)
+        _unfinished_removals.add(key)
+        _finish_removals_at_exit.register()
+        try:
+            await self._delete_once_stopped(client, name)
+        except asyncio.CancelledError:
+            raise  # left in _unfinished_removals for the exit handler
+        except BaseException:
+            _unfinished_removals.discard(key)
+            raise
+        else:
+            _unfinished_removals.discard(key)
+        finally:
+            if self._removals.get(key) is asyncio.current_task():
+                del self._removals[key]
+
+    async def _delete_once_stopped(self, client: LxdClient, name: str) -> None:
+        try:
+            await self._stop_instance(client, name, force=False)
+            # LXD may still be tearing the container down after it reports it stopped.
+            for delay in (0.05,) * 20 + (0.5,) * 20:
+                try:
+                    await client.delete_instance(name)
+                    break
+                except LxdError as e:
+                    if isinstance(e, NotFound) or "running" not in e.message.lower():
+                        raise
+                    await asyncio.sleep(delay)
+        except NotFound:
+            pass
+        except LxdError as e:
+            self.log.warning("deleting %s after its server stopped: %s", name, e.message)
+            return
+        cache = self._caches.get(self._endpoint_key())
+        if cache is not None:
+            cache.note(name, deleted=True)
+
+    async def _removed(self, name: str) -> None:
+        """Wait until a removal of ``name`` that stop() left running has finished."""
+        removal = self._removals.get((self._endpoint_key(), name))
+        if removal is not None:
+            self._emit("Waiting for the previous container to be deleted", 3)
+            with contextlib.suppress(Exception):  # if it failed, the start deletes it
+                await asyncio.shield(removal)
 
     async def _stop_instance(self, client: LxdClient, name: str, *, force: bool) -> None:
         """Stop gracefully within stop_timeout, then by force; a stopped one is fine."""
@@ -1141,7 +1167,7 @@ class LxdSpawner(Spawner):
         except NotFound:
             raise
         except LxdError as e:
-            if _already_stopped(e):
+            if not_running(e):
                 return
             if force:
                 raise
@@ -1149,9 +1175,45 @@ class LxdSpawner(Spawner):
         try:
             await client.stop_instance(name, force=True)
         except LxdError as e:
-            if not _already_stopped(e):
+            if not not_running(e):
                 raise
 
 
-def _already_stopped(error: LxdError) -> bool:
-    return "already stopped" in error.message.lower() or "not running" in error.message.lower()
+#: (endpoint key, instance name) of deletions that stop() left running and that have not
+#: finished: JupyterHub cancels every task when it exits, so an exit handler completes them.
+_unfinished_removals: set[tuple] = set()
+
+
+class _FinishRemovalsAtExit:
+    registered = False
+
+    def register(self) -> None:
+        if not self.registered:
+            atexit.register(self)
+            self.registered = True
+
+    def __call__(self, timeout: float = 60.0) -> None:
+        pending = sorted(_unfinished_removals)
+        if not pending:
+            return
+
+        async def finish() -> None:
+            for endpoint_key in {key for key, _ in pending}:
+                endpoint, project, cert, key, server_cert = endpoint_key
+                async with LxdClient(
+                    endpoint,
+                    project=project,
+                    client_cert=cert,
+                    client_key=key,
+                    server_cert=server_cert,
+                ) as client:
+                    names = [name for k, name in pending if k == endpoint_key]
+                    await asyncio.gather(
+                        *(client.remove_instance(n) for n in names), return_exceptions=True
+                    )
+
+        with contextlib.suppress(Exception):
+            asyncio.run(asyncio.wait_for(finish(), timeout))
+
+
+_finish_removals_at_exit = _FinishRemovalsAtExit()

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,7 @@ class LxdClient:
         self._session: aiohttp.ClientSession | None = None
         self._base = ""
         self._where = ""
+        self._fingerprints: dict[str, tuple[str | None, float]] = {}
 
     # -- connection -------------------------------------------------------------------------
 
@@ -300,14 +302,24 @@ class LxdClient:
     async def image_alias(self, alias: str) -> dict:
         return await self.request("GET", f"/1.0/images/aliases/{_q(alias)}")
 
-    async def image_fingerprint(self, image: str) -> str | None:
-        """The full fingerprint of an image alias or (partial) fingerprint; None if unknown."""
+    async def image_fingerprint(self, image: str, *, max_age: float = 0.0) -> str | None:
+        """The full fingerprint of an image alias or (partial) fingerprint; None if unknown.
+
+        With ``max_age``, an answer that old or younger is reused instead of asked again
+        (an alias can be moved to a new image at any time: keep it short)."""
+        now = time.monotonic()
+        known = self._fingerprints.get(image)
+        if known is not None and now - known[1] <= max_age:
+            return known[0]
         try:
             if "alias" in image_source(image):
-                return (await self.image_alias(image))["target"]
-            return (await self.request("GET", f"/1.0/images/{_q(image)}"))["fingerprint"]
+                fingerprint = (await self.image_alias(image))["target"]
+            else:
+                fingerprint = (await self.request("GET", f"/1.0/images/{_q(image)}"))["fingerprint"]
         except NotFound:
-            return None
+            fingerprint = None
+        self._fingerprints[image] = (fingerprint, now)
+        return fingerprint
 
     # -- instances --------------------------------------------------------------------------
 
@@ -369,6 +381,20 @@ class LxdClient:
 
     async def delete_instance(self, name: str, *, timeout: float = 120.0) -> dict:
         return await self.run("DELETE", f"/1.0/instances/{_q(name)}", timeout=timeout)
+
+    async def remove_instance(self, name: str, *, timeout: float = 120.0) -> None:
+        """Stop by force and delete; one that is stopped or gone already is fine."""
+        try:
+            await self.stop_instance(name, force=True)
+        except NotFound:
+            return
+        except LxdError as e:
+            if not not_running(e):
+                raise
+        try:
+            await self.delete_instance(name, timeout=timeout)
+        except NotFound:
+            pass
 
     async def get_instance(self, name: str) -> dict:
         return await self.request("GET", f"/1.0/instances/{_q(name)}")
@@ -593,6 +619,12 @@ class LxdClient:
                     return
             first = False
             await asyncio.sleep(retry_delay)
+
+
+def not_running(error: LxdError) -> bool:
+    """Whether a stop failed only because the instance was not running."""
+    message = error.message.lower()
+    return "already stopped" in message or "not running" in message
 
 
 def image_source(image: str, *, server: str = "", protocol: str = "simplestreams") -> dict:

@@ -165,8 +165,7 @@ async def test_every_option_of_the_original_spawner(tmp_path, host_dir, prefix, 
             assert step in hub.log(), step
 
         await hub.stop_server("alice")
-        with pytest.raises(NotFound):
-            await incus.get_instance(name)
+        await deleted(incus, name)
 
 
 async def test_remove_false_keeps_the_container_and_what_the_user_installed(
@@ -235,8 +234,7 @@ c.LxdSpawner.post_hub_commands = ["echo {{USERNAME}} >> {host_dir}/post.txt"]
             assert not (where / "pwned").exists() and not (where / "pwned2").exists()
         await asyncio.gather(*(hub.stop_server(u, s) for u, s in servers))
         for name in names:
-            with pytest.raises(NotFound):
-                await incus.get_instance(name)
+            await deleted(incus, name)
 
 
 async def test_servers_survive_a_hub_restart(tmp_path, prefix, incus, leftovers):
@@ -256,8 +254,34 @@ c.LxdSpawner.name_prefix = {prefix!r}
         # The same server process: the restart did not touch it.
         assert await server_pid(incus, name) == pid_before
         await hub.stop_server("bob")
-        with pytest.raises(NotFound):
-            await incus.get_instance(name)
+        await deleted(incus, name)
+
+
+async def test_stop_returns_once_the_server_exited_and_a_restart_waits_for_the_removal(
+    tmp_path, prefix, incus, leftovers
+):
+    """stop() ends the server through its unit and returns once it has exited; the container
+    is deleted just after, in the background. Starting again at once waits for that deletion.
+    A hub that exits with cleanup_servers deletes its containers before it is gone."""
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+"""
+    name = f"{prefix}-sam"
+    async with running_hub(tmp_path, config) as hub:
+        await hub.start_server("sam")
+        await hub.stop_server("sam")
+        await hub.start_server("sam")  # the same name: it waits for the old container to go
+        assert (await incus.get_instance(name))["status"] == "Running"
+        await deleted_later_is_logged(hub)
+        await hub.stop_hub()  # cleanup_servers (the default): stops sam on the way out
+        # Not left behind stopped: the hub deleted it before it exited.
+        assert await _instance_missing(incus, name), (await incus.get_instance(name))["status"]
+
+
+async def deleted_later_is_logged(hub) -> None:
+    """No warning about a failed background deletion."""
+    assert "after its server stopped" not in hub.log(), hub.log_tail()
 
 
 async def test_killed_server_is_reported_stopped(tmp_path, prefix, incus, leftovers):
@@ -286,6 +310,12 @@ async def _instance_missing(client: LxdClient, name: str) -> bool:
     except NotFound:
         return True
     return False
+
+
+async def deleted(client: LxdClient, name: str) -> None:
+    """The container of a stopped server goes within seconds (stop() returns when the
+    server has exited; the container's shutdown and deletion follow in the background)."""
+    await wait_until(lambda: _instance_missing(client, name), 20, f"{name} to be deleted")
 
 
 async def test_missing_image_is_a_clear_error(tmp_path, prefix, incus, leftovers):
@@ -442,7 +472,7 @@ c.Spawner.poll_interval = 1
         await asyncio.sleep(2)  # let the spawns' last events settle
         status, before = await hub.get_via_proxy("/hub/metrics")
         assert status == 200 and "lxdspawner_api_requests_total" in before
-        await asyncio.sleep(6)  # about 6 poll cycles for each of the 2 servers
+        await asyncio.sleep(4)  # about 4 poll cycles for each of the 2 servers
         _, after = await hub.get_via_proxy("/hub/metrics")
         assert _requests_total(after) - _requests_total(before) == 0
         assert "lxdspawner_spawn_step_seconds_count" in after
