@@ -9,7 +9,6 @@ container's state in LXD is the server's state.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import dataclasses
 import inspect
@@ -51,9 +50,9 @@ from .lxd import (
     Unreachable,
     image_source,
     ipv4_addresses,
-    not_running,
 )
 from .members import SUSPECT_FOR, MemberBook
+from .removals import Removals
 
 STATE_VERSION = 1
 RUNNING_STATES = ("Running", "Starting", "Freezing", "Frozen", "Thawed")
@@ -1081,13 +1080,19 @@ class LxdSpawner(Spawner):
         client = await self.client()
         cache = self._caches.get(self._endpoint_key())
         if self.remove and not now and await self._stop_server(client, name):
-            key = (self._endpoint_key(), name)
-            self._removals[key] = asyncio.ensure_future(self._remove(client, name))
             if cache is not None:
                 cache.note(name, status="Stopped")
+            self._removals.start(
+                client,
+                self._endpoint_key(),
+                name,
+                stop_timeout=self.stop_timeout,
+                log=self.log,
+                on_deleted=lambda: cache.note(name, deleted=True) if cache else None,
+            )
             return
         try:
-            await self._stop_instance(client, name, force=now)
+            await client.shut_down(name, timeout=self.stop_timeout, force=now)
             if self.remove:
                 await client.delete_instance(name)
         except NotFound:
@@ -1095,8 +1100,8 @@ class LxdSpawner(Spawner):
         if cache is not None:
             cache.note(name, deleted=self.remove, status="Stopped")
 
-    #: Containers being shut down and deleted after stop() returned, per (daemon, name).
-    _removals: dict[tuple, asyncio.Task] = {}
+    #: Containers being shut down and deleted after stop() returned, for the whole hub.
+    _removals = Removals()
 
     async def _stop_server(self, client: LxdClient, name: str) -> bool:
         """Stop the server's unit (its container then powers off); False if that failed."""
@@ -1109,111 +1114,8 @@ class LxdSpawner(Spawner):
             return False
         return result.exit_code == 0
 
-    async def _remove(self, client: LxdClient, name: str) -> None:
-        """Wait for the container to power off (by force after stop_timeout), then delete it.
-
-        Should the hub exit first (it cancels every task then), an exit handler finishes it.
-        """
-        key = (self._endpoint_key(), name)
-        _unfinished_removals.add(key)
-        _finish_removals_at_exit.register()
-        try:
-            await self._delete_once_stopped(client, name)
-        except asyncio.CancelledError:
-            raise  # left in _unfinished_removals for the exit handler
-        except BaseException:
-            _unfinished_removals.discard(key)
-            raise
-        else:
-            _unfinished_removals.discard(key)
-        finally:
-            if self._removals.get(key) is asyncio.current_task():
-                del self._removals[key]
-
-    async def _delete_once_stopped(self, client: LxdClient, name: str) -> None:
-        try:
-            await self._stop_instance(client, name, force=False)
-            # LXD may still be tearing the container down after it reports it stopped.
-            for delay in (0.05,) * 20 + (0.5,) * 20:
-                try:
-                    await client.delete_instance(name)
-                    break
-                except LxdError as e:
-                    if isinstance(e, NotFound) or "running" not in e.message.lower():
-                        raise
-                    await asyncio.sleep(delay)
-        except NotFound:
-            pass
-        except LxdError as e:
-            self.log.warning("deleting %s after its server stopped: %s", name, e.message)
-            return
-        cache = self._caches.get(self._endpoint_key())
-        if cache is not None:
-            cache.note(name, deleted=True)
-
     async def _removed(self, name: str) -> None:
-        """Wait until a removal of ``name`` that stop() left running has finished."""
-        removal = self._removals.get((self._endpoint_key(), name))
-        if removal is not None:
+        """Wait until a deletion of ``name`` that stop() left running has ended."""
+        if self._removals.pending(self._endpoint_key(), name):
             self._emit("Waiting for the previous container to be deleted", 3)
-            with contextlib.suppress(Exception):  # if it failed, the start deletes it
-                await asyncio.shield(removal)
-
-    async def _stop_instance(self, client: LxdClient, name: str, *, force: bool) -> None:
-        """Stop gracefully within stop_timeout, then by force; a stopped one is fine."""
-        try:
-            await client.stop_instance(name, timeout=self.stop_timeout, force=force)
-            return
-        except NotFound:
-            raise
-        except LxdError as e:
-            if not_running(e):
-                return
-            if force:
-                raise
-            self.log.warning("graceful stop of %s failed (%s); forcing", name, e.message)
-        try:
-            await client.stop_instance(name, force=True)
-        except LxdError as e:
-            if not not_running(e):
-                raise
-
-
-#: (endpoint key, instance name) of deletions that stop() left running and that have not
-#: finished: JupyterHub cancels every task when it exits, so an exit handler completes them.
-_unfinished_removals: set[tuple] = set()
-
-
-class _FinishRemovalsAtExit:
-    registered = False
-
-    def register(self) -> None:
-        if not self.registered:
-            atexit.register(self)
-            self.registered = True
-
-    def __call__(self, timeout: float = 60.0) -> None:
-        pending = sorted(_unfinished_removals)
-        if not pending:
-            return
-
-        async def finish() -> None:
-            for endpoint_key in {key for key, _ in pending}:
-                endpoint, project, cert, key, server_cert = endpoint_key
-                async with LxdClient(
-                    endpoint,
-                    project=project,
-                    client_cert=cert,
-                    client_key=key,
-                    server_cert=server_cert,
-                ) as client:
-                    names = [name for k, name in pending if k == endpoint_key]
-                    await asyncio.gather(
-                        *(client.remove_instance(n) for n in names), return_exceptions=True
-                    )
-
-        with contextlib.suppress(Exception):
-            asyncio.run(asyncio.wait_for(finish(), timeout))
-
-
-_finish_removals_at_exit = _FinishRemovalsAtExit()
+            await self._removals.wait(self._endpoint_key(), name)

@@ -382,6 +382,25 @@ class LxdClient:
     async def delete_instance(self, name: str, *, timeout: float = 120.0) -> dict:
         return await self.run("DELETE", f"/1.0/instances/{_q(name)}", timeout=timeout)
 
+    async def shut_down(self, name: str, *, timeout: float, force: bool = False) -> None:
+        """Stop gracefully within ``timeout``, then by force; one that is stopped is fine."""
+        try:
+            await self.stop_instance(name, timeout=timeout, force=force)
+            return
+        except NotFound:
+            raise
+        except LxdError as e:
+            if not_running(e):
+                return
+            if force:
+                raise
+            log.warning("graceful stop of %s failed (%s); forcing", name, e.message)
+        try:
+            await self.stop_instance(name, force=True)
+        except LxdError as e:
+            if not not_running(e):
+                raise
+
     async def remove_instance(self, name: str, *, timeout: float = 120.0) -> None:
         """Stop by force and delete; one that is stopped or gone already is fine."""
         try:
@@ -391,6 +410,24 @@ class LxdClient:
         except LxdError as e:
             if not not_running(e):
                 raise
+        await self.delete_stopped_instance(name, timeout=timeout)
+
+    async def delete_stopped_instance(self, name: str, *, timeout: float = 120.0) -> None:
+        """Delete an instance that has just stopped; one that is gone already is fine.
+
+        LXD reports a container stopped a moment (about half a second) before it has torn it
+        down, and refuses to delete it meanwhile ("Instance is running"): so retry then.
+        """
+        for delay in (0.05,) * 20 + (0.5,) * 20:
+            try:
+                await self.delete_instance(name, timeout=timeout)
+                return
+            except NotFound:
+                return
+            except LxdError as e:
+                if "running" not in e.message.lower():
+                    raise
+            await asyncio.sleep(delay)
         try:
             await self.delete_instance(name, timeout=timeout)
         except NotFound:

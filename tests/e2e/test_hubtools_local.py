@@ -57,9 +57,13 @@ async def _status(hub, server: dict) -> dict:
     return json.loads(body)
 
 
-async def test_start_reach_stop_awkward_names(tmp_path):
+async def test_start_reach_stop_awkward_names_named_server_and_failed_spawn(tmp_path):
     async with running_hub(tmp_path, local_config(tmp_path), hub_ip="127.0.0.1") as hub:
-        servers = await asyncio.gather(*(hub.start_server(u, timeout=90) for u in AWKWARD))
+        servers = await asyncio.gather(
+            *(hub.start_server(u, timeout=90) for u in AWKWARD),
+            hub.start_server("bob", "work-1", timeout=90),
+        )
+        named = servers.pop()
         for user, server in zip(AWKWARD, servers, strict=True):
             assert server["ready"] is True
             model = await hub.user_model(user)
@@ -73,6 +77,17 @@ async def test_start_reach_stop_awkward_names(tmp_path):
             assert await hub.server_model(user) is None
         status, _ = await hub.get_via_proxy(servers[0]["url"] + "api/status")
         assert status != 200  # the route is gone with the server
+
+        assert named["name"] == "work-1"
+        await _status(hub, named)
+        with pytest.raises(SpawnFailed) as failure:
+            await hub.start_server("bob", "broken")
+        assert "no-such-image" in failure.value.message
+        assert (await hub.server_model("bob", "broken")) is None
+        await hub.stop_server("bob", "work-1", remove=True)
+        model = await hub.user_model("bob")
+        assert "work-1" not in model["servers"]
+        assert "test hook" in hub.log()  # log() gives the hub's log
     assert_no_file_named_pwned(tmp_path)
 
 
@@ -80,23 +95,6 @@ def assert_no_file_named_pwned(tmp_path: Path) -> None:
     """The name was never given to a shell (its `touch pwned` never ran)."""
     assert not list(tmp_path.rglob("pwned"))
     assert not Path("pwned").exists()
-
-
-async def test_named_server_and_failed_spawn(tmp_path):
-    async with running_hub(tmp_path, local_config(tmp_path), hub_ip="127.0.0.1") as hub:
-        server = await hub.start_server("bob", "work-1")
-        assert server["name"] == "work-1"
-        await _status(hub, server)
-
-        with pytest.raises(SpawnFailed) as failure:
-            await hub.start_server("bob", "broken")
-        assert "no-such-image" in failure.value.message
-        assert (await hub.server_model("bob", "broken")) is None
-
-        await hub.stop_server("bob", "work-1", remove=True)
-        model = await hub.user_model("bob")
-        assert "work-1" not in model["servers"]
-        assert "test hook" in hub.log()  # log() gives the hub's log
 
 
 async def test_restart_keeps_servers(tmp_path):

@@ -269,14 +269,18 @@ c.LxdSpawner.name_prefix = {prefix!r}
 """
     name = f"{prefix}-sam"
     async with running_hub(tmp_path, config) as hub:
-        await hub.start_server("sam")
+        await asyncio.gather(hub.start_server("sam"), hub.start_server("tom"))
         await hub.stop_server("sam")
         await hub.start_server("sam")  # the same name: it waits for the old container to go
         assert (await incus.get_instance(name))["status"] == "Running"
         await deleted_later_is_logged(hub)
-        await hub.stop_hub()  # cleanup_servers (the default): stops sam on the way out
-        # Not left behind stopped: the hub deleted it before it exited.
-        assert await _instance_missing(incus, name), (await incus.get_instance(name))["status"]
+        # tom's container is still being deleted, sam's server still runs, when the hub exits
+        # (cleanup_servers, the default, stops sam on the way out).
+        await hub.stop_server("tom")
+        await hub.stop_hub()
+        # Neither is left behind: the hub finished both deletions before it exited.
+        for left in (name, f"{prefix}-tom"):
+            assert await _instance_missing(incus, left), (await incus.get_instance(left))["status"]
 
 
 async def deleted_later_is_logged(hub) -> None:
