@@ -436,8 +436,9 @@ c.Spawner.start_timeout = 120
         finally:
             _start_lxd()
             await lxd.close()
-    async with LxdClient(endpoint) as lxd:
-        await remove_instances_named(lxd, prefix + "-")
+            # Whatever happened, nothing of this test stays on LXD (its base included).
+            async with LxdClient(endpoint) as fresh:
+                await remove_instances_named(fresh, prefix + "-")
 
 
 def _stop_lxd() -> None:
