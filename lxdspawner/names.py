@@ -25,9 +25,10 @@ MAX_LENGTH = 63
 HASH_LENGTH = 8
 DEFAULT_PREFIX = "jupyter"
 
-_SAFE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-_ENDS_LIKE_HASH = re.compile(rf"-[0-9a-f]{{{HASH_LENGTH}}}$")
-_PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]*$")
+# fullmatch and \Z, never "$": "$" also matches before a final newline ("alice\n").
+_SAFE = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
+_ENDS_LIKE_HASH = re.compile(rf"-[0-9a-f]{{{HASH_LENGTH}}}\Z")
+_PREFIX = re.compile(r"[a-zA-Z][a-zA-Z0-9-]*")
 
 
 def _digest(*parts: str) -> str:
@@ -42,7 +43,7 @@ def slugify(raw: str) -> str:
 
 
 def _is_kept_as_is(name: str, room: int) -> bool:
-    return len(name) <= room and bool(_SAFE.match(name)) and not _ENDS_LIKE_HASH.search(name)
+    return len(name) <= room and bool(_SAFE.fullmatch(name)) and not _ENDS_LIKE_HASH.search(name)
 
 
 def _join(prefix: str, slug: str, digest: str) -> str:
@@ -52,7 +53,7 @@ def _join(prefix: str, slug: str, digest: str) -> str:
 
 
 def validate_prefix(prefix: str) -> str:
-    if not _PREFIX.match(prefix) or len(prefix) > 20 or prefix.endswith("-"):
+    if not _PREFIX.fullmatch(prefix) or len(prefix) > 20 or prefix.endswith("-"):
         raise ValueError(
             f"name prefix {prefix!r} is not usable: it must start with a letter, hold only "
             "letters, digits and hyphens, not end with a hyphen, and be at most 20 characters"

@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lxdspawner.names import instance_name, is_valid_instance_name, slugify, validate_prefix
@@ -79,6 +79,7 @@ def test_names_are_stable():
 
 @settings(max_examples=500)
 @given(usernames, server_names)
+@example(user="0\n", server="")  # found by hypothesis in CI: "$" matched before the newline
 def test_every_name_is_valid(user, server):
     assert is_valid_instance_name(instance_name(user, server))
 
@@ -100,7 +101,7 @@ def test_slug_is_lowercase_ascii_words(user):
     assert re.fullmatch(r"([a-z0-9]+(-[a-z0-9]+)*)?", slugify(user))
 
 
-@pytest.mark.parametrize("prefix", ["", "1abc", "a_b", "x-", "a" * 21])
+@pytest.mark.parametrize("prefix", ["", "1abc", "a_b", "x-", "a" * 21, "jupyter\n"])
 def test_bad_prefixes_are_refused_with_a_reason(prefix):
     with pytest.raises(ValueError, match="prefix"):
         validate_prefix(prefix)
@@ -108,3 +109,10 @@ def test_bad_prefixes_are_refused_with_a_reason(prefix):
 
 def test_custom_prefix():
     assert instance_name("alice", prefix="class101") == "class101-alice"
+
+
+@pytest.mark.parametrize("user", ["alice\n", "0\n", "bob\n\n"])
+def test_a_trailing_newline_is_not_a_safe_name(user):
+    name = instance_name(user)
+    assert is_valid_instance_name(name), name
+    assert name != instance_name(user.rstrip("\n"))  # a different user, a different name
