@@ -342,9 +342,9 @@ EOF
 
 ensure_cluster_config() {
     # A stopped member is reported Offline after this many seconds without a heartbeat
-    # (the default is 20; Incus refuses 10 or less). Heartbeat rounds are about 10 s apart,
-    # so on a loaded machine a threshold close to 10 reports live members Offline now and
-    # then (seen in CI with 11: an image "not available on any online member").
+    # (the default is 20; Incus refuses 10 or less). Close to that minimum, a loaded machine
+    # reports live members Offline now and then: seen in CI with 11, as an image "not
+    # available on any online member".
     [ "$(c 1 config get cluster.offline_threshold)" = "$OFFLINE_THRESHOLD" ] ||
         c 1 config set cluster.offline_threshold "$OFFLINE_THRESHOLD"
 }
