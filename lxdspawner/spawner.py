@@ -52,7 +52,6 @@ from .lxd import (
     ipv4_addresses,
 )
 from .members import SUSPECT_FOR, MemberBook
-from .removals import Removals
 
 STATE_VERSION = 1
 RUNNING_STATES = ("Running", "Starting", "Freezing", "Frozen", "Thawed")
@@ -652,7 +651,6 @@ class LxdSpawner(Spawner):
         files = await self._read_files_to_push()
         client = await self.client()
         cache = await self.cache()
-        await self._removed(self._target_instance_name())
         name, existing = await self._usable_name(client)
         self.instance_name = name
         spec = self._spec(uid, gid)
@@ -1070,52 +1068,14 @@ class LxdSpawner(Spawner):
         return 0
 
     async def stop(self, now: bool = False) -> None:
-        """Stop the server; with `remove`, its container is deleted.
-
-        As for a local process, the server is stopped (SIGTERM through its unit) and stop()
-        returns once it has exited; the container's own shutdown and deletion, about half a
-        second more, go on in the background. A new start of the same server waits for them.
-        """
         name = self.instance_name or self._target_instance_name()
         client = await self.client()
-        cache = self._caches.get(self._endpoint_key())
-        if self.remove and not now and await self._stop_server(client, name):
-            if cache is not None:
-                cache.note(name, status="Stopped")
-            self._removals.start(
-                client,
-                self._endpoint_key(),
-                name,
-                stop_timeout=self.stop_timeout,
-                log=self.log,
-                on_deleted=lambda: cache.note(name, deleted=True) if cache else None,
-            )
-            return
         try:
             await client.shut_down(name, timeout=self.stop_timeout, force=now)
             if self.remove:
                 await client.delete_instance(name)
         except NotFound:
             pass
+        cache = self._caches.get(self._endpoint_key())
         if cache is not None:
             cache.note(name, deleted=self.remove, status="Stopped")
-
-    #: Containers being shut down and deleted after stop() returned, for the whole hub.
-    _removals = Removals()
-
-    async def _stop_server(self, client: LxdClient, name: str) -> bool:
-        """Stop the server's unit (its container then powers off); False if that failed."""
-        try:
-            result = await client.exec(
-                name, ["systemctl", "stop", objects.UNIT_NAME], timeout=self.stop_timeout + 10
-            )
-        except LxdError as e:
-            self.log.debug("stopping the server in %s through its unit: %s", name, e.message)
-            return False
-        return result.exit_code == 0
-
-    async def _removed(self, name: str) -> None:
-        """Wait until a deletion of ``name`` that stop() left running has ended."""
-        if self._removals.pending(self._endpoint_key(), name):
-            self._emit("Waiting for the previous container to be deleted", 3)
-            await self._removals.wait(self._endpoint_key(), name)

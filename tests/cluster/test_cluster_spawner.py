@@ -121,7 +121,7 @@ async def test_burst_spreads_evenly_and_a_hub_restart_finds_every_server(cluster
         t0 = time.monotonic()
         await hub.stop_all_servers(timeout=300)
         print(f"stopping {BURST} servers: {time.monotonic() - t0:.1f} s")
-        deadline = time.monotonic() + 60  # containers are deleted in the background
+        deadline = time.monotonic() + 60
         while left := await locations(cl, users):
             assert time.monotonic() < deadline, f"containers left: {left}"
             await asyncio.sleep(1)

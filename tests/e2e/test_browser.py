@@ -209,7 +209,7 @@ async def test_login_lab_notebook_and_stop(hub, browser, output_dir, mode):
         await shot("stopped")
 
         await wait_gone(hub, user)
-        if mode == "lxd":  # deleted in the background, within seconds
+        if mode == "lxd":
             deadline = time.monotonic() + 20
             while hostname in instance_names():
                 assert time.monotonic() < deadline, "the container outlived its server"
