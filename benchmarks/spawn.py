@@ -129,7 +129,6 @@ c.PeriodicMetricsCollector.event_loop_interval_log_threshold = {LOOP_RESOLUTION!
 """
 
 FLOOR_CONFIG = """
-c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
 c.SimpleLocalProcessSpawner.home_dir_template = {homes!r} + "/{{username}}"
 c.Spawner.cmd = [{singleuser!r}]
 c.Spawner.args = ["--allow-root"]
@@ -1227,10 +1226,14 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         )
         homes = workdir / "floor-homes"
         homes.mkdir(parents=True, exist_ok=True)
-        floor_config = COMMON_CONFIG + FLOOR_CONFIG.format(
-            homes=str(homes),
-            singleuser=str(singleuser),
-            path=f"{singleuser.parent}:/usr/local/bin:/usr/bin:/bin",
+        floor_config = (
+            COMMON_CONFIG
+            + hubtools.LOCAL_SPAWNER_CONFIG
+            + FLOOR_CONFIG.format(
+                homes=str(homes),
+                singleuser=str(singleuser),
+                path=f"{singleuser.parent}:/usr/local/bin:/usr/bin:/bin",
+            )
         )
         lxd_config = (
             COMMON_CONFIG

@@ -169,6 +169,38 @@ c.JupyterHub.load_roles = [{{"name": "admin", "services": ["e2e-harness"]}}]
 """
 
 
+# JupyterHub's local spawners pick a port with random_port(): bind port 0, close, and hand the
+# number to the server. Two spawns at once can draw the same number (CI saw it: "port 43019 is
+# not available"), and any outgoing connection may take it first, since it comes from the
+# ephemeral range. Local servers here get ports from one counter per hub below that range.
+LOCAL_SPAWNER_CONFIG = """
+import itertools as _itertools
+import socket as _socket
+from jupyterhub.spawner import SimpleLocalProcessSpawner as _SimpleLocalProcessSpawner
+
+_ports = _itertools.count(21000)
+
+
+def _unused_port():
+    for port in _ports:
+        with _socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
+class _DistinctPortsSpawner(_SimpleLocalProcessSpawner):
+    async def start(self):
+        self.port = _unused_port()
+        return await super().start()
+
+
+c.JupyterHub.spawner_class = _DistinctPortsSpawner
+"""
+
+
 class Hub:
     """One JupyterHub plus its proxy, in `workdir`. Use `running_hub` to get one."""
 

@@ -26,6 +26,7 @@ from hubtools import (
     CHP,
     DAEMON_CLI,
     DAEMON_HUB_IP,
+    LOCAL_SPAWNER_CONFIG,
     REPO,
     VENV_BIN,
     chromium_missing,
@@ -59,11 +60,13 @@ _demo.apply_demo_settings(c)
 """
     if MODE == "local":
         args = ["--allow-root"] if os.geteuid() == 0 else []
-        text += f"""
-c.JupyterHub.spawner_class = "simple"
+        text += (
+            LOCAL_SPAWNER_CONFIG
+            + f"""
 c.Spawner.cmd = [{str(VENV_BIN / "jupyterhub-singleuser")!r}]
 c.Spawner.args = {args!r}
 """
+        )
     else:
         text += f"c.LxdSpawner.image = {IMAGE!r}\n"
     return text + "\n".join(extra) + "\n"

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hubtools import CHP, VENV_BIN, SpawnFailed, running_hub
+from hubtools import CHP, LOCAL_SPAWNER_CONFIG, VENV_BIN, SpawnFailed, running_hub
 
 pytestmark = [
     pytest.mark.e2e,
@@ -33,8 +33,9 @@ def local_config(tmp_path: Path) -> str:
     """Config text for SimpleLocalProcessSpawner, as these tests pass it to running_hub."""
     args = ["--allow-root"] if os.geteuid() == 0 else []
     home = tmp_path / "home"
-    return f"""
-c.JupyterHub.spawner_class = "simple"
+    return (
+        LOCAL_SPAWNER_CONFIG
+        + f"""
 c.Spawner.cmd = [{str(VENV_BIN / "jupyterhub-singleuser")!r}]
 c.Spawner.args = {args!r}
 c.SimpleLocalProcessSpawner.home_dir_template = {str(home) + "/{username}"!r}
@@ -49,6 +50,7 @@ def _refuse_broken(spawner):
 
 c.Spawner.pre_spawn_hook = _refuse_broken
 """
+    )
 
 
 async def _status(hub, server: dict) -> dict:
