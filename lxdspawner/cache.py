@@ -38,6 +38,13 @@ _STATUS_AFTER = {
     "instance-shutdown": "Stopped",
 }
 
+# Sent only once LXD has torn a stopped container down (its stop hooks have released its
+# network devices and storage). Deleting a container before that makes the hooks fail and
+# leaks its host-side veth pair, as a container that powers off by itself reads "Stopped" a
+# moment before.
+_TORN_DOWN = ("instance-stopped", "instance-shutdown", "instance-deleted")
+_STARTED = ("instance-started", "instance-restarted")
+
 
 @dataclass(frozen=True)
 class CachedInstance:
@@ -87,6 +94,8 @@ class InstanceCache:
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Condition()
         self._synced = asyncio.Event()
+        # Names of containers that LXD has started and not yet reported torn down.
+        self._up: set[str] = set()
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -138,12 +147,37 @@ class InstanceCache:
     def note(self, name: str, *, status: str | None = None, deleted: bool = False) -> None:
         if deleted:
             self._drop(name)
+            self._up.discard(name)
         elif status and name in self._instances:
             self._put(replace(self._instances[name], status=status))
+
+    def expect_teardown(self, name: str) -> None:
+        """``name`` runs and is about to stop (its start event may not be here yet)."""
+        self._up.add(name)
+
+    def note_torn_down(self, name: str) -> None:
+        """A stop through the API has ended: its operation ends after the teardown."""
+        self._up.discard(name)
+
+    async def wait_torn_down(self, name: str, timeout: float) -> bool:
+        """Wait until LXD has torn ``name`` down after its stop (or it is gone); False if
+        that was not seen within ``timeout`` (the event stream may have been down)."""
+
+        def done() -> bool:
+            return name not in self._up
+
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(done), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def note_instance(self, instance: dict) -> None:
         if _is_ours(instance):
             self._put(_from_api(instance))
+            if instance.get("status") == "Running":
+                self._up.add(instance["name"])
 
     # -- running ----------------------------------------------------------------------------
 
@@ -164,6 +198,10 @@ class InstanceCache:
         """Replace the view with a fresh list of our instances (one request)."""
         listed = await self.client.list_instances(recursion=1)
         self._instances = {i["name"]: _from_api(i) for i in listed if _is_ours(i)}
+        # One listed as stopped is taken as torn down: a list falls into the half second
+        # before the event only by a rare chance (it comes every resync_interval, and after a
+        # reconnect, when the event may be lost).
+        self._up = {name for name, i in self._instances.items() if i.status != "Stopped"}
         self._counts = Counter(i.location for i in self._instances.values())
         self._synced.set()
         async with self._changed:
@@ -237,6 +275,10 @@ class InstanceCache:
         if self.client.project and event.get("project", "default") != self.client.project:
             return
         name = source.rsplit("/", 1)[-1]
+        if action in _TORN_DOWN:
+            self._up.discard(name)
+        elif action in _STARTED:
+            self._up.add(name)
         if action == "instance-deleted":
             self._drop(name)
         elif action in _STATUS_AFTER and name in self._instances:

@@ -52,6 +52,7 @@ from .lxd import (
     ipv4_addresses,
 )
 from .members import SUSPECT_FOR, MemberBook
+from .removals import Removals, delete_once_torn_down
 
 STATE_VERSION = 1
 RUNNING_STATES = ("Running", "Starting", "Freezing", "Frozen", "Thawed")
@@ -651,6 +652,7 @@ class LxdSpawner(Spawner):
         files = await self._read_files_to_push()
         client = await self.client()
         cache = await self.cache()
+        await self._removed(self._target_instance_name())
         name, existing = await self._usable_name(client)
         self.instance_name = name
         spec = self._spec(uid, gid)
@@ -1019,7 +1021,17 @@ class LxdSpawner(Spawner):
                 self._remember_orphan(client, name)
 
     async def _force_delete(self, client: LxdClient, name: str) -> None:
-        await client.remove_instance(name)
+        """Stop by force, and delete once LXD has torn the container down."""
+        cache = self._caches.get(self._endpoint_key())
+        if cache is None:
+            return await client.remove_instance(name)
+        try:
+            if await client.shut_down(name, timeout=0, force=True):
+                cache.note_torn_down(name)
+        except NotFound:
+            cache.note(name, deleted=True)
+            return
+        await delete_once_torn_down(client, cache, name, self.stop_timeout + 10, self.log.debug)
 
     # -- poll and stop ----------------------------------------------------------------------
 
@@ -1060,22 +1072,65 @@ class LxdSpawner(Spawner):
         # The server ended by itself (its container powered off). JupyterHub will not call
         # stop() for a server that is not running, so the container is removed here.
         if self.remove and not self._spawn_pending:
-            try:
-                await client.delete_instance(self.instance_name)
-                cache.note(self.instance_name, deleted=True)
-            except LxdError as e:
-                self.log.warning("removing stopped %s: %s", self.instance_name, e.message)
+            self._remove_when_torn_down(client, cache, self.instance_name)
         return 0
 
     async def stop(self, now: bool = False) -> None:
+        """Stop the server; with `remove`, its container is deleted.
+
+        As for a local process, stop() returns once the server has exited: its unit is
+        stopped (SIGTERM, then SIGKILL after the unit's timeout) and the container then
+        powers off by itself. Its deletion, once LXD has torn it down, goes on in the
+        background (see removals.py); a new start of the same server waits for it.
+        """
         name = self.instance_name or self._target_instance_name()
         client = await self.client()
+        cache = await self.cache()
+        cached = cache.get(name) if cache.healthy else None
+        stopped = False
+        if self.remove and not now and cached is not None and cached.status == "Running":
+            cache.expect_teardown(name)
+            stopped = await self._stop_server(client, name)
+        if not stopped:
+            try:
+                if await client.shut_down(name, timeout=self.stop_timeout, force=now):
+                    cache.note_torn_down(name)
+            except NotFound:
+                cache.note(name, deleted=True)
+                return
+        cache.note(name, status="Stopped")
+        if self.remove:
+            self._remove_when_torn_down(client, cache, name)
+
+    #: Containers being deleted after their server stopped, for the whole hub.
+    _removals = Removals()
+
+    def _remove_when_torn_down(self, client: LxdClient, cache: InstanceCache, name: str) -> None:
+        self._removals.start(
+            client,
+            cache,
+            self._endpoint_key(),
+            name,
+            teardown_timeout=self.stop_timeout + 10,
+            log=self.log,
+        )
+
+    async def _stop_server(self, client: LxdClient, name: str) -> bool:
+        """Stop the server's unit, and with it the container; False if that failed."""
         try:
-            await client.shut_down(name, timeout=self.stop_timeout, force=now)
-            if self.remove:
-                await client.delete_instance(name)
-        except NotFound:
-            pass
-        cache = self._caches.get(self._endpoint_key())
-        if cache is not None:
-            cache.note(name, deleted=self.remove, status="Stopped")
+            result = await client.exec(
+                name,
+                ["systemctl", "stop", objects.UNIT_NAME],
+                timeout=self.stop_timeout + 10,
+                record_output=False,
+            )
+        except LxdError as e:
+            self.log.debug("stopping the server in %s through its unit: %s", name, e.message)
+            return False
+        return result.exit_code == 0
+
+    async def _removed(self, name: str) -> None:
+        """Wait until a deletion of ``name`` that an earlier stop left running has ended."""
+        if self._removals.pending(self._endpoint_key(), name):
+            self._emit("Waiting for the previous container to be deleted", 3)
+            await self._removals.wait(self._endpoint_key(), name)

@@ -1,6 +1,6 @@
 """Async client for the LXD and Incus REST API (no JupyterHub imports)."""
 
-from .client import ExecResult, LxdClient, image_source, ipv4_addresses, not_running
+from .client import ExecResult, LxdClient, image_source, ipv4_addresses
 from .dialect import Dialect, local_socket_candidates
 from .errors import Conflict, LxdError, NotFound, OperationFailed, Unreachable
 
@@ -16,5 +16,4 @@ __all__ = [
     "image_source",
     "ipv4_addresses",
     "local_socket_candidates",
-    "not_running",
 ]

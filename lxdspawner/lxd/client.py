@@ -382,16 +382,20 @@ class LxdClient:
     async def delete_instance(self, name: str, *, timeout: float = 120.0) -> dict:
         return await self.run("DELETE", f"/1.0/instances/{_q(name)}", timeout=timeout)
 
-    async def shut_down(self, name: str, *, timeout: float, force: bool = False) -> None:
-        """Stop gracefully within ``timeout``, then by force; one that is stopped is fine."""
+    async def shut_down(self, name: str, *, timeout: float, force: bool = False) -> bool:
+        """Stop gracefully within ``timeout``, then by force; one that is stopped is fine.
+
+        True if this stop did it: the operation of a stop ends once LXD has torn the
+        container down. False if it was not running (it may still be being torn down).
+        """
         try:
             await self.stop_instance(name, timeout=timeout, force=force)
-            return
+            return True
         except NotFound:
             raise
         except LxdError as e:
             if not_running(e):
-                return
+                return False
             if force:
                 raise
             log.warning("graceful stop of %s failed (%s); forcing", name, e.message)
@@ -400,6 +404,8 @@ class LxdClient:
         except LxdError as e:
             if not not_running(e):
                 raise
+            return False
+        return True
 
     async def remove_instance(self, name: str, *, timeout: float = 120.0) -> None:
         """Stop by force and delete; one that is stopped or gone already is fine."""
@@ -535,18 +541,20 @@ class LxdClient:
         group: int | None = None,
         cwd: str | None = None,
         timeout: float = 300.0,
+        record_output: bool = True,
     ) -> ExecResult:
         """Run a command to its end with its output recorded; the records are then deleted.
 
         The command is an argument vector: nothing here goes through a shell unless the caller
-        runs one, so user-supplied values belong in ``environment``.
+        runs one, so user-supplied values belong in ``environment``. Without
+        ``record_output`` only the exit code comes back, two requests sooner.
         """
         body: dict[str, Any] = {
             "command": list(command),
             "environment": dict(environment or {}),
             "wait-for-websocket": False,
             "interactive": False,
-            "record-output": True,
+            "record-output": record_output,
         }
         if user is not None:
             body["user"] = int(user)

@@ -6,6 +6,7 @@ unset). A missing daemon fails the test: in CI these tests must run, never be sk
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ SOCKETS = {
     "lxd": "/var/lib/lxd/unix.socket",
 }
 BRIDGE_GATEWAYS = {"incus": "10.117.40.1", "lxd": "10.117.41.1"}
+BRIDGES = {"incus": "lxdspbr0", "lxd": "lxdspbr1"}
 TINY_IMAGE = "lxdspawner-tiny"
 BASE_IMAGE = "jupyter-base"
 
@@ -106,5 +108,22 @@ async def remove_instances_named(client: LxdClient, prefix: str) -> None:
             try:
                 await client.stop_instance(name, force=True)
             except LxdError:
-                pass
+                # Stopped already, maybe a moment ago by itself: give LXD's teardown the
+                # time it takes, or this deletion would leak the container's interface.
+                await asyncio.sleep(1)
             await client.delete_instance(name)
+
+
+def bridge_ports(daemon: str = "incus") -> set[str]:
+    """The host-side interfaces on the daemon's bridge: one per running container."""
+    return set(os.listdir(f"/sys/class/net/{BRIDGES[daemon]}/brif"))
+
+
+async def leaked_interfaces(client: LxdClient, before: set[str], daemon: str = "incus") -> set:
+    """Interfaces that came onto the bridge since ``before`` and belong to no running
+    container: what a container deleted before LXD had torn it down leaves behind."""
+    owned = set()
+    for instance in await client.list_instances(recursion=2):
+        network = (instance.get("state") or {}).get("network") or {}
+        owned |= {nic.get("host_name") for nic in network.values()}
+    return bridge_ports(daemon) - before - owned

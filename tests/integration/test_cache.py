@@ -16,7 +16,7 @@ from lxdspawner.cache import InstanceCache
 from lxdspawner.lxd import LxdClient, LxdError, NotFound, image_source
 from lxdspawner.objects import KEY_MANAGED, KEY_USER, MANAGED_BY
 
-from .conftest import SOCKETS, TINY_IMAGE
+from .conftest import SOCKETS, TINY_IMAGE, bridge_ports, leaked_interfaces
 
 OURS = {KEY_MANAGED: MANAGED_BY, KEY_USER: "cache-test"}
 
@@ -62,6 +62,30 @@ async def test_follows_our_instances_and_ignores_others(lxd, cache, instances):
     assert cache.healthy
 
 
+async def test_a_container_that_powers_off_is_torn_down_when_the_cache_says_so(
+    lxd, cache, instances
+):
+    """What removals.py relies on: once the cache has seen the teardown of a container that
+    powered off by itself, its host-side interface is gone and it can be deleted."""
+    name = instances("off")
+    await lxd.create_instance(name, source=image_source(TINY_IMAGE), config=OURS, start=True)
+    await eventually(lambda: cache.get(name) and cache.get(name).status == "Running")
+    interface = (await lxd.instance_state(name))["network"]["eth0"]["host_name"]
+    assert _interface_exists(interface)
+    cache.expect_teardown(name)
+    assert not await cache.wait_torn_down(name, 0.2)  # it runs
+    with contextlib.suppress(LxdError):  # the exec may end with the container
+        await lxd.exec(name, ["poweroff"], record_output=False)
+    assert await cache.wait_torn_down(name, 30)
+    assert cache.get(name).status == "Stopped"
+    assert not _interface_exists(interface)
+    await lxd.delete_instance(name)  # at the first try
+
+
+def _interface_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
 async def test_starts_from_a_list_of_what_exists(lxd, instances):
     name = instances("pre")
     await lxd.create_instance(name, source=image_source(TINY_IMAGE), config=OURS, start=True)
@@ -78,6 +102,7 @@ async def test_a_daemon_restart_does_not_confuse_it():
     """Kill the daemon; while it is down, a container dies; the cache must catch up.
 
     Incus only: LXD's restart is the same code path in the cache."""
+    ports = bridge_ports()
     async with LxdClient(f"unix://{SOCKETS['incus']}") as lxd:
         cache = InstanceCache(lxd, quiet_timeout=30)
         await cache.start()
@@ -123,6 +148,11 @@ async def test_a_daemon_restart_does_not_confuse_it():
                         await fresh.stop_instance(name, force=True)
                     with contextlib.suppress(NotFound):
                         await fresh.delete_instance(name)
+                # The stop hooks of the container that died meanwhile could not reach the
+                # daemon, so its host-side interface stays (Incus does not clean it up later).
+                for interface in await leaked_interfaces(fresh, ports):
+                    ip = await asyncio.create_subprocess_exec("ip", "link", "delete", interface)
+                    await ip.wait()
 
 
 def _kill_incusd() -> None:

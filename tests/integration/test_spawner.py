@@ -18,7 +18,13 @@ from lxdspawner import sharing
 from lxdspawner.lxd import LxdClient, NotFound
 from lxdspawner.names import instance_name
 
-from .conftest import SOCKETS, dump_instance, remove_instances_named
+from .conftest import (
+    SOCKETS,
+    bridge_ports,
+    dump_instance,
+    leaked_interfaces,
+    remove_instances_named,
+)
 
 ALL_OPTIONS = """
 c.JupyterHub.spawner_class = "lxd"
@@ -58,7 +64,9 @@ async def incus():
 @pytest.fixture
 async def leftovers(incus, prefix, request):
     """Every instance this test's hub made is gone at the end, whatever happened; on a
-    failure, their LXD log, console and server log are printed first."""
+    failure, their LXD log, console and server log are printed first. And none of them has
+    left its network interface on the host."""
+    ports = bridge_ports()
     yield
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
@@ -72,6 +80,8 @@ async def leftovers(incus, prefix, request):
                 except Exception as e:  # the report must not hide the failure
                     print(f"===== {name}: no server log ({e}) =====")
     await remove_instances_named(incus, prefix + "-")
+    leaked = await leaked_interfaces(incus, ports)
+    assert not leaked, f"host interfaces left by deleted containers: {sorted(leaked)}"
 
 
 def all_options(prefix: str, host_dir: Path, endpoint: str = "") -> str:
@@ -259,7 +269,9 @@ c.LxdSpawner.name_prefix = {prefix!r}
 
 async def test_stop_start_again_and_hub_exit_leave_no_container(tmp_path, prefix, incus, leftovers):
     """A server stopped and started again at once gets a fresh container; a hub that exits
-    with cleanup_servers (the default) deletes its containers before it is gone."""
+    with cleanup_servers (the default) deletes its containers before it is gone. Nothing of
+    them is left on the host: a container deleted before LXD has torn it down leaks its
+    host-side network interface."""
     config = f"""
 c.JupyterHub.spawner_class = "lxd"
 c.LxdSpawner.name_prefix = {prefix!r}
@@ -267,9 +279,14 @@ c.LxdSpawner.name_prefix = {prefix!r}
     name = f"{prefix}-sam"
     async with running_hub(tmp_path, config) as hub:
         await asyncio.gather(hub.start_server("sam"), hub.start_server("tom"))
+        interfaces = {
+            await host_interface(incus, name),
+            await host_interface(incus, f"{prefix}-tom"),
+        }
         await hub.stop_server("sam")
         await hub.start_server("sam")  # the same name, at once
         assert (await incus.get_instance(name))["status"] == "Running"
+        interfaces.add(await host_interface(incus, name))
         await deleted_later_is_logged(hub)
         # sam's server still runs when the hub exits (cleanup_servers stops it on the way out).
         await hub.stop_server("tom")
@@ -277,6 +294,18 @@ c.LxdSpawner.name_prefix = {prefix!r}
         # Neither is left behind.
         for left in (name, f"{prefix}-tom"):
             assert await _instance_missing(incus, left), (await incus.get_instance(left))["status"]
+    assert len(interfaces) == 3
+    assert not host_interfaces_left(interfaces)
+
+
+def host_interfaces_left(interfaces) -> list[str]:
+    return [i for i in interfaces if Path("/sys/class/net", i).exists()]
+
+
+async def host_interface(client: LxdClient, name: str) -> str:
+    """The host side of the container's eth0 (a veth on the bridge)."""
+    state = await client.instance_state(name)
+    return state["network"]["eth0"]["host_name"]
 
 
 async def deleted_later_is_logged(hub) -> None:
@@ -293,6 +322,7 @@ c.Spawner.poll_interval = 1
     async with running_hub(tmp_path, config) as hub:
         await hub.start_server("carol")
         name = f"{prefix}-carol"
+        interface = await host_interface(incus, name)
         pid = await server_pid(incus, name)
         await sh(incus, name, f"kill -9 {pid}")
 
@@ -302,6 +332,7 @@ c.Spawner.poll_interval = 1
         await wait_until(gone, 60, "the hub to notice the server is gone")
         # The hub then stopped it properly: the container is deleted too.
         await wait_until(lambda: _instance_missing(incus, name), 60, "the container to be deleted")
+        assert not host_interfaces_left([interface])  # torn down before it was deleted
 
 
 async def _instance_missing(client: LxdClient, name: str) -> bool:

@@ -1,0 +1,154 @@
+"""Deleting a server's container once LXD has torn it down, without the user waiting for it.
+
+A container whose server has exited powers off by itself (see objects.server_unit). LXD then
+runs its stop hooks, which release the container's network devices and storage; deleting it
+before they end makes them fail and leaks its host-side veth pair. LXD reports the container
+"Stopped" a moment before the hooks end, and says when they have ended with a lifecycle event
+(``instance-shutdown``, or ``instance-stopped`` for a stop through the API), which the
+instance cache follows. So the deletion waits for that event, here, in the background.
+
+stop() returns once the server has exited, as JupyterHub's local-process spawner does once
+the process is gone; a new start of the same server waits for the deletion. JupyterHub
+cancels every task when it exits, so an exit handler finishes whatever is left: no container
+is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import sys
+from collections.abc import Callable
+
+from .cache import InstanceCache
+from .lxd import LxdClient, LxdError, NotFound
+
+#: An endpoint as the spawner keys it: (endpoint, project, client cert, client key, server cert).
+EndpointKey = tuple[str, str, str, str, str]
+
+
+class Removals:
+    """The deletions in progress, for all the spawners of a hub."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[tuple[EndpointKey, str], asyncio.Task] = {}
+
+    def start(
+        self,
+        client: LxdClient,
+        cache: InstanceCache,
+        endpoint: EndpointKey,
+        name: str,
+        *,
+        teardown_timeout: float,
+        log: logging.Logger,
+    ) -> None:
+        key = (endpoint, name)
+        if key not in self._tasks:
+            self._tasks[key] = asyncio.ensure_future(
+                self._run(client, cache, key, teardown_timeout, log)
+            )
+
+    def pending(self, endpoint: EndpointKey, name: str) -> bool:
+        return (endpoint, name) in self._tasks
+
+    async def wait(self, endpoint: EndpointKey, name: str) -> None:
+        """Until the deletion of ``name`` has ended (whether it worked or not)."""
+        task = self._tasks.get((endpoint, name))
+        if task is not None:
+            with contextlib.suppress(Exception):  # a container left over is deleted anyway
+                await asyncio.shield(task)
+
+    async def _run(
+        self,
+        client: LxdClient,
+        cache: InstanceCache,
+        key: tuple[EndpointKey, str],
+        teardown_timeout: float,
+        log: logging.Logger,
+    ) -> None:
+        name = key[1]
+        _unfinished.add(key)
+        _finish_at_exit.register()
+        try:
+            await delete_once_torn_down(client, cache, name, teardown_timeout, log.debug)
+        except asyncio.CancelledError:
+            raise  # left in _unfinished for the exit handler
+        except LxdError as e:
+            _unfinished.discard(key)
+            log.warning("deleting %s after its server stopped: %s", name, e.message)
+        else:
+            _unfinished.discard(key)
+        finally:
+            if self._tasks.get(key) is asyncio.current_task():
+                del self._tasks[key]
+
+
+async def delete_once_torn_down(
+    client: LxdClient,
+    cache: InstanceCache,
+    name: str,
+    timeout: float,
+    say: Callable[..., None] = lambda *a: None,
+) -> None:
+    if not await cache.wait_torn_down(name, timeout):
+        # Not seen (the event stream was down, or the container hangs in its shutdown): a
+        # stop through the API, whose operation ends after the teardown, and by now by force.
+        say("no teardown of %s seen within %.0f s; stopping it through the API", name, timeout)
+        try:
+            await client.shut_down(name, timeout=0, force=True)
+        except NotFound:
+            return
+    await client.delete_stopped_instance(name)
+    cache.note(name, deleted=True)
+
+
+#: (endpoint, instance name) of deletions that have not finished yet.
+_unfinished: set[tuple[EndpointKey, str]] = set()
+
+
+class _FinishAtExit:
+    registered = False
+
+    def register(self) -> None:
+        if not self.registered:
+            atexit.register(self)
+            self.registered = True
+
+    def __call__(self, timeout: float = 60.0) -> None:
+        pending = sorted(_unfinished)
+        if pending:
+            with contextlib.suppress(Exception):
+                asyncio.run(asyncio.wait_for(_finish(pending), timeout))
+
+
+# At exit the teardown event of a container may have come before the new stream connected:
+# wait that long for it, then delete (the hooks take well under a second).
+_EXIT_TEARDOWN_WAIT = 3.0
+
+
+async def _finish(pending: list[tuple[EndpointKey, str]]) -> None:
+    for endpoint in {e for e, _ in pending}:
+        address, project, cert, key, server_cert = endpoint
+        async with LxdClient(
+            address, project=project, client_cert=cert, client_key=key, server_cert=server_cert
+        ) as client:
+            names = [name for e, name in pending if e == endpoint]
+            cache = InstanceCache(client)
+            await cache.start()
+            for name in names:  # a fresh list takes those that read "Stopped" as torn down
+                cache.expect_teardown(name)
+            results = await asyncio.gather(
+                *(delete_once_torn_down(client, cache, n, _EXIT_TEARDOWN_WAIT) for n in names),
+                return_exceptions=True,
+            )
+            await cache.stop()
+            for name, result in zip(names, results, strict=True):
+                if isinstance(result, BaseException):
+                    # The hub's log is closed by now: say it where its output goes.
+                    print(f"lxdspawner: could not delete {name} on exit: {result}", file=sys.stderr)
+
+
+_finish_at_exit = _FinishAtExit()
