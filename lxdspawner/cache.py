@@ -46,6 +46,14 @@ _TORN_DOWN = ("instance-stopped", "instance-shutdown", "instance-deleted")
 _STARTED = ("instance-started", "instance-restarted")
 
 
+def _next_event(iterator) -> asyncio.Future:
+    pending = asyncio.ensure_future(iterator.__anext__())
+    # When the stream closes under a wait (a reconnect, the hub's exit), nobody reads its
+    # outcome: read it here, or asyncio logs "Task exception was never retrieved".
+    pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return pending
+
+
 @dataclass(frozen=True)
 class CachedInstance:
     name: str
@@ -238,7 +246,7 @@ class InstanceCache:
             self._healthy = True
             self._last_message = time.monotonic()
             last_resync = time.monotonic()
-            pending = asyncio.ensure_future(iterator.__anext__())
+            pending = _next_event(iterator)
             clustered = self.client.dialect is not None and self.client.dialect.clustered
             last_members = 0.0
             while True:
@@ -255,7 +263,7 @@ class InstanceCache:
                     event = pending.result()
                     self._last_message = now
                     await self._apply(event)
-                    pending = asyncio.ensure_future(iterator.__anext__())
+                    pending = _next_event(iterator)
                 elif now - self._last_message > self.quiet_timeout:
                     pending.cancel()
                     raise LxdError(f"no event for {self.quiet_timeout:g} s")

@@ -73,7 +73,7 @@ class Removals:
         _unfinished.add(key)
         _finish_at_exit.register()
         try:
-            await delete_once_torn_down(client, cache, name, teardown_timeout, log.debug)
+            await delete_once_torn_down(client, cache, name, teardown_timeout, log.info)
         except asyncio.CancelledError:
             raise  # left in _unfinished for the exit handler
         except LxdError as e:

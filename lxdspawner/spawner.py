@@ -1031,7 +1031,7 @@ class LxdSpawner(Spawner):
         except NotFound:
             cache.note(name, deleted=True)
             return
-        await delete_once_torn_down(client, cache, name, self.stop_timeout + 10, self.log.debug)
+        await delete_once_torn_down(client, cache, name, self.stop_timeout + 10, self.log.info)
 
     # -- poll and stop ----------------------------------------------------------------------
 

@@ -242,6 +242,11 @@ class Hub:
 
     # -- configuration and processes ---------------------------------------------------------
 
+    def set_cleanup_servers(self, value: bool) -> None:
+        """For the next start of the hub: whether it stops every server when it exits."""
+        self.cleanup_servers = value
+        self._write_config()
+
     def _write_config(self) -> None:
         base = BASE_CONFIG.format(
             public_url=self.public_url + "/",

@@ -498,7 +498,8 @@ class LxdClient:
     async def _write_file(
         self, name: str, path: str, headers: Mapping[str, str], data: bytes | None = None
     ) -> None:
-        attempts = 8  # about 4.5 s in all: under a burst the daemon's file helper is slow
+        # About 13 s in all: under a burst of 30 on two cores 4.5 s was not always enough.
+        attempts = 16
         for attempt in range(attempts):
             try:
                 await self.request(
