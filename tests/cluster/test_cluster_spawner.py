@@ -17,16 +17,27 @@ cluster in the member-lost test, and everywhere in the standalone and browser te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import Counter
 
+import aiohttp
 import pytest
 from hubtools import SpawnFailed, instance_diagnostics, running_hub
 
+from lxdspawner.lxd import LxdError, NotFound, image_source
 from lxdspawner.objects import KEY_MANAGED, KEY_USER, MANAGED_BY
 
-from .conftest import BASE_IMAGE, CLUSTER_CLI, HUB_IP, start_member, stop_member, wait_for_status
+from .conftest import (
+    BASE_IMAGE,
+    CLUSTER_CLI,
+    HUB_IP,
+    start_member,
+    stop_member,
+    wait_for_ipv4,
+    wait_for_status,
+)
 
 BURST = int(os.environ.get("LXDSPAWNER_CLUSTER_BURST", "30"))
 WEIGHTED_BURST = int(os.environ.get("LXDSPAWNER_CLUSTER_WEIGHTED_BURST", "12"))
@@ -173,11 +184,25 @@ async def test_offline_member_is_skipped_and_the_hub_keeps_serving(cluster, cl, 
         where = await locations(cl, first)
         assert sorted(where.values()) == list(MEMBERS)  # one each
         on_member3 = next(u for u in first if where[u] == "member3")
+        stranded = await wait_for_ipv4(cl, f"jupyter-{on_member3}")
 
         await loop.run_in_executor(None, stop_member, 3)
         try:
             took = await wait_for_status(cl, "member3", want_online=False)
             print(f"member3 offline after {took:.1f} s")
+            # Creating on it anyway fails, quickly and saying so.
+            t0 = time.monotonic()
+            with pytest.raises(LxdError):
+                await cl.create_instance(
+                    "lxdsp-test-nowhere", source=image_source(BASE_IMAGE), target="member3"
+                )
+            assert time.monotonic() - t0 < 30
+            # Its containers keep running: the daemon is gone, not the machine.
+            async with aiohttp.ClientSession(trust_env=False) as http:
+                async with http.get(
+                    f"http://{stranded}:8888/", timeout=aiohttp.ClientTimeout(total=10)
+                ) as r:
+                    assert r.status == 200
             await start_all(hub, more)
             placed = await locations(cl, more)
             print(f"spawns while member3 is offline: {placed}")
@@ -200,6 +225,8 @@ async def test_offline_member_is_skipped_and_the_hub_keeps_serving(cluster, cl, 
             assert (await locations(cl, [on_member3]))[on_member3] != "member3"
         finally:
             await loop.run_in_executor(None, start_member, 3)
+            with contextlib.suppress(NotFound):  # in case the failed create left a record
+                await cl.delete_instance("lxdsp-test-nowhere")
         # Back online, member3 loses the stranded container (it was reported stopped).
         deadline = time.monotonic() + 60
         while any(

@@ -200,6 +200,9 @@ async def test_https_without_client_certificate_is_explained():
     await client.close()
 
 
+# On Incus only: on LXD, test_spawn_on_lxd_and_daemon_stopped_during_a_spawn (test_spawner.py)
+# runs the server from this image through the spawner.
+@pytest.mark.parametrize("daemon", ["incus"])
 async def test_single_user_image_runs_jupyterhub_singleuser(lxd, instances):
     name = instances("base")
     await lxd.create_instance(name, source=image_source(BASE_IMAGE), start=True)
