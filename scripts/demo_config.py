@@ -32,6 +32,13 @@ CHP = REPO / ".cache" / "node" / "node_modules" / ".bin" / "configurable-http-pr
 BRIDGE_IP = {"incus": "10.117.40.1", "lxd": "10.117.41.1"}
 
 CULLER_SERVICE = "idle-culler"
+# JupyterHub stops a service with SIGINT, and waits 30 s before SIGTERM. A hub started in the
+# background by a script (a test run, CI) inherits an ignored SIGINT, and so does Python in
+# the culler, which then sat out those 30 s at every hub exit: give it SIGINT back.
+RUN_CULLER_WITH_SIGINT = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('jupyterhub_idle_culler', run_name='__main__', alter_sys=True)"
+)
 CULLER_ROLE = {
     "name": "idle-culler",
     "description": "Find idle servers and stop them",
@@ -65,8 +72,8 @@ def apply_demo_settings(c: Any) -> None:
             "name": CULLER_SERVICE,
             "command": [
                 sys.executable,
-                "-m",
-                "jupyterhub_idle_culler",
+                "-c",
+                RUN_CULLER_WITH_SIGINT,
                 "--timeout=3600",
                 "--cull-every=300",
             ],
