@@ -44,6 +44,7 @@ from traitlets import (
 from . import bases, metrics, names, objects, placement, sharing
 from .cache import InstanceCache
 from .lxd import (
+    FileHelperFailed,
     LxdClient,
     LxdError,
     NotFound,
@@ -683,7 +684,18 @@ class LxdSpawner(Spawner):
                 )
             env.setdefault("JUPYTERHUB_USER", self.user.name)
             self._emit("Pushing configuration and files", 30)
-            await self._step("push", self._push_files(client, spec, env, files))
+            try:
+                await self._step("push", self._push_files(client, spec, env, files))
+            except FileHelperFailed as e:
+                if not created:
+                    raise
+                # Incus 6.0.4's file helper of this one instance is stuck: a new instance
+                # gets a new helper. Once: a second failure is the daemon's, and reported.
+                self.log.warning("%s: %s; creating %s again", self._log_name, e.message, name)
+                self._emit("The daemon's file helper failed; creating the container again", 32)
+                await self._force_delete(client, name)
+                await self._step("create", self._create_sharing(client, spec, member))
+                await self._step("push", self._push_files(client, spec, env, files))
             self._emit("Starting container", 40)
             await self._step("start", client.start_instance(name, timeout=self.start_timeout))
             cache.note_instance({**instance, "status": "Running"})
@@ -880,6 +892,8 @@ class LxdSpawner(Spawner):
         for container_path, data, mode in files:
             try:
                 await client.push_file(name, container_path, data, mode=mode)
+            except FileHelperFailed:
+                raise
             except LxdError as e:
                 raise SpawnError(
                     f"files_to_push: cannot write {container_path!r} in the container: {e.message}"

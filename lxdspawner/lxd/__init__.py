@@ -2,12 +2,20 @@
 
 from .client import ExecResult, LxdClient, image_source, ipv4_addresses
 from .dialect import Dialect, local_socket_candidates
-from .errors import Conflict, LxdError, NotFound, OperationFailed, Unreachable
+from .errors import (
+    Conflict,
+    FileHelperFailed,
+    LxdError,
+    NotFound,
+    OperationFailed,
+    Unreachable,
+)
 
 __all__ = [
     "Conflict",
     "Dialect",
     "ExecResult",
+    "FileHelperFailed",
     "LxdClient",
     "LxdError",
     "NotFound",

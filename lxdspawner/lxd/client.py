@@ -22,7 +22,14 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from .dialect import Dialect, local_socket_candidates
-from .errors import LxdError, NotFound, OperationFailed, Unreachable, error_for_status
+from .errors import (
+    FileHelperFailed,
+    LxdError,
+    NotFound,
+    OperationFailed,
+    Unreachable,
+    error_for_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -495,15 +502,19 @@ class LxdClient:
         headers = self._dialect().file_headers(uid=0, gid=0, mode=0o777, kind="symlink")
         await self._write_file(name, path, headers, target.encode())
 
-    #: Tries of a file write that meets Incus 6.0.4's file-helper race, about 13 s in all:
-    #: under a burst of 30 spawns on two cores, 4.5 s was not always enough.
-    file_race_attempts = 16
+    #: Seconds a file write retries Incus 6.0.4's file-helper race (fixed upstream later):
+    #: "dial unix /proc/self/fd/N/forkfile.sock: connect: no such file or directory", seen
+    #: when files are written into a container just created, while others are. Mostly a
+    #: retry works; under a burst of 30 on two cores one instance's helper once kept failing
+    #: for minutes, so after this long FileHelperFailed says to try a fresh instance.
+    file_race_budget = 5.0
 
     async def _write_file(
         self, name: str, path: str, headers: Mapping[str, str], data: bytes | None = None
     ) -> None:
-        attempts = self.file_race_attempts
-        for attempt in range(attempts):
+        deadline = time.monotonic() + self.file_race_budget
+        attempt = 0
+        while True:
             try:
                 await self.request(
                     "POST",
@@ -514,12 +525,12 @@ class LxdClient:
                 )
                 return
             except LxdError as e:
-                # Incus 6.0.4 (fixed upstream later) races when several file requests start
-                # the helper that serves a stopped instance's files: "dial unix
-                # /proc/self/fd/N/forkfile.sock: connect: no such file or directory".
-                if "forkfile" not in e.message or attempt == attempts - 1:
+                if "forkfile" not in e.message:
                     raise
-                await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
+                if time.monotonic() >= deadline:
+                    raise FileHelperFailed(e.message, status=e.status, code=e.code) from e
+            await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
+            attempt += 1
 
     async def read_file(self, name: str, path: str) -> bytes:
         status, body, ctype = await self.raw(

@@ -29,6 +29,11 @@ class Unreachable(LxdError):
     """No answer from the daemon: socket missing, connection refused, TLS failure, timeout."""
 
 
+class FileHelperFailed(LxdError):
+    """The daemon's file helper for an instance kept failing (Incus 6.0.4's forkfile race):
+    a fresh instance gets a fresh helper."""
+
+
 class OperationFailed(LxdError):
     """A background operation (create, start, exec, ...) ended in failure."""
 

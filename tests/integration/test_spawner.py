@@ -406,6 +406,36 @@ c.LxdSpawner.commands_to_prepare = ["echo preparing-went-wrong; exit 7"]
         assert await _instance_missing(incus, f"{prefix}-gina")
 
 
+async def test_a_stuck_file_helper_gets_a_fresh_container(tmp_path, prefix, incus, leftovers):
+    """Incus 6.0.4's file helper of one new instance can keep failing (seen once under the
+    cluster's 30-burst): the spawn then creates the container again, and succeeds. The hub's
+    client is made to fail the first file write of each instance, as that helper does."""
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+
+from lxdspawner.lxd import FileHelperFailed as _Failed, client as _client
+_write_file = _client.LxdClient._write_file
+_created = []
+
+async def _stuck_the_first_time(self, name, path, headers, data=None):
+    if name not in _created:
+        _created.append(name)
+        raise _Failed("dial unix /proc/self/fd/54/forkfile.sock: no such file (test)")
+    return await _write_file(self, name, path, headers, data)
+
+_client.LxdClient._write_file = _stuck_the_first_time
+"""
+    name = f"{prefix}-fred"
+    async with running_hub(tmp_path, config) as hub:
+        server = await hub.start_server("fred")
+        status, _ = await hub.get_via_proxy(server["url"] + "api/status")
+        assert status == 200
+        assert f"creating {name} again" in hub.log()
+        instance = await incus.get_instance(name)
+        assert instance["status"] == "Running"
+
+
 @pytest.mark.lxd
 async def test_spawn_on_lxd_and_daemon_stopped_during_a_spawn(tmp_path, prefix):
     """One spawn on Debian's LXD 5.0; then LXD dies mid-spawn: a clear error, the hub lives."""

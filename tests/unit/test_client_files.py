@@ -2,7 +2,7 @@
 
 import pytest
 
-from lxdspawner.lxd import Dialect, LxdClient, LxdError
+from lxdspawner.lxd import Dialect, FileHelperFailed, LxdClient, LxdError
 
 RACE = "dial unix /proc/self/fd/23/forkfile.sock: connect: no such file or directory"
 
@@ -34,9 +34,9 @@ async def test_other_errors_are_not_retried():
     assert client.calls == 1
 
 
-async def test_a_race_that_persists_is_reported():
-    client = Flaky([RACE] * 9)
-    client.file_race_attempts = 4  # the real budget is about 13 s of back-off
-    with pytest.raises(LxdError, match="forkfile"):
+async def test_a_race_that_persists_is_reported_as_a_failed_file_helper():
+    client = Flaky([RACE] * 50)
+    client.file_race_budget = 0.5  # the real budget is 5 s
+    with pytest.raises(FileHelperFailed, match="forkfile"):
         await client.make_symlink("c1", "/etc/x", "y")
-    assert client.calls == 4
+    assert 3 <= client.calls <= 5  # back-off: 0.1, 0.2, 0.4 s
