@@ -1,6 +1,7 @@
 """The ``lxdspawner`` command: operator tasks outside the hub.
 
     lxdspawner prepull [--image jupyter-base] [--endpoint https://node1:8443 --cert ... ]
+    lxdspawner gc [--delete] [--endpoint ...]
 
 ``prepull`` makes every Online cluster member hold the image unpacked in its storage pool, so
 the first spawn on a member is not slowed by copying and unpacking the image (LXD copies
@@ -8,6 +9,10 @@ images between members on demand). It creates one stopped container from the ima
 member and deletes it again. On a standalone daemon it does the same once. It also makes the
 read-only copies of the image's shared directories (``c.LxdSpawner.shared_directories``, see
 :mod:`lxdspawner.sharing`) on each member, so that even the first servers share them.
+
+``gc`` lists the shared copies and LXD 5.0 bases of images that no alias names any more (an
+image replaced by a new build), which no instance uses; with ``--delete`` it deletes them
+(see :mod:`lxdspawner.gc`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 import uuid
 
 from . import sharing
+from .gc import stale
 from .lxd import LxdClient, LxdError, image_source
 
 
@@ -71,16 +77,50 @@ async def prepull(
     return results.count(False)
 
 
+async def gc(client: LxdClient, *, delete: bool = False, out=sys.stdout) -> int:
+    """List (or with ``delete`` delete) what lxdspawner made for images no alias names any
+    more; return how many deletions failed."""
+    pools = await client.storage_pools()
+    volumes = [(pool, v) for pool in pools for v in await client.list_volumes(pool)]
+    found = stale(await client.list_images(), await client.list_instances(recursion=1), volumes)
+    if not found:
+        print("nothing to delete", file=out)
+    failed = 0
+    for item in found:
+        where = f" on {item.member}" if item.member else ""
+        what = f"{item.kind} {item.name}" + (f" (pool {item.pool})" if item.pool else "") + where
+        if not delete:
+            print(f"would delete {what}: {item.why}", file=out)
+            continue
+        try:
+            if item.kind == "volume":
+                await client.delete_volume(item.pool, item.name, target=item.member or None)
+            else:
+                await client.delete_instance(item.name)
+        except LxdError as e:
+            print(f"could not delete {what}: {e.message}", file=out)
+            failed += 1
+        else:
+            print(f"deleted {what}", file=out)
+    if found and not delete:
+        print("run again with --delete to delete these", file=out)
+    return failed
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", default="", help="https://member:8443, or empty for local")
+    parser.add_argument("--cert", default="", help="client certificate (PEM) for https")
+    parser.add_argument("--key", default="", help="client key (PEM) for https")
+    parser.add_argument("--server-cert", default="", help="the server's certificate, pinned")
+    parser.add_argument("--project", default="", help="LXD project")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lxdspawner", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("prepull", help="unpack the image on every cluster member")
     pre.add_argument("--image", default="jupyter-base", help="image alias or fingerprint")
-    pre.add_argument("--endpoint", default="", help="https://member:8443, or empty for local")
-    pre.add_argument("--cert", default="", help="client certificate (PEM) for https")
-    pre.add_argument("--key", default="", help="client key (PEM) for https")
-    pre.add_argument("--server-cert", default="", help="the server's certificate, pinned")
-    pre.add_argument("--project", default="", help="LXD project")
+    _add_connection(pre)
     pre.add_argument(
         "--shared-directory",
         action="append",
@@ -90,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument(
         "--profile", action="append", help="as c.LxdSpawner.profiles (default: default)"
     )
+    collect = sub.add_parser(
+        "gc", help="list (--delete: delete) shared copies and bases of images no alias names"
+    )
+    collect.add_argument("--delete", action="store_true", help="delete what is listed")
+    _add_connection(collect)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -102,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 server_cert=args.server_cert,
                 project=args.project,
             ) as client:
+                if args.command == "gc":
+                    return await gc(client, delete=args.delete)
                 return await prepull(
                     client,
                     args.image,

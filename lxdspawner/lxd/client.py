@@ -627,6 +627,13 @@ class LxdClient:
             json_body={"config": dict(config)},
         )
 
+    async def list_images(self) -> list[dict]:
+        return await self.request("GET", "/1.0/images", params={"recursion": 1})
+
+    async def storage_pools(self) -> list[str]:
+        urls = await self.request("GET", "/1.0/storage-pools")
+        return [url.rsplit("/", 1)[-1] for url in urls]
+
     async def list_volumes(self, pool: str) -> list[dict]:
         return await self.request(
             "GET", f"/1.0/storage-pools/{_q(pool)}/volumes/custom", params={"recursion": 1}
