@@ -2,6 +2,7 @@
 
     lxdspawner prepull [--image jupyter-base] [--endpoint https://node1:8443 --cert ... ]
     lxdspawner gc [--delete] [--endpoint ...]
+    lxdspawner list [--endpoint ...]
 
 ``prepull`` makes every Online cluster member hold the image unpacked in its storage pool, so
 the first spawn on a member is not slowed by copying and unpacking the image (LXD copies
@@ -13,6 +14,9 @@ read-only copies of the image's shared directories (``c.LxdSpawner.shared_direct
 ``gc`` lists the shared copies and LXD 5.0 bases of images that no alias names any more (an
 image replaced by a new build), which no instance uses; with ``--delete`` it deletes them
 (see :mod:`lxdspawner.gc`).
+
+``list`` shows every server's container on the daemon or cluster: user, server name,
+container, status, member and IPv4 (see :mod:`lxdspawner.listing`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import uuid
 
 from . import sharing
 from .gc import stale
+from .listing import servers, table
 from .lxd import LxdClient, LxdError, image_source
 
 
@@ -107,6 +112,12 @@ async def gc(client: LxdClient, *, delete: bool = False, out=sys.stdout) -> int:
     return failed
 
 
+async def list_servers(client: LxdClient, *, out=sys.stdout) -> int:
+    """Print the servers' containers on the daemon (or cluster); return 0."""
+    print(table(servers(await client.list_instances(recursion=2))), file=out)
+    return 0
+
+
 def _add_connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", default="", help="https://member:8443, or empty for local")
     parser.add_argument("--cert", default="", help="client certificate (PEM) for https")
@@ -135,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     collect.add_argument("--delete", action="store_true", help="delete what is listed")
     _add_connection(collect)
+    _add_connection(sub.add_parser("list", help="the servers' containers, as the daemon has them"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -149,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             ) as client:
                 if args.command == "gc":
                     return await gc(client, delete=args.delete)
+                if args.command == "list":
+                    return await list_servers(client)
                 return await prepull(
                     client,
                     args.image,
