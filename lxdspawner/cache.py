@@ -39,9 +39,9 @@ _STATUS_AFTER = {
 }
 
 # Sent only once LXD has torn a stopped container down (its stop hooks have released its
-# network devices and storage). Deleting a container before that makes the hooks fail and
-# leaks its host-side veth pair, as a container that powers off by itself reads "Stopped" a
-# moment before.
+# network devices and storage), or deleted it. Deleting a container before that makes the
+# hooks fail and leaks its host-side veth pair, as a container that powers off by itself reads
+# "Stopped" a moment before.
 _TORN_DOWN = ("instance-stopped", "instance-shutdown", "instance-deleted")
 _STARTED = ("instance-started", "instance-restarted")
 

@@ -86,6 +86,24 @@ class Removals:
                 del self._tasks[key]
 
 
+async def remove_once_torn_down(
+    client: LxdClient,
+    cache: InstanceCache,
+    name: str,
+    timeout: float,
+    say: Callable[..., None] = lambda *a: None,
+) -> None:
+    """Stop by force through the API, and delete once LXD has torn the container down (at
+    once if this stop did it: its operation ends after the teardown)."""
+    try:
+        if await client.shut_down(name, timeout=0, force=True):
+            cache.note_torn_down(name)
+    except NotFound:
+        cache.note(name, deleted=True)
+        return
+    await delete_once_torn_down(client, cache, name, timeout, say)
+
+
 async def delete_once_torn_down(
     client: LxdClient,
     cache: InstanceCache,

@@ -53,7 +53,7 @@ from .lxd import (
     ipv4_addresses,
 )
 from .members import SUSPECT_FOR, MemberBook
-from .removals import Removals, delete_once_torn_down
+from .removals import Removals, remove_once_torn_down
 
 STATE_VERSION = 1
 RUNNING_STATES = ("Running", "Starting", "Freezing", "Frozen", "Thawed")
@@ -1039,13 +1039,7 @@ class LxdSpawner(Spawner):
         cache = self._caches.get(self._endpoint_key())
         if cache is None:
             return await client.remove_instance(name)
-        try:
-            if await client.shut_down(name, timeout=0, force=True):
-                cache.note_torn_down(name)
-        except NotFound:
-            cache.note(name, deleted=True)
-            return
-        await delete_once_torn_down(client, cache, name, self.stop_timeout + 10, self.log.info)
+        await remove_once_torn_down(client, cache, name, self.stop_timeout + 10, self.log.info)
 
     # -- poll and stop ----------------------------------------------------------------------
 

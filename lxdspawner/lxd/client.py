@@ -417,12 +417,9 @@ class LxdClient:
     async def remove_instance(self, name: str, *, timeout: float = 120.0) -> None:
         """Stop by force and delete; one that is stopped or gone already is fine."""
         try:
-            await self.stop_instance(name, force=True)
+            await self.shut_down(name, timeout=0, force=True)
         except NotFound:
             return
-        except LxdError as e:
-            if not not_running(e):
-                raise
         await self.delete_stopped_instance(name, timeout=timeout)
 
     async def delete_stopped_instance(self, name: str, *, timeout: float = 120.0) -> None:

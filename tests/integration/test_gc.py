@@ -7,6 +7,8 @@ import contextlib
 import io
 import secrets
 
+import pytest
+
 from lxdspawner import cli
 from lxdspawner.bases import KEY_BASE_OF
 from lxdspawner.lxd import LxdError, NotFound, image_source
@@ -46,10 +48,10 @@ async def test_gc_lists_then_deletes_only_what_no_alias_and_no_instance_needs(lx
         deleted = io.StringIO()
         assert await cli.gc(lxd, delete=True, out=deleted) == 0
         assert f"deleted volume {stale_volume}" in deleted.getvalue(), deleted.getvalue()
-        for gone_now in (lxd.get_volume(POOL, stale_volume), lxd.get_instance(base)):
-            with contextlib.suppress(NotFound):
-                await gone_now
-                raise AssertionError(f"gc --delete left {deleted.getvalue()}")
+        with pytest.raises(NotFound):
+            await lxd.get_volume(POOL, stale_volume)
+        with pytest.raises(NotFound):
+            await lxd.get_instance(base)
         await lxd.get_volume(POOL, used_volume)
         await lxd.get_volume(POOL, current)
         await lxd.get_instance(user)
