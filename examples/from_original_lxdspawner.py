@@ -45,3 +45,15 @@ c.JupyterHub.cleanup_servers = False
 
 # The containers reach the hub on the bridge's address (the original's `hub_ip`).
 c.JupyterHub.hub_bind_url = "http://10.117.40.1:8081"
+
+# New: {USERNAME} in commands is the username as one literal piece of its word, also inside
+# '...' or "..."; a command with it in backquotes or $(...) is refused (use "$JUPYTERHUB_USER").
+# post_hub_commands run with a minimal environment (not the hub's), for at most 60 s each.
+c.LxdSpawner.post_hub_commands = ["logger 'server started for {USERNAME}'"]
+
+# New: servers never run as root or a system account (uid below 1000, gid below 100), even
+# for a user named "root": lower c.LxdSpawner.min_uid / min_gid only if you mean it.
+
+# New: this hub's name on the daemon, on every container it makes; it touches no other.
+# The default comes from the hub's database; set it to keep it when the hub moves.
+#     c.LxdSpawner.hub_id = "physics-hub"

@@ -77,8 +77,19 @@ c.LxdSpawner.home_dir = "/home/{username}"
 c.LxdSpawner.remove = True
 c.LxdSpawner.process_limit = 2000
 
-# Shell commands run in the container before the server starts (as the user).
+# Shell commands run in the container before the server starts (as the user). The username
+# is in $JUPYTERHUB_USER; {USERNAME} works unquoted or inside '...' / "..." (never as shell).
 #     c.LxdSpawner.commands_to_prepare = ["mkdir -p $HOME/work"]
+
+# This hub's name on the daemon, written on every container it makes: it touches no other.
+# The default is derived from the database; a production hub names itself, so that moving
+# it to a new host or database keeps its servers.
+c.LxdSpawner.hub_id = "jupyterhub-main"
+
+# Servers never run as root or a system account (uids below 1000, gids below 100), whatever
+# the username ("root" included): lower these only on purpose.
+#     c.LxdSpawner.min_uid = 1000
+#     c.LxdSpawner.min_gid = 100
 
 # -- What each server gets --------------------------------------------------------------------
 

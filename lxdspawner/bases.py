@@ -52,20 +52,30 @@ class ShiftedBases:
         profiles: tuple[str, ...],
         timeout: float,
         on_make: Callable[[], None] = lambda: None,
-    ) -> dict:
-        """The source of a copy of the base, which is made first when missing or broken."""
+    ) -> dict | None:
+        """The source of a copy of the base, which is made first when missing or broken;
+        None when the base's name is held by an instance that is not a base."""
         base = base_name(prefix, fingerprint)
         async with self._locks.setdefault(base, asyncio.Lock()):
             try:
                 existing = await client.get_instance(base)
             except NotFound:
                 existing = None
+            if existing is not None and not is_base(existing, fingerprint):
+                # A user's server may hold the name (a username "base-<hex>" is kept as it
+                # is), or anybody's instance: never touch it; go without a base.
+                return None
             if existing is None or existing.get("status") != "Stopped":
                 if existing is not None:
                     await client.remove_instance(base)
                 on_make()
                 await _make(client, base, fingerprint, profiles, timeout)
         return {"type": "copy", "source": base, "instance_only": True}
+
+
+def is_base(instance: dict, fingerprint: str) -> bool:
+    """Whether ``instance`` is lxdspawner's base of that image (its key says so)."""
+    return (instance.get("config") or {}).get(KEY_BASE_OF) == fingerprint
 
 
 async def _make(

@@ -24,7 +24,9 @@ from urllib.parse import urlsplit
 
 from .lxd import LxdClient, LxdError, NotFound
 from .lxd.client import CONNECTED
-from .objects import KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY
+from .ownership import KEY_HUB, KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY
+
+_OWNERSHIP_KEYS = (KEY_MANAGED, KEY_HUB, KEY_USER, KEY_SERVER)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,12 @@ class CachedInstance:
     location: str
     user: str
     server: str
+    #: Its ownership keys as LXD has them (see ownership.Owner.owns).
+    keys: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def config(self) -> dict[str, str]:
+        return dict(self.keys)
 
 
 def _from_api(instance: dict) -> CachedInstance:
@@ -71,6 +79,7 @@ def _from_api(instance: dict) -> CachedInstance:
         location=instance.get("location") or "",
         user=config.get(KEY_USER, ""),
         server=config.get(KEY_SERVER, ""),
+        keys=tuple((k, config[k]) for k in _OWNERSHIP_KEYS if k in config),
     )
 
 
@@ -243,6 +252,11 @@ class InstanceCache:
             if connected.get("type") != CONNECTED:
                 raise LxdError(f"unexpected first event {connected!r}")
             await self.resync()
+            log.info(
+                "instance cache for %s: following its events (%d instances of lxdspawner)",
+                self.client.where,
+                len(self._instances),
+            )
             self._healthy = True
             self._last_message = time.monotonic()
             last_resync = time.monotonic()

@@ -10,9 +10,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .lxd import ipv4_addresses
-from .objects import KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY
+from .ownership import KEY_HUB, KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY
 
-HEADER = ("USER", "SERVER", "CONTAINER", "STATUS", "MEMBER", "IPV4")
+HEADER = ("USER", "SERVER", "CONTAINER", "STATUS", "MEMBER", "IPV4", "HUB")
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Server:
     status: str
     member: str  # "" on a standalone daemon
     ipv4: str  # "" when it has none
+    hub: str = ""  # the hub_id of the hub that made it ("" before lxdspawner 0.2)
 
 
 def servers(instances: Iterable[dict]) -> list[Server]:
@@ -41,6 +42,7 @@ def servers(instances: Iterable[dict]) -> list[Server]:
                 status=instance.get("status", ""),
                 member="" if location == "none" else location,
                 ipv4=", ".join(ipv4_addresses(instance.get("state") or {})),
+                hub=config.get(KEY_HUB, ""),
             )
         )
     return sorted(found, key=lambda s: (s.user, s.server, s.instance))
@@ -49,7 +51,7 @@ def servers(instances: Iterable[dict]) -> list[Server]:
 def table(rows: Iterable[Server]) -> str:
     """Columns padded to their widest cell; "-" for an empty one."""
     cells = [HEADER] + [
-        tuple(_cell(v) for v in (s.user, s.server, s.instance, s.status, s.member, s.ipv4))
+        tuple(_cell(v) for v in (s.user, s.server, s.instance, s.status, s.member, s.ipv4, s.hub))
         for s in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]

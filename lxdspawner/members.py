@@ -28,7 +28,7 @@ class MemberBook:
         self.log = log
         self.in_flight: Counter = Counter()
         self._suspects: dict[str, float] = {}
-        self._orphans: set[str] = set()
+        self._orphans: dict[str, Callable[[str], Awaitable[None]]] = {}
         self._reaper: asyncio.Task | None = None
 
     def placed(self, member: str) -> None:
@@ -54,18 +54,18 @@ class MemberBook:
         return name in self._orphans
 
     def orphan(self, name: str, delete: Callable[[str], Awaitable[None]]) -> None:
-        """Delete ``name`` as soon as its member answers again."""
-        self._orphans.add(name)
+        """Call ``delete(name)`` as soon as its member answers again (``delete`` checks whose
+        the instance is: each orphan brings its own)."""
+        self._orphans[name] = delete
         if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.ensure_future(self._reap(delete))
+            self._reaper = asyncio.ensure_future(self._reap())
 
-    async def _reap(self, delete: Callable[[str], Awaitable[None]], interval: float = 5.0):
+    async def _reap(self, interval: float = 5.0):
         while self._orphans:
             await asyncio.sleep(interval)
-            for name in list(self._orphans):
+            for name, delete in list(self._orphans.items()):
                 try:
                     await delete(name)
                 except LxdError:
                     continue  # still unreachable: next round
-                self._orphans.discard(name)
-                self.log.info("deleted %s, left behind when its cluster member failed", name)
+                self._orphans.pop(name, None)

@@ -5,14 +5,21 @@ start with a letter and do not end with a hyphen. JupyterHub usernames may be al
 (``ana.maria@uni.es``, ``Élodie``, 80 characters), so:
 
 - a username that is already a safe name stays as it is: ``alice`` → ``jupyter-alice``;
-- anything else becomes a readable slug plus 8 hex digits of the SHA-256 of the exact raw
-  name: ``ana.maria@uni.es`` → ``jupyter-ana-maria-uni-es-1a2b3c4d``;
+- anything else becomes a readable slug plus 16 hex digits (64 bits) of the SHA-256 of the
+  exact raw name: ``ana.maria@uni.es`` → ``jupyter-ana-maria-uni-es-1a2b3c4d5e6f7a8b``;
 - a named server always carries a hash of the (user, server) pair:
-  ``jupyter-alice-lab-5e6f7a8b``.
+  ``jupyter-alice-lab-5e6f7a8b9c0d1e2f``.
 
 A name kept as it is never ends in ``-`` plus 8 hex digits, and every hashed name does, so
-the two kinds cannot collide; hashed names only collide if SHA-256 prefixes do. The rules
-never change for a given input, so names are stable across hub restarts and upgrades.
+the two kinds cannot collide; hashed names only collide if SHA-256 prefixes do. A name is
+never proof of ownership all the same (users choose their names, and other hubs or people
+may hold one): the spawner checks an instance's keys (see :mod:`ownership`) and, when a name
+is held by anything else, takes the next of the server's numbered alternatives
+(``attempt=1, 2, ...``), which hash the attempt in too.
+
+The rules never change for a given input, so names are stable across hub restarts; a server
+recorded in the hub's state keeps its name whatever these rules say later (8 hex digits until
+version 0.1).
 """
 
 from __future__ import annotations
@@ -22,18 +29,22 @@ import re
 import unicodedata
 
 MAX_LENGTH = 63
-HASH_LENGTH = 8
+HASH_LENGTH = 16
 DEFAULT_PREFIX = "jupyter"
 
 # fullmatch and \Z, never "$": "$" also matches before a final newline ("alice\n").
 _SAFE = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
-_ENDS_LIKE_HASH = re.compile(rf"-[0-9a-f]{{{HASH_LENGTH}}}\Z")
+# A kept name never ends in "-" and 8 or more hex digits: every hashed name does (16 now, 8
+# before), so the two kinds cannot collide.
+_ENDS_LIKE_HASH = re.compile(r"-[0-9a-f]{8,}\Z")
 _PREFIX = re.compile(r"[a-zA-Z][a-zA-Z0-9-]*")
 
 
 def _digest(*parts: str) -> str:
-    # NUL cannot occur in either name, so ("ab", "c") and ("a", "bc") hash differently.
-    return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:HASH_LENGTH]
+    # Each part is prefixed with its length, so ("ab", "c") and ("a", "bc") hash differently
+    # whatever characters the names hold.
+    framed = "".join(f"{len(p)}:{p}" for p in parts)
+    return hashlib.sha256(framed.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_LENGTH]
 
 
 def slugify(raw: str) -> str:
@@ -61,18 +72,51 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
-def instance_name(username: str, server_name: str = "", prefix: str = DEFAULT_PREFIX) -> str:
-    """The instance name for a user's default server (``server_name=""``) or a named one."""
+def instance_name(
+    username: str, server_name: str = "", prefix: str = DEFAULT_PREFIX, attempt: int = 0
+) -> str:
+    """The instance name for a user's default server (``server_name=""``) or a named one.
+
+    ``attempt`` > 0 gives the server's numbered alternatives, for when the usual name is held
+    by an instance that is not this server's.
+    """
     validate_prefix(prefix)
     room = MAX_LENGTH - len(prefix) - 1
-    if not server_name:
+    if not server_name and not attempt:
         if _is_kept_as_is(username, room):
             return f"{prefix}-{username}"
         return _join(prefix, slugify(username), _digest(username))
     # Keep the user part readable first; the server part gets what room is left.
     user_slug = slugify(username)[:24].strip("-")
     slug = "-".join(s for s in (user_slug, slugify(server_name)) if s)
-    return _join(prefix, slug, _digest(username, server_name))
+    parts = (username, server_name) + ((f"attempt {attempt}",) if attempt else ())
+    return _join(prefix, slug, _digest(*parts))
+
+
+#: Longest file name Linux file systems take, in bytes.
+_MAX_COMPONENT = 255
+
+
+def is_safe_path_component(text: str) -> bool:
+    """Whether ``text`` can stand as one directory name: not ``.`` or ``..``, no ``/``, no
+    control or line-separating character (systemd ends lines at CR and NUL too), not empty,
+    at most 255 bytes."""
+    return (
+        text not in ("", ".", "..")
+        and "/" not in text
+        and not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs") for c in text)
+        and len(text.encode("utf-8", "surrogatepass")) <= _MAX_COMPONENT
+    )
+
+
+def home_component(username: str) -> str:
+    """The user's directory name under /home: the username when it is a safe path component,
+    else a readable slug plus a hash (``..`` → ``user-3f2a...``). It lives in the user's own
+    container, so it need not be unique among users; it must only stay one directory."""
+    if is_safe_path_component(username):
+        return username
+    slug = slugify(username)[:40].strip("-") or "user"
+    return f"{slug}-{_digest(username)}"
 
 
 def is_valid_instance_name(name: str) -> bool:

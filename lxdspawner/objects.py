@@ -7,15 +7,11 @@ the instance's config keys and devices, the server's environment file and its sy
 from __future__ import annotations
 
 import posixpath
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-#: Config keys under which we record whose instance this is (and find our instances).
-KEY_USER = "user.jupyterhub.user"
-KEY_SERVER = "user.jupyterhub.server"
-KEY_MANAGED = "user.jupyterhub.managed-by"
-MANAGED_BY = "lxdspawner"
+from . import names
+from .ownership import KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY, Owner  # noqa: F401
 
 UNIT_NAME = "jupyterhub-singleuser.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
@@ -44,6 +40,7 @@ class ServerSpec:
     instance: str
     username: str
     server_name: str
+    hub: str
     uid: int
     gid: int
     home: str
@@ -73,12 +70,12 @@ def cpu_allowance(cpu_limit: float) -> str:
     return f"{max(1, round(cpu_limit * 100))}ms/100ms"
 
 
+def owner(spec: ServerSpec) -> Owner:
+    return Owner(spec.hub, spec.username, spec.server_name)
+
+
 def instance_config(spec: ServerSpec) -> dict[str, str]:
-    config = {
-        KEY_MANAGED: MANAGED_BY,
-        KEY_USER: spec.username,
-        KEY_SERVER: spec.server_name,
-    }
+    config: dict[str, str] = {}
     if spec.mem_limit:
         config["limits.memory"] = str(int(spec.mem_limit))
     if spec.cpu_limit:
@@ -88,6 +85,7 @@ def instance_config(spec: ServerSpec) -> dict[str, str]:
     if spec.privileged:
         config["security.privileged"] = "true"
     config.update(spec.extra_config)
+    config.update(owner(spec).keys())  # last: no other setting may change whose it is
     return config
 
 
@@ -100,16 +98,10 @@ def instance_devices(spec: ServerSpec) -> dict[str, dict[str, str]]:
 # -- templates: {USERNAME} ----------------------------------------------------------------
 
 
-def expand_username_in_command(command: str, username: str) -> str:
-    """``{USERNAME}``/``{username}`` → the username, shell-quoted: safe in ``sh -c``."""
-    quoted = shlex.quote(username)
-    return command.replace("{USERNAME}", quoted).replace("{username}", quoted)
-
-
 def expand_username_in_path(path: str, username: str) -> str:
     """``{USERNAME}``/``{username}`` in a path → the username, which must stay one component."""
-    if ("{USERNAME}" in path or "{username}" in path) and (
-        "/" in username or username in (".", "..") or "\0" in username
+    if ("{USERNAME}" in path or "{username}" in path) and not names.is_safe_path_component(
+        username
     ):
         raise ValueError(f"username {username!r} cannot be used as a path component in {path!r}")
     expanded = path.replace("{USERNAME}", username).replace("{username}", username)
@@ -122,7 +114,11 @@ def expand_username_in_path(path: str, username: str) -> str:
 # Inside double quotes in an EnvironmentFile=, and in a quoted word of an Exec line; the
 # Exec line also expands "%" specifiers and "$" variables, which must be doubled there.
 _ENV_FILE_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "$": "\\$", "`": "\\`", "\n": "\\n"})
-_EXEC_LINE_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "%": "%%", "$": "$$", "\n": "\\n"})
+_EXEC_LINE_ESCAPES = str.maketrans(
+    {"\\": "\\\\", '"': '\\"', "%": "%%", "$": "$$"}
+    # Every control character as a C escape: systemd ends a line at CR and NUL as well as LF.
+    | {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+)
 
 
 def env_file(env: Mapping[str, str]) -> str:
@@ -136,6 +132,8 @@ def env_file(env: Mapping[str, str]) -> str:
         if not key.replace("_", "a").isalnum() or key[0].isdigit():
             raise ValueError(f"environment variable name {key!r} is not valid")
         value = str(value)
+        if "\0" in value:
+            raise ValueError(f"environment variable {key} holds a NUL character")
         if "'" not in value:
             lines.append(f"{key}='{value}'")
         else:
@@ -153,6 +151,18 @@ def systemd_quote(arg: str) -> str:
     return f'"{arg.translate(_EXEC_LINE_ESCAPES)}"'
 
 
+def make_home_command(spec: ServerSpec) -> list[str]:
+    """Create the home directory, owned by the server's uid/gid, only when nothing is there.
+
+    It runs as root (the unit's ExecStartPre, or an exec before commands_to_prepare): an
+    existing path is never touched, so a symlink the user left at their home's place, or a
+    name such as ``..``, never makes root hand over a directory that is not the home. The
+    path is an argument, never part of the script.
+    """
+    script = f'test -e "$1" || test -L "$1" || install -d -o {spec.uid} -g {spec.gid} -m 0755 "$1"'
+    return ["/bin/sh", "-c", script, "make-home", spec.home]
+
+
 def server_unit(
     spec: ServerSpec, *, env_path: str = ENV_PATH, log_path: str = SERVER_LOG_PATH
 ) -> str:
@@ -164,13 +174,19 @@ def server_unit(
     "server running" are one state that the hub can read from LXD.
     """
     command = " ".join(systemd_quote(a) for a in ("/usr/bin/env", *spec.cmd))
-    if "\n" in spec.home or not spec.home.startswith("/"):
-        raise ValueError(f"home directory {spec.home!r} must be an absolute path on one line")
+    make_home = " ".join(systemd_quote(a) for a in make_home_command(spec))
+    if not spec.home.startswith("/") or not all(
+        names.is_safe_path_component(part) for part in spec.home.strip("/").split("/")
+    ):
+        raise ValueError(
+            f"home directory {spec.home!r} must be an absolute path of plain directory names "
+            "(no '.', '..', control characters)"
+        )
     # WorkingDirectory= takes the rest of the line as it is (no quotes), expanding only "%";
     # "-": ExecStartPre, which makes the directory, runs before it exists.
     working_directory = spec.home.replace("%", "%%")
     return f"""\
-# Written by lxdspawner for {spec.username!r}; replaced at every start.
+# Written by lxdspawner; replaced at every start.
 [Unit]
 Description=Jupyter single-user server (lxdspawner)
 After=network.target systemd-networkd.service
@@ -183,7 +199,7 @@ User={spec.uid}
 Group={spec.gid}
 EnvironmentFile={env_path}
 Environment=PATH={DEFAULT_PATH}
-ExecStartPre=-+/usr/bin/install -d -o {spec.uid} -g {spec.gid} -m 0755 {systemd_quote(spec.home)}
+ExecStartPre=-+{make_home}
 WorkingDirectory=-{working_directory}
 ExecStart={command}
 StandardOutput=append:{log_path}
@@ -206,10 +222,6 @@ def wait_for_systemd_and_start_unit() -> list[str]:
         "sleep 0.1; done; exit 1"
     )
     return ["/bin/sh", "-c", script]
-
-
-def prepare_command(command: str, username: str) -> list[str]:
-    return ["/bin/sh", "-c", expand_username_in_command(command, username)]
 
 
 def as_pairs(value: Sequence, setting: str, size: int) -> list[tuple[str, ...]]:

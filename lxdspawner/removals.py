@@ -20,7 +20,7 @@ import atexit
 import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .cache import InstanceCache
 from .lxd import LxdClient, LxdError, NotFound
@@ -121,6 +121,55 @@ async def delete_once_torn_down(
             return
     await client.delete_stopped_instance(name)
     cache.note(name, deleted=True)
+
+
+class PendingStops:
+    """Stops that failed (the daemon did not answer): tried again in the background until
+    one works, so no server the hub let go of keeps running. A new start of the same server
+    takes over (it stops or deletes the container itself)."""
+
+    def __init__(self, first_delay: float = 5.0, max_delay: float = 60.0) -> None:
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self._tasks: dict[tuple[EndpointKey, str], asyncio.Task] = {}
+
+    def retry(
+        self,
+        endpoint: EndpointKey,
+        name: str,
+        stop: Callable[[], Awaitable[None]],
+        log: logging.Logger,
+    ) -> None:
+        key = (endpoint, name)
+        if key not in self._tasks:
+            self._tasks[key] = asyncio.ensure_future(self._run(key, stop, log))
+
+    def cancel(self, endpoint: EndpointKey, name: str) -> None:
+        task = self._tasks.pop((endpoint, name), None)
+        if task is not None:
+            task.cancel()
+
+    async def _run(
+        self,
+        key: tuple[EndpointKey, str],
+        stop: Callable[[], Awaitable[None]],
+        log: logging.Logger,
+    ) -> None:
+        delay = self.first_delay
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await stop()
+                except (LxdError, asyncio.TimeoutError) as e:
+                    log.warning("stopping %s again: %s", key[1], getattr(e, "message", e))
+                    delay = min(delay * 2, self.max_delay)
+                    continue
+                log.info("stopped %s, whose stop had failed", key[1])
+                return
+        finally:
+            if self._tasks.get(key) is asyncio.current_task():
+                del self._tasks[key]
 
 
 #: (endpoint, instance name) of deletions that have not finished yet.

@@ -190,7 +190,7 @@ class SharedDirectory:
         started = time.monotonic()
         self.log.info("shared %s: filling volume %s%s from the image", self.path, volume, where)
         try:
-            await client.remove_instance(helper)
+            await _remove_helper(client, helper, fingerprint)
             if half_made:
                 await client.delete_volume(pool, volume, target=member)
             await client.create_volume(pool, volume, target=member)
@@ -243,6 +243,18 @@ class SharedDirectory:
 
 
 NO_SUCH_DIRECTORY = 3
+
+
+async def _remove_helper(client: LxdClient, helper: str, fingerprint: str) -> None:
+    """Remove a helper left by an earlier fill; refuse to touch an instance that is not one
+    (with ``name_prefix = "lxdspawner"`` a username could give a server that name)."""
+    try:
+        existing = await client.get_instance(helper)
+    except NotFound:
+        return
+    if (existing.get("config") or {}).get(KEY_HELPER) != fingerprint:
+        raise LxdError(f"{helper} exists and is not a fill helper of this image: left alone")
+    await client.remove_instance(helper)
 
 
 def _copy_command(path: str) -> list[str]:

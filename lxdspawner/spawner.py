@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import inspect
 import ipaddress
+import logging
 import os
 import pwd
 import socket
@@ -41,7 +43,7 @@ from traitlets import (
     validate,
 )
 
-from . import bases, metrics, names, objects, placement, sharing
+from . import bases, commands, metrics, names, objects, ownership, placement, sharing
 from .cache import InstanceCache
 from .lxd import (
     FileHelperFailed,
@@ -53,7 +55,7 @@ from .lxd import (
     ipv4_addresses,
 )
 from .members import SUSPECT_FOR, MemberBook
-from .removals import Removals, remove_once_torn_down
+from .removals import PendingStops, Removals, remove_once_torn_down
 
 STATE_VERSION = 1
 RUNNING_STATES = ("Running", "Starting", "Freezing", "Frozen", "Thawed")
@@ -85,12 +87,28 @@ class SpawnError(_SpawnFailure or web.HTTPError):
 
 
 def _default_get_uid_gid(spawner: LxdSpawner) -> tuple[int, int]:
-    """The hub host's passwd/group entry for the user, else the configured default."""
+    """The hub host's passwd entry for the user, else the configured default.
+
+    Only an account of a person: one with a uid of at least `min_uid` (never 0). A username
+    such as ``root``, ``daemon`` or ``www-data`` is taken for a user the host does not know.
+    A primary group below `min_gid` gives way to `default_gid`.
+    """
     try:
         entry = pwd.getpwnam(spawner.user.name)
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a NUL in the name
         return spawner.default_uid, spawner.default_gid
-    return entry.pw_uid, entry.pw_gid
+    if entry.pw_uid == 0 or entry.pw_uid < spawner.min_uid:
+        spawner.log.info(
+            "%s: the hub host's account %r has uid %d, below min_uid = %d: not a person's; "
+            "using default_uid/default_gid",
+            spawner._log_name,
+            entry.pw_name,
+            entry.pw_uid,
+            spawner.min_uid,
+        )
+        return spawner.default_uid, spawner.default_gid
+    gid = entry.pw_gid if entry.pw_gid and entry.pw_gid >= spawner.min_gid else spawner.default_gid
+    return entry.pw_uid, gid
 
 
 @contextlib.contextmanager
@@ -102,8 +120,50 @@ def _as_trait_error():
         raise TraitError(str(e)) from e
 
 
+async def _delete_if_owned(
+    client: LxdClient,
+    cache: InstanceCache | None,
+    owner: ownership.Owner,
+    timeout: float,
+    log: logging.Logger,
+    name: str,
+) -> None:
+    """Stop and delete ``name`` (once LXD has torn it down) if it is ``owner``'s; leave
+    anything else alone. LxdError when the daemon cannot tell (the caller tries again)."""
+    try:
+        instance = await client.get_instance(name)
+    except NotFound:
+        return
+    if not owner.owns(instance.get("config")):
+        log.warning("not deleting %s: it is %s", name, ownership.describe(instance.get("config")))
+        return
+    if cache is None:
+        await client.remove_instance(name)
+    else:
+        await remove_once_torn_down(client, cache, name, timeout, log.info)
+    log.info("deleted %s, left behind when its cluster member failed", name)
+
+
+def _attach_logs(hub_log: logging.Logger) -> None:
+    """Send the messages of lxdspawner's modules (its client, cache, removals) to the hub's
+    log, in its format and at its level. Without this they go to Python's root logger, which
+    JupyterHub leaves without a handler: INFO lines vanish, warnings print bare."""
+    ours = logging.getLogger("lxdspawner")
+    if hub_log is ours or not hub_log.handlers:
+        return
+    for handler in hub_log.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.setLevel(hub_log.getEffectiveLevel())
+    ours.propagate = False
+
+
 class LxdSpawner(Spawner):
     """Spawn single-user servers in Incus or LXD containers, through the REST API."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _attach_logs(self.log)
 
     # -- where: the daemon ------------------------------------------------------------------
 
@@ -127,6 +187,24 @@ class LxdSpawner(Spawner):
     )
     project = Unicode("", config=True, help="LXD project for the instances (default: default).")
     api_timeout = Float(30.0, config=True, help="Seconds to wait for one API request.")
+
+    hub_id = Unicode(
+        config=True,
+        help="""This hub's name on the daemon, written on every instance it creates
+        (`user.jupyterhub.hub`): the hub touches no instance that carries another. Default:
+        derived from the hub's database (its URL, and this host's name for an SQLite file),
+        so it stays the same across restarts and differs between two hubs on one daemon.
+        Set it when the hub moves to another host or database, keeping the old value:
+        `c.LxdSpawner.hub_id = "physics-hub"`.
+        """,
+    )
+
+    @default("hub_id")
+    def _default_hub_id(self) -> str:
+        from jupyterhub.app import JupyterHub
+
+        app = JupyterHub.instance() if JupyterHub.initialized() else None
+        return ownership.default_hub_id(app.db_url if app is not None else None)
 
     # -- what: the container ----------------------------------------------------------------
 
@@ -170,16 +248,26 @@ class LxdSpawner(Spawner):
         Unicode(),
         config=True,
         help="""Shell commands run in the container, as the user's uid/gid, after it starts and
-        before the server. `{USERNAME}` is replaced by the shell-quoted username (also in
+        before the server. `{USERNAME}` follows the rules of `post_hub_commands` (also in
         $JUPYTERHUB_USER). A failing command fails the spawn, showing its exit code and output.
         """,
     )
     post_hub_commands = List(
         Unicode(),
         config=True,
-        help="""Shell commands run on the hub host once the server has started. `{USERNAME}` is
-        replaced by the shell-quoted username (also in $JUPYTERHUB_USER). Failures are logged.
+        help="""Shell commands run on the hub host once the server has started, with a minimal
+        environment (PATH, LANG, HOME, $JUPYTERHUB_USER, $JUPYTERHUB_SERVER_NAME: none of the
+        hub's secrets), at most `post_hub_command_timeout` seconds each; their output goes to
+        the hub's log. `{USERNAME}` stands for the username as one literal piece of the word
+        it is in: unquoted or inside '...' or "..." (not in backquotes, $(...), ${...}, a
+        here-document or a comment: such a command is refused). "$JUPYTERHUB_USER" works
+        anywhere. Example: `["logger 'server started for {USERNAME}'"]`.
         """,
+    )
+    post_hub_command_timeout = Float(
+        60.0,
+        config=True,
+        help="Seconds a post_hub_commands command may run before it is killed (default 60).",
     )
     host_weights = Dict(
         config=True,
@@ -216,6 +304,23 @@ class LxdSpawner(Spawner):
     )
     default_uid = Int(1000, config=True, help="uid for users unknown to the hub host.")
     default_gid = Int(1000, config=True, help="gid for users unknown to the hub host.")
+    min_uid = Int(
+        1000,
+        config=True,
+        help="""The lowest uid a server may run as (default 1000: no root, no system account).
+
+        The default `get_uid_gid` takes hub-host accounts below it (root, daemon, www-data)
+        for users the host does not know; a uid below it from your own `get_uid_gid` fails
+        the spawn naming this setting. Lower it only if your own `get_uid_gid` means it;
+        0 allows root. Example: `c.LxdSpawner.min_uid = 500`.
+        """,
+    )
+    min_gid = Int(
+        100,
+        config=True,
+        help="""The lowest gid a server may run with (default 100, Debian's `users`: not root's
+        group, nor sudo, adm, disk or shadow). Like `min_uid`; 0 allows group root.""",
+    )
     privileged_containers = Bool(
         False, config=True, help="Run the containers privileged (security.privileged)."
     )
@@ -319,6 +424,13 @@ class LxdSpawner(Spawner):
                 raise TraitError(f"host_weights[{member!r}] = {weight!r}: must be a number >= 0")
         return proposal["value"]
 
+    @validate("commands_to_prepare", "post_hub_commands")
+    def _check_commands(self, proposal: dict) -> list:
+        with _as_trait_error():
+            for command in proposal["value"]:
+                commands.check_template(command, setting=proposal["trait"].name)
+        return proposal["value"]
+
     @validate("get_uid_gid")
     def _check_get_uid_gid(self, proposal: dict) -> Callable:
         if not callable(proposal["value"]):
@@ -360,10 +472,11 @@ class LxdSpawner(Spawner):
         return state
 
     def clear_state(self) -> None:
+        """The container's name stays recorded: a kept container (remove = False) is found
+        again, and a removed one's name is used again. JupyterHub also calls this at the
+        start of every spawn, before any per-user setting (a pre_spawn_hook, a profile) has
+        set `remove`: so nothing here may depend on it."""
         super().clear_state()
-        if self.remove:
-            self.instance_name = ""
-            self.member = ""
 
     # -- the shared client ------------------------------------------------------------------
 
@@ -490,6 +603,18 @@ class LxdSpawner(Spawner):
             uid, gid = (int(x) for x in result)
         except (TypeError, ValueError) as e:
             raise SpawnError(f"get_uid_gid returned {result!r}; expected (uid, gid)") from e
+        if uid < self.min_uid or uid < 0:
+            raise SpawnError(
+                f"get_uid_gid gave uid {uid} for {self.user.name!r}, below "
+                f"c.LxdSpawner.min_uid = {self.min_uid}: a server never runs as root or a "
+                "system account unless min_uid is lowered for it"
+            )
+        if gid < self.min_gid or gid < 0:
+            raise SpawnError(
+                f"get_uid_gid gave gid {gid} for {self.user.name!r}, below "
+                f"c.LxdSpawner.min_gid = {self.min_gid}: a server never runs with group root "
+                "or a system group unless min_gid is lowered for it"
+            )
         return uid, gid
 
     def _mounts(self) -> tuple[objects.Mount, ...]:
@@ -532,14 +657,30 @@ class LxdSpawner(Spawner):
             found.append((container_path, data, mode))
         return found
 
+    def _home(self) -> str:
+        """home_dir with the username as one safe directory name (see names.home_component)."""
+        component = names.home_component(self.user.name)
+        home = self.home_dir.replace("{username}", component).replace("{USERNAME}", component)
+        home = os.path.normpath(home) if home.startswith("/") else home
+        if not home.startswith("/") or home == "/":
+            raise SpawnError(
+                f"home_dir = {self.home_dir!r} gives {home!r} for this user: it must be an "
+                "absolute path below /"
+            )
+        return home
+
+    @property
+    def owner(self) -> ownership.Owner:
+        """The keys that mark this server's instance as its own."""
+        return ownership.Owner(self.hub_id, self.user.name, self.name or "")
+
     def _spec(self, uid: int, gid: int) -> objects.ServerSpec:
-        home = self.home_dir.replace("{username}", self.user.name).replace(
-            "{USERNAME}", self.user.name
-        )
+        home = self._home()
         return objects.ServerSpec(
             instance=self.instance_name,
             username=self.user.name,
             server_name=self.name or "",
+            hub=self.hub_id,
             uid=uid,
             gid=gid,
             home=home,
@@ -653,15 +794,16 @@ class LxdSpawner(Spawner):
         files = await self._read_files_to_push()
         client = await self.client()
         cache = await self.cache()
-        await self._removed(self._target_instance_name())
-        name, existing = await self._usable_name(client)
+        name, existing = await self._claim_name(client)
         self.instance_name = name
         spec = self._spec(uid, gid)
 
-        if existing and (self.remove or existing.get("status") != "Stopped"):
+        if existing and self.remove:
             self._emit("Removing a leftover container of an earlier server", 8)
             await self._force_delete(client, name)
             existing = None
+        elif existing:
+            await self._make_reusable(client, cache, spec, existing)
 
         created = False
         member = None
@@ -743,29 +885,115 @@ class LxdSpawner(Spawner):
         except NotFound:
             return None
 
-    async def _usable_name(self, client: LxdClient) -> tuple[str, dict | None]:
-        """The container's name, and the container if it exists.
+    #: How many of a server's names (the usual one, then numbered alternatives) are tried.
+    NAME_ATTEMPTS = 8
 
-        On a cluster, the usual name may be held by a container on a member that is down
-        (left by a spawn that member broke off): then the server gets an alternative name,
-        and the leftover is deleted once its member is back.
+    async def _claim_name(self, client: LxdClient) -> tuple[str, dict | None]:
+        """The container's name, and the container if this server's exists already.
+
+        The name recorded in the hub's state comes first (a kept container, or one from
+        before an upgrade changed the naming rules), then the usual name, then numbered
+        alternatives. A name held by an instance whose keys are not this server's (another
+        user's whose name hashed alike, another hub's, one made by hand) is left alone. On a
+        cluster, a name whose instance cannot be read (its member is down) is skipped too.
         """
-        name = self._target_instance_name()
-        if not self._book().is_orphan(name):
+        candidates = [self.instance_name] if self.instance_name else []
+        candidates += [
+            names.instance_name(self.user.name, self.name or "", self.name_prefix, attempt)
+            for attempt in range(self.NAME_ATTEMPTS)
+        ]
+        owner = self.owner
+        clustered = client.dialect is not None and client.dialect.clustered
+        for name in dict.fromkeys(candidates):
+            if self._book().is_orphan(name):
+                continue
+            self._stops_left.cancel(self._endpoint_key(), name)  # this start takes over
+            await self._removed(name)
             try:
-                return name, await self._existing(client, name)
+                existing = await self._existing(client, name)
             except LxdError as e:
-                if client.dialect is None or not client.dialect.clustered:
+                if name == self.instance_name and not self.remove:
+                    raise SpawnError(
+                        f"this server's kept container {name} cannot be read ({e.message}); it "
+                        "is kept as it is (remove = False): start again once it can be "
+                        "reached, or have an admin delete the server to start afresh"
+                    ) from e
+                if not clustered:
                     raise
                 self.log.warning("%s is unavailable (%s): using another name", name, e.message)
-                self._remember_orphan(client, name)
-        alternative = names.instance_name(
-            self.user.name, (self.name or "") + "\0alternative", self.name_prefix
+                if self.remove:
+                    self._remember_orphan(client, name)
+                continue
+            if existing is None:
+                return name, None
+            config = existing.get("config")
+            if owner.owns(config) or (name == self.instance_name and owner.owns_recorded(config)):
+                return name, existing
+            self.log.warning(
+                "%s: %s holds the name %s; leaving it alone and using another name",
+                self._log_name,
+                ownership.describe(config),
+                name,
+            )
+        raise SpawnError(
+            f"no free container name for this server: {', '.join(dict.fromkeys(candidates))} "
+            "are all held by instances that are not its own"
         )
-        return alternative, await self._existing(client, alternative)
+
+    async def _make_reusable(
+        self,
+        client: LxdClient,
+        cache: InstanceCache,
+        spec: objects.ServerSpec,
+        existing: dict,
+    ) -> None:
+        """A kept container (remove = False): stopped if it runs (never deleted), then given
+        the current config and devices, so a changed setting or mount reaches it."""
+        name = spec.instance
+        if existing.get("status") != "Stopped":
+            self._emit(f"Stopping the kept container {name} (it was {existing.get('status')})", 8)
+            try:
+                if await client.shut_down(name, timeout=self.stop_timeout):
+                    cache.note_torn_down(name)
+            except NotFound:
+                return
+            await cache.wait_torn_down(name, self.stop_timeout + 10)
+            existing = await client.get_instance(name)
+        fingerprint, shared = await self._shared_devices(client, existing.get("location") or None)
+        del fingerprint
+        devices = {**objects.instance_devices(spec), **shared}
+        # Keep LXD's own keys (volatile.*, image.*); ours and the operator's are set afresh.
+        config = {
+            k: v
+            for k, v in (existing.get("config") or {}).items()
+            if k.startswith(("volatile.", "image."))
+        }
+        config.update(objects.instance_config(spec))
+        await client.request(
+            "PUT",
+            f"/1.0/instances/{name}",
+            json_body={
+                "architecture": existing.get("architecture", ""),
+                "config": config,
+                "devices": devices,
+                "profiles": list(spec.profiles),
+                "ephemeral": bool(existing.get("ephemeral")),
+                "stateful": bool(existing.get("stateful")),
+                "description": existing.get("description", ""),
+            },
+        )
 
     def _remember_orphan(self, client: LxdClient, name: str) -> None:
-        self._book().orphan(name, lambda orphan: self._force_delete(client, orphan))
+        """Delete ``name`` once its cluster member answers again, if it is this server's."""
+        delete = functools.partial(
+            _delete_if_owned,
+            client,
+            self._caches.get(self._endpoint_key()),
+            self.owner,
+            self.stop_timeout + 10,
+            self.log,
+        )
+        self._book().orphan(name, delete)
 
     async def _create(
         self, client: LxdClient, spec: objects.ServerSpec, member: str | None = None
@@ -847,7 +1075,7 @@ class LxdSpawner(Spawner):
         if fingerprint is None:
             return image_source(self.image)  # let the create fail with the usual message
         shifted = self._bases.setdefault(self._endpoint_key(), bases.ShiftedBases())
-        return await shifted.source(
+        source = await shifted.source(
             client,
             fingerprint=fingerprint,
             prefix=self.name_prefix,
@@ -857,6 +1085,14 @@ class LxdSpawner(Spawner):
                 "Preparing a base container for this image (once per image)", 12
             ),
         )
+        if source is None:
+            self.log.warning(
+                "the name of the shifted base of %s is held by another instance: creating "
+                "from the image",
+                self.image,
+            )
+            return image_source(self.image)
+        return source
 
     async def _push_files(
         self,
@@ -867,15 +1103,14 @@ class LxdSpawner(Spawner):
     ) -> None:
         name = spec.instance
         await client.make_directory(name, objects.CONFIG_DIR, mode=0o755)
-        # The token is in this file: readable by the user's uid only, never on a command line.
-        await client.push_file(
-            name,
-            objects.ENV_PATH,
-            objects.env_file(objects.server_environment(spec, env)),
-            uid=spec.uid,
-            gid=spec.gid,
-            mode=0o600,
-        )
+        # The token is in this file, never on a command line. systemd (PID 1, root) reads it
+        # for the unit, whose ExecStartPre runs as root: so it is root's, 0600, and the user
+        # cannot rewrite it for a later boot (a container can start again without the hub).
+        try:
+            content = objects.env_file(objects.server_environment(spec, env))
+        except ValueError as e:
+            raise SpawnError(f"the server's environment cannot be written: {e}") from e
+        await client.push_file(name, objects.ENV_PATH, content, mode=0o600)
         await client.push_file(name, objects.UNIT_PATH, objects.server_unit(spec), mode=0o644)
         if not self.commands_to_prepare:
             # Enabled before boot: systemd starts the server itself, no exec round trip.
@@ -971,53 +1206,80 @@ class LxdSpawner(Spawner):
             delay = min(delay * 1.5, 0.1)
 
     async def _prepare(self, client: LxdClient, name: str, spec: objects.ServerSpec) -> None:
-        env = {"JUPYTERHUB_USER": self.user.name, "HOME": spec.home, "USER": self.user.name}
+        env = {
+            "JUPYTERHUB_USER": self.user.name,
+            "JUPYTERHUB_SERVER_NAME": self.name or "",
+            "HOME": spec.home,
+            "USER": self.user.name,
+        }
         # The unit would make the home directory; the commands run before it, so make it here.
         # The path is one argument of an argument vector: no shell sees it.
-        made = await client.exec(
-            name, ["install", "-d", "-o", str(spec.uid), "-g", str(spec.gid), spec.home]
-        )
+        made = await client.exec(name, objects.make_home_command(spec))
         if made.exit_code != 0:
             self.log.warning("could not create %s in %s: %s", spec.home, name, made.output)
         for command in self.commands_to_prepare:
-            result = await client.exec(
-                name,
-                objects.prepare_command(command, self.user.name),
-                environment=env,
-                user=spec.uid,
-                group=spec.gid,
-                cwd=spec.home if made.exit_code == 0 else "/",
-                timeout=self.start_timeout,
-            )
+            where = f"commands_to_prepare: {command!r}"
+            try:
+                line = commands.expand_username(
+                    command, self.user.name, setting="commands_to_prepare"
+                )
+                result = await client.exec(
+                    name,
+                    ["/bin/sh", "-c", line],
+                    environment=env,
+                    user=spec.uid,
+                    group=spec.gid,
+                    cwd=spec.home if made.exit_code == 0 else "/",
+                    timeout=self.start_timeout,
+                )
+            except ValueError as e:
+                raise SpawnError(str(e)) from e
+            except LxdError as e:
+                raise SpawnError(f"{where} could not be run: {e.message}") from e
             if result.exit_code != 0:
                 raise SpawnError(
-                    f"commands_to_prepare: {command!r} failed with exit code "
-                    f"{result.exit_code}: {result.output[-2000:] or '(no output)'}"
+                    f"{where} failed with exit code {result.exit_code}: "
+                    f"{result.output[-2000:] or '(no output)'}"
                 )
 
     async def _run_post_hub_commands(self) -> None:
-        env = {**os.environ, "JUPYTERHUB_USER": self.user.name}
+        env = commands.minimal_environment(self.user.name, self.name or "")
         for command in self.post_hub_commands:
-            line = objects.expand_username_in_command(command, self.user.name)
-            proc = await asyncio.create_subprocess_shell(
-                line,
-                env=env,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+            try:
+                line = commands.expand_username(
+                    command, self.user.name, setting="post_hub_commands"
+                )
+            except ValueError as e:
+                self.log.error("%s", e)
+                continue
+            code, output = await commands.run_on_hub(
+                line, env=env, timeout=self.post_hub_command_timeout
             )
-            out, _ = await proc.communicate()
-            if proc.returncode:
+            output = output[-2000:].strip() or "(no output)"
+            if code is None:
+                self.log.error(
+                    "post_hub_commands for %s: %r killed after %g s (post_hub_command_timeout): %s",
+                    self._log_name,
+                    command,
+                    self.post_hub_command_timeout,
+                    output,
+                )
+            elif code:
                 self.log.error(
                     "post_hub_commands for %s: %r failed with exit code %s: %s",
                     self._log_name,
                     command,
-                    proc.returncode,
-                    out.decode(errors="replace")[-2000:],
+                    code,
+                    output,
                 )
+            else:
+                self.log.info("post_hub_commands for %s: %r: %s", self._log_name, command, output)
 
     async def _server_log_tail(self, client: LxdClient, name: str, lines: int = 20) -> str:
+        # The user's process writes this log, as much as it likes: read only its end.
         try:
-            text = (await client.read_file(name, objects.SERVER_LOG_PATH)).decode(errors="replace")
+            tail = await client.read_file_tail(name, objects.SERVER_LOG_PATH, max_bytes=16384)
+            text = tail.decode(errors="replace")
         except LxdError:
             text = ""
         tail = "\n".join(text.strip().splitlines()[-lines:])
@@ -1029,6 +1291,8 @@ class LxdSpawner(Spawner):
                 await self._force_delete(client, name)
             else:
                 await client.stop_instance(name, force=True)
+        except NotFound:
+            return
         except LxdError as e:
             self.log.warning("cleanup after failed spawn of %s: %s", name, e.message)
             if (self.remove or created) and client.dialect and client.dialect.clustered:
@@ -1046,28 +1310,37 @@ class LxdSpawner(Spawner):
     async def poll(self) -> int | None:
         """None while the server runs. Reads the shared cache: no request for a running
         server; one direct request only when the cache says it is not running."""
-        if not self.instance_name:
+        name = self.instance_name
+        if not name:
             return 0
+        owner = self.owner
         try:
             cache = await self.cache()
-            cached = cache.get(self.instance_name) if cache.healthy else None
-            if cached is not None and cached.status in RUNNING_STATES:
+            cached = cache.get(name) if cache.healthy else None
+            if (
+                cached is not None
+                and cached.status in RUNNING_STATES
+                and owner.owns_recorded(cached.config)
+            ):
                 down_for = cache.member_down_for(cached.location)
                 if down_for < self.member_offline_grace:
                     return None
                 # Its member stays offline: nobody can reach the server. Report it stopped,
-                # so the user can start again elsewhere; the container goes once it is back.
+                # so the user can start again elsewhere; the container goes once it is back,
+                # unless it is kept (remove = False): then it waits there for its user.
                 self.log.warning(
                     "%s: cluster member %s has been offline for %.0f s; reporting the server "
-                    "stopped",
+                    "stopped%s",
                     self._log_name,
                     cached.location,
                     down_for,
+                    "" if self.remove else f" (its container {name} is kept)",
                 )
-                self._remember_orphan(await self.client(), self.instance_name)
+                if self.remove:
+                    self._remember_orphan(await self.client(), name)
                 return 0
             client = await self.client()
-            instance = await client.get_instance(self.instance_name)
+            instance = await client.get_instance(name)
         except NotFound:
             return 0
         except (LxdError, asyncio.TimeoutError) as e:
@@ -1075,13 +1348,24 @@ class LxdSpawner(Spawner):
             self.log.warning("poll of %s: %s", self._log_name, getattr(e, "message", e))
             return None
         cache.note_instance(instance)
+        if not owner.owns_recorded(instance.get("config")):
+            self.log.warning(
+                "%s: %s is %s, not this server's: reporting the server stopped",
+                self._log_name,
+                name,
+                ownership.describe(instance.get("config")),
+            )
+            return 0
         if instance.get("status") in RUNNING_STATES:
             return None
         # The server ended by itself (its container powered off). JupyterHub will not call
         # stop() for a server that is not running, so the container is removed here.
         if self.remove and not self._spawn_pending:
-            self._remove_when_torn_down(client, cache, self.instance_name)
+            self._remove_when_torn_down(client, cache, name)
         return 0
+
+    #: Attempts of stop() before it reports the failure (1 s, then 2 s apart).
+    STOP_ATTEMPTS = 3
 
     async def stop(self, now: bool = False) -> None:
         """Stop the server; with `remove`, its container is deleted.
@@ -1090,13 +1374,60 @@ class LxdSpawner(Spawner):
         stopped (SIGTERM, then SIGKILL after the unit's timeout) and the container then
         powers off by itself. Its deletion, once LXD has torn it down, goes on in the
         background (see removals.py); a new start of the same server waits for it.
+
+        When the daemon keeps failing, stop() raises after a few attempts, and the container
+        stays recorded in the server's state (JupyterHub forgets the server, not us): it is
+        stopped in the background as soon as the daemon answers, or at the next start.
         """
-        name = self.instance_name or self._target_instance_name()
+        name = self.instance_name
+        if not name:
+            return
+        error: Exception | None = None
+        for attempt in range(self.STOP_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(attempt)
+            try:
+                await self._stop_once(name, now)
+            except (LxdError, asyncio.TimeoutError) as e:
+                error = e
+                self.log.warning(
+                    "%s: stopping %s failed: %s", self._log_name, name, getattr(e, "message", e)
+                )
+                continue
+            return
+        self._stops_left.retry(
+            self._endpoint_key(), name, lambda: self._stop_once(name, False), self.log
+        )
+        message = (
+            f"could not stop {name} ({getattr(error, 'message', error)}): it stays recorded "
+            "and is stopped as soon as the daemon answers"
+        )
+        self.log.error("%s: %s", self._log_name, message)
+        raise SpawnError(message)
+
+    async def _stop_once(self, name: str, now: bool) -> None:
         client = await self.client()
         cache = await self.cache()
         cached = cache.get(name) if cache.healthy else None
+        if cached is None or not self.owner.owns_recorded(cached.config):
+            try:
+                instance = await client.get_instance(name)
+            except NotFound:
+                cache.note(name, deleted=True)
+                return
+            if not self.owner.owns_recorded(instance.get("config")):
+                self.log.warning(
+                    "%s: not stopping %s: it is %s",
+                    self._log_name,
+                    name,
+                    ownership.describe(instance.get("config")),
+                )
+                return
+            status = instance.get("status")
+        else:
+            status = cached.status
         stopped = False
-        if self.remove and not now and cached is not None and cached.status == "Running":
+        if self.remove and not now and status == "Running":
             cache.expect_teardown(name)
             stopped = await self._stop_server(client, name)
         if not stopped:
@@ -1110,8 +1441,34 @@ class LxdSpawner(Spawner):
         if self.remove:
             self._remove_when_torn_down(client, cache, name)
 
+    async def delete_forever(self) -> None:
+        """The admin deleted the user or this named server: its kept container (remove =
+        False) goes too. The one place lxdspawner deletes a kept container."""
+        name = self.instance_name
+        if not name:
+            return
+        client = await self.client()
+        try:
+            instance = await client.get_instance(name)
+        except NotFound:
+            return
+        if not self.owner.owns_recorded(instance.get("config")):
+            self.log.warning(
+                "%s: not deleting %s: it is %s",
+                self._log_name,
+                name,
+                ownership.describe(instance.get("config")),
+            )
+            return
+        self.log.info("%s: the server was deleted; deleting its container %s", self._log_name, name)
+        await self.cache()
+        await self._force_delete(client, name)
+        self.instance_name = ""
+
     #: Containers being deleted after their server stopped, for the whole hub.
     _removals = Removals()
+    #: Containers whose stop failed, stopped again in the background, for the whole hub.
+    _stops_left = PendingStops()
 
     def _remove_when_torn_down(self, client: LxdClient, cache: InstanceCache, name: str) -> None:
         self._removals.start(

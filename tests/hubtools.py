@@ -169,6 +169,18 @@ c.JupyterHub.load_roles = [{{"name": "admin", "services": ["e2e-harness"]}}]
 """
 
 
+# internal_ssl: every connection between the hub, the proxy and the servers is TLS with the
+# hub's own CA. The hub makes the certificates at its start, so it starts the proxy with them.
+INTERNAL_SSL_CONFIG = """
+c.JupyterHub.internal_ssl = True
+c.JupyterHub.internal_certs_location = {certs!r}
+c.JupyterHub.trusted_alt_names = ["IP:{hub_ip}"]
+c.ConfigurableHTTPProxy.should_start = True
+c.ConfigurableHTTPProxy.command = [{chp!r}]
+c.ConfigurableHTTPProxy.api_url = {proxy_api_url!r}
+"""
+
+
 # JupyterHub's local spawners pick a port with random_port(): bind port 0, close, and hand the
 # number to the server. Two spawns at once can draw the same number (CI saw it: "port 43019 is
 # not available"), and any outgoing connection may take it first, since it comes from the
@@ -213,6 +225,7 @@ class Hub:
         cleanup_servers: bool = True,
         debug: bool = False,
         password: str | None = None,
+        internal_ssl: bool = False,
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +233,9 @@ class Hub:
         self.hub_ip = hub_ip
         self.cleanup_servers = cleanup_servers
         self.debug = debug
+        # With internal_ssl the hub makes the certificates and starts the proxy itself (with
+        # them); the harness then starts no proxy of its own.
+        self.internal_ssl = internal_ssl
         self.password = password or "pw-" + secrets.token_urlsafe(12)
         self.token = secrets.token_hex(32)
         self.proxy_token = secrets.token_hex(32)
@@ -247,6 +263,11 @@ class Hub:
         self.cleanup_servers = value
         self._write_config()
 
+    def add_config(self, text: str) -> None:
+        """For the next start of the hub: more configuration lines."""
+        self.config += "\n" + text + "\n"
+        self._write_config()
+
     def _write_config(self) -> None:
         base = BASE_CONFIG.format(
             public_url=self.public_url + "/",
@@ -260,6 +281,13 @@ class Hub:
             password=self.password,
             token=self.token,
         )
+        if self.internal_ssl:
+            base += INTERNAL_SSL_CONFIG.format(
+                chp=str(CHP),
+                certs=str(self.workdir / "internal-ssl"),
+                hub_ip=self.hub_ip,
+                proxy_api_url=self.proxy_api_url.replace("http://", "https://"),
+            )
         extra = "\n# --- the test's configuration ---\n" + self.config if self.config else ""
         self.config_file.write_text(base + extra + "\n")
 
@@ -337,7 +365,8 @@ class Hub:
             await asyncio.sleep(0.2)
 
     async def start(self) -> None:
-        await self._start_proxy()
+        if not self.internal_ssl:
+            await self._start_proxy()
         await self._start_hub()
 
     @staticmethod
@@ -628,6 +657,7 @@ async def running_hub(
     cleanup_servers: bool = True,
     debug: bool = False,
     password: str | None = None,
+    internal_ssl: bool = False,
 ) -> AsyncIterator[Hub]:
     """Start a hub (see the module docstring); stop everything on exit."""
     hub = Hub(
@@ -637,6 +667,7 @@ async def running_hub(
         cleanup_servers=cleanup_servers,
         debug=debug,
         password=password,
+        internal_ssl=internal_ssl,
     )
     HUBS.append(hub)
     try:

@@ -10,8 +10,12 @@ It knows nothing of JupyterHub: the spawner, the CLI and the tests all use it as
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
+import posixpath
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -53,6 +57,135 @@ class ExecResult:
 
 def _q(name: str) -> str:
     return quote(name, safe="")
+
+
+# -- the pinned server certificate ----------------------------------------------------------
+
+
+class ServerCertificateMismatch(Unreachable):
+    """The daemon presented another certificate than the one ``server_cert`` pins.
+
+    ``expected`` and ``presented`` are the SHA-256 fingerprints (hex) of the DER of the two
+    certificates, as ``incus info`` shows a daemon's own (``certificate_fingerprint``).
+    """
+
+    def __init__(self, message: str, *, expected: str, presented: str):
+        super().__init__(message)
+        self.expected = expected
+        self.presented = presented
+
+
+_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.S)
+
+
+@dataclass(frozen=True)
+class PinnedCertificate:
+    """The one server certificate a client accepts: the file it came from, its DER's SHA-256."""
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def load(cls, path: str) -> PinnedCertificate:
+        """The certificate of a PEM file; an LxdError naming ``server_cert`` if it has none.
+
+        The file must hold exactly one certificate: pinning means one, and a bundle would
+        leave the reader to guess which of them the daemon presents.
+        """
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as e:
+            raise LxdError(f"cannot read server_cert {path}: {e.strerror or e}") from e
+        blocks = _PEM_CERTIFICATE.findall(text)
+        if len(blocks) != 1:
+            raise LxdError(
+                f"server_cert {path} holds {len(blocks) or 'no'} PEM certificates: it must hold "
+                "exactly the daemon's certificate (its server.crt, or cluster.crt for a cluster)"
+            )
+        try:
+            der = ssl.PEM_cert_to_DER_cert(blocks[0])
+            # Have OpenSSL parse it now: a damaged file is then reported as such, not as a
+            # certificate that matches no server.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)
+        except (ValueError, ssl.SSLError) as e:
+            raise LxdError(f"server_cert {path} is not a valid PEM certificate: {e}") from e
+        return cls(path, hashlib.sha256(der).hexdigest())
+
+    def check(self, der: bytes | None) -> None:
+        """Raise unless ``der`` (the peer's certificate) is the pinned certificate."""
+        presented = hashlib.sha256(der).hexdigest() if der else "none"
+        if presented != self.sha256:
+            raise _NotPinned(self, presented)
+
+
+class _NotPinned(ssl.SSLCertVerificationError):
+    """The handshake's refusal. It is an SSLError because asyncio aborts a handshake only on
+    one; aiohttp then raises ClientConnectorCertificateError with it as certificate_error."""
+
+    def __init__(self, pin: PinnedCertificate, presented: str):
+        super().__init__(
+            f"certificate sha256:{presented} is not the one server_cert {pin.path} pins "
+            f"(sha256:{pin.sha256})"
+        )
+        self.pin = pin
+        self.presented = presented
+
+
+class _PinnedHandshake:
+    """Ends every handshake by comparing the server's certificate with the context's pin."""
+
+    context: _PinnedContext
+
+    def do_handshake(self, *args: Any) -> None:
+        super().do_handshake(*args)  # type: ignore[misc]
+        self.context.pin.check(self.getpeercert(binary_form=True))  # type: ignore[attr-defined]
+
+
+class _PinnedSSLObject(_PinnedHandshake, ssl.SSLObject):
+    """What asyncio (and so aiohttp) gets from ``wrap_bio``."""
+
+
+class _PinnedSSLSocket(_PinnedHandshake, ssl.SSLSocket):
+    """What a blocking ``wrap_socket`` gets: the pin holds there too, no silent CERT_NONE."""
+
+
+class _PinnedContext(ssl.SSLContext):
+    """A client context that accepts exactly one server certificate, whatever signed it and
+    whatever name it carries, as the incus/lxc CLI does (``servercerts/<remote>.crt``).
+
+    OpenSSL cannot express that: a certificate loaded as a CA (``load_verify_locations``)
+    also vouches for every certificate its key signs. So OpenSSL verifies nothing here
+    (CERT_NONE) and the SSL object compares the DER's SHA-256 when the handshake ends, before
+    asyncio reports the connection made, so before any request byte is written. Python's
+    ``ssl`` lets a context choose that class (``SSLContext.sslobject_class``, which asyncio's
+    ``SSLProtocol`` gets through ``wrap_bio``), so the pin holds for every connection made
+    with the context: requests, the events websocket, each new connection of the pool.
+
+    aiohttp's own pin, ``aiohttp.Fingerprint``, does the same comparison (``Fingerprint.check``
+    in aiohttp/client_reqrep.py) but cannot carry a client certificate, which the daemon
+    needs: ``ssl=`` takes an SSLContext or a Fingerprint, and with a Fingerprint
+    ``TCPConnector._get_ssl_context`` (aiohttp/connector.py) uses aiohttp's module-level
+    unverified context (aio-libs/aiohttp#3679, open since 2019).
+
+    An impostor gets our client certificate before the check refuses it (with aiohttp's
+    Fingerprint too): it is public, and our signature in the handshake covers the impostor's
+    own certificate, so it cannot be replayed to the real daemon.
+    """
+
+    sslobject_class = _PinnedSSLObject
+    sslsocket_class = _PinnedSSLSocket
+    pin: PinnedCertificate
+
+    @classmethod
+    def pinning(cls, pin: PinnedCertificate) -> _PinnedContext:
+        ctx = cls(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        # A TLS 1.2 renegotiation would bring a certificate that no handshake end checks.
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
+        ctx.pin = pin
+        return ctx
 
 
 class LxdClient:
@@ -131,19 +264,21 @@ class LxdClient:
         )
 
     def _ssl_context(self) -> ssl.SSLContext:
+        """The TLS context of an https endpoint: our client certificate, and whom we trust.
+
+        With ``server_cert``, exactly that certificate (the daemons serve self-signed ones;
+        a cluster serves its cluster.crt from every member): see :class:`_PinnedContext`.
+        Without it, the system's CAs and the host name, as any HTTPS client.
+        """
         if not (self.client_cert and self.client_key):
             raise LxdError(
                 f"endpoint {self.endpoint} is HTTPS: a client certificate and key are needed "
                 "(client_cert, client_key), trusted by the daemon"
             )
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         if self.server_cert:
-            # LXD servers use self-signed certificates: trust exactly that one (pinning),
-            # whatever name it carries.
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cafile=self.server_cert)
+            ctx: ssl.SSLContext = _PinnedContext.pinning(PinnedCertificate.load(self.server_cert))
+        else:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         try:
             ctx.load_cert_chain(self.client_cert, self.client_key)
         except (OSError, ssl.SSLError) as e:
@@ -170,6 +305,25 @@ class LxdClient:
         """A human description of the endpoint, for messages."""
         return self._where or self.endpoint or "the local daemon"
 
+    def _refusal(self, error: BaseException) -> ServerCertificateMismatch | None:
+        """The error for a connection that ``server_cert`` refused; None for other failures.
+
+        The handshake's refusal reaches the client wrapped, as aiohttp's
+        ClientConnectorCertificateError, whose ``certificate_error`` is that refusal.
+        """
+        refused = getattr(error, "certificate_error", None)
+        if not isinstance(error, aiohttp.ClientError) or not isinstance(refused, _NotPinned):
+            return None
+        pin = refused.pin
+        return ServerCertificateMismatch(
+            f"the server at {self.where} presented certificate sha256:{refused.presented}, "
+            f"but server_cert {pin.path} pins sha256:{pin.sha256}: they do not match, so the "
+            f"connection was refused (if the daemon's certificate was replaced on purpose, "
+            f"put the new one in {pin.path})",
+            expected=pin.sha256,
+            presented=refused.presented,
+        )
+
     # -- raw requests -----------------------------------------------------------------------
 
     def _params(self, params: Mapping[str, Any] | None) -> dict[str, str]:
@@ -178,7 +332,8 @@ class LxdClient:
             merged["project"] = self.project
         return merged
 
-    async def raw(
+    @contextlib.asynccontextmanager
+    async def _open(
         self,
         method: str,
         path: str,
@@ -188,8 +343,11 @@ class LxdClient:
         data: bytes | str | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
-    ) -> tuple[int, bytes, str]:
-        """One HTTP request: (status, body, content type). Connection errors become Unreachable."""
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One HTTP request whose body the caller reads (or not) itself.
+
+        Connection errors and timeouts, also while the body is read, become Unreachable.
+        """
         if self._session is None:
             self._session = self._make_session()
         url = self._base + path
@@ -204,15 +362,40 @@ class LxdClient:
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
             ) as resp:
-                body = await resp.read()
-                return resp.status, body, resp.headers.get("Content-Type", "")
+                yield resp
         except asyncio.TimeoutError as e:
             raise Unreachable(
                 f"{method} {path} on {self.where} got no answer within "
                 f"{timeout or self.timeout:g} s"
             ) from e
         except aiohttp.ClientError as e:
-            raise Unreachable(f"cannot reach the LXD/Incus daemon at {self.where}: {e}") from e
+            raise self._refusal(e) or Unreachable(
+                f"cannot reach the LXD/Incus daemon at {self.where}: {e}"
+            ) from e
+
+    async def raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        data: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, bytes, str]:
+        """One HTTP request: (status, body, content type). Connection errors become Unreachable."""
+        async with self._open(
+            method,
+            path,
+            params=params,
+            json_body=json_body,
+            data=data,
+            headers=headers,
+            timeout=timeout,
+        ) as resp:
+            body = await resp.read()
+            return resp.status, body, resp.headers.get("Content-Type", "")
 
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """A request whose answer is LXD's JSON envelope; returns its metadata.
@@ -246,6 +429,23 @@ class LxdClient:
         With ``on_progress`` the wait is cut into short slices, and the operation's metadata
         (image unpack, file system remap, ...) is passed on after each slice.
         """
+        op = await self._finished(operation, timeout=timeout, on_progress=on_progress)
+        if op.get("status") != "Success":
+            raise OperationFailed(op.get("err") or f"operation {str(op.get('status')).lower()}")
+        return op
+
+    async def _finished(
+        self,
+        operation: Mapping | str,
+        *,
+        timeout: float = 120.0,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict:
+        """The operation once it has ended, whether it succeeded, failed or was cancelled.
+
+        A failed operation keeps its metadata (an exec's exit code and output records), which
+        callers may need; the daemons forget it 5 s after its end.
+        """
         op_id = operation if isinstance(operation, str) else operation["id"]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -261,15 +461,18 @@ class LxdClient:
                     timeout=wait_s + self.timeout,
                 )
             except LxdError as e:
-                # Incus answers a wait that timed out with an error, not the running operation.
-                if "deadline exceeded" not in e.message and e.status != 504:
+                # Incus writes "200 OK" before it waits, then an error envelope if the wait
+                # timed out ("context deadline exceeded") or if the operation failed (its own
+                # error, without its metadata); LXD 5 answers the operation in both cases. So
+                # on Incus, ask for the operation itself.
+                if e.status not in (200, 504) and "deadline exceeded" not in e.message:
                     raise
-                op = await self.request("GET", f"/1.0/operations/{_q(op_id)}")
-            status = op.get("status")
-            if status == "Success":
+                try:
+                    op = await self.request("GET", f"/1.0/operations/{_q(op_id)}")
+                except NotFound:
+                    raise OperationFailed(e.message, status=e.status, code=e.code) from e
+            if op.get("status") in ("Success", "Failure", "Cancelled"):
                 return op
-            if status in ("Failure", "Cancelled"):
-                raise OperationFailed(op.get("err") or f"operation {status.lower()}")
             if on_progress and op.get("metadata"):
                 result = on_progress(op["metadata"])
                 if asyncio.iscoroutine(result):
@@ -530,16 +733,57 @@ class LxdClient:
             attempt += 1
 
     async def read_file(self, name: str, path: str) -> bytes:
-        status, body, ctype = await self.raw(
+        """The whole file: for files the hub wrote itself; see :meth:`read_file_tail`."""
+        status, body, _ = await self.raw(
             "GET", f"/1.0/instances/{_q(name)}/files", params={"path": path}
         )
         if status >= 400:
-            try:
-                message = json.loads(body).get("error") or f"HTTP {status}"
-            except ValueError:
-                message = f"HTTP {status}"
-            raise error_for_status(status, f"read {path} in {name}: {message}")
+            raise _file_error(status, body, name, path)
         return body
+
+    #: Bytes :meth:`read_file_tail` reads at most when a daemon ignores its ``Range`` header.
+    tail_read_cap = 64 * 2**20
+
+    async def read_file_tail(self, name: str, path: str, max_bytes: int = 65536) -> bytes:
+        """At most the last ``max_bytes`` of a file in the instance, running or stopped.
+
+        For files whose size the instance's user controls, such as the server's log: the hub
+        holds and transfers ``max_bytes``, whatever the file's size. It asks for a suffix range
+        (``Range: bytes=-N``): Incus 6.0 and LXD 5.0 serve files with Go's
+        ``http.ServeContent`` over a seekable SFTP file, so they answer 206 with just the tail
+        (the whole file when shorter). Should a daemon ignore the range and send the whole
+        file, only the last ``max_bytes`` are kept as it streams past, and reading stops after
+        ``tail_read_cap`` bytes: then the answer is the end of the file's first
+        ``tail_read_cap`` bytes, which is not the file's end if it is longer.
+
+        The files API does not follow a symbolic link: for one, the answer is the path it
+        points to, so a user cannot make the hub read another file through a link. A missing
+        file raises NotFound.
+        """
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
+        async with self._open(
+            "GET",
+            f"/1.0/instances/{_q(name)}/files",
+            params={"path": path},
+            headers={"Range": f"bytes=-{max_bytes}"},
+        ) as resp:
+            if resp.status == 416:
+                # An empty file, from a server that refuses any range of one (ours answer 206).
+                return b""
+            if resp.status >= 400:
+                # An error is a small JSON envelope; read a bounded amount all the same.
+                raise _file_error(resp.status, await resp.content.read(65536), name, path)
+            tail = bytearray()
+            read = 0
+            async for chunk in resp.content.iter_chunked(65536):
+                chunk = chunk[: self.tail_read_cap - read]
+                read += len(chunk)
+                tail += chunk
+                del tail[:-max_bytes]
+                if read >= self.tail_read_cap:
+                    break
+            return bytes(tail)
 
     # -- exec -------------------------------------------------------------------------------
 
@@ -560,10 +804,16 @@ class LxdClient:
         The command is an argument vector: nothing here goes through a shell unless the caller
         runs one, so user-supplied values belong in ``environment``. Without
         ``record_output`` only the exit code comes back, two requests sooner.
+
+        Whenever the command ran, its exit code comes back, 126 and 127 included (a shell's
+        "not found"), although both daemons mark such an exec failed ("Command not found").
+        OperationFailed means it did not run: ``command[0]`` does not exist or cannot be
+        executed in the instance (then the message says so), or the daemon could not start it.
         """
+        env = dict(environment or {})
         body: dict[str, Any] = {
             "command": list(command),
-            "environment": dict(environment or {}),
+            "environment": env,
             "wait-for-websocket": False,
             "interactive": False,
             "record-output": record_output,
@@ -574,17 +824,117 @@ class LxdClient:
             body["group"] = int(group)
         if cwd:
             body["cwd"] = cwd
-        op = await self.run(
-            "POST", f"/1.0/instances/{_q(name)}/exec", json_body=body, timeout=timeout
+        op = await self.request("POST", f"/1.0/instances/{_q(name)}/exec", json_body=body)
+        done = await self._finished(op, timeout=timeout)
+        meta = done.get("metadata") or {}
+        texts = await self._take_records(meta.get("output") or {})
+        exit_code = meta.get("return")
+        if done.get("status") != "Success":
+            argv0 = command[0] if command else ""
+            err = done.get("err") or f"operation {str(done.get('status')).lower()}"
+            # Both daemons turn exit codes 127 and 126 into the errors "Command not found" and
+            # "Command not executable" (lxcCmd.Wait), after storing the exit code and the
+            # records in the operation's metadata (instance_exec.go): any other failure is
+            # the daemon's own.
+            if exit_code not in (126, 127):
+                raise OperationFailed(f"exec of {argv0!r} in {name}: {err}")
+            if not any(texts.values()):
+                try:
+                    why = await self._not_started(name, argv0, exit_code, env, cwd)
+                except LxdError as e:
+                    log.debug("cannot tell whether %r started in %s: %s", argv0, name, e.message)
+                    why = None
+                if why:
+                    raise OperationFailed(why)
+        return ExecResult(
+            -1 if exit_code is None else int(exit_code), texts.get("1", ""), texts.get("2", "")
         )
-        meta = op.get("metadata") or {}
-        outputs = meta.get("output") or {}
+
+    async def _take_records(self, outputs: Mapping[str, str]) -> dict[str, str]:
+        """The recorded output of an exec by file descriptor ("1", "2"), deleted once read."""
         texts: dict[str, str] = {}
         for fd, log_path in outputs.items():
-            status, data, _ = await self.raw("GET", log_path)
-            texts[str(fd)] = data.decode(errors="replace") if status == 200 else ""
-            await self.raw("DELETE", log_path)
-        return ExecResult(int(meta.get("return", -1)), texts.get("1", ""), texts.get("2", ""))
+            try:
+                status, data, _ = await self.raw("GET", log_path)
+                texts[str(fd)] = data.decode(errors="replace") if status == 200 else ""
+            finally:
+                await self.raw("DELETE", log_path)
+        return texts
+
+    #: The PATH both daemons give an exec without one (instance_exec.go); they append the
+    #: last two only when /snap or /etc/NIXOS exist, and looking in them otherwise is harmless.
+    default_exec_path = (
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        ":/snap/bin:/run/current-system/sw/bin"
+    )
+
+    async def _not_started(
+        self,
+        name: str,
+        argv0: str,
+        exit_code: int,
+        environment: Mapping[str, str],
+        cwd: str | None,
+    ) -> str | None:
+        """Why ``argv0`` cannot have started in the instance, when its files show it; else None.
+
+        For an exec that failed with 127 or 126 and printed nothing: a command that could not be
+        executed and one that ran and exited so (``sh -c 'exit 127'``) look the same to the
+        API. The files API tells them apart: 127 and no such file anywhere the exec looked, or
+        126 and only a directory or a file without execute permission there, mean nothing ran.
+        """
+        if "/" in argv0:
+            if not argv0.startswith("/") and not cwd:
+                return None  # relative to a working directory this client does not know
+            candidates = [posixpath.join(cwd or "/", argv0)]
+            looked = ""
+        else:
+            search = environment.get("PATH")
+            if search is None:
+                config = (await self.get_instance(name)).get("expanded_config") or {}
+                search = config.get("environment.PATH") or self.default_exec_path
+            dirs = [d for d in search.split(":") if d.startswith("/")]
+            candidates = [posixpath.join(d, argv0) for d in dirs]
+            looked = f" (looked in {':'.join(dirs)})"
+        unusable = ""
+        for path in candidates:
+            kind = await self._file_kind(name, path)
+            if kind is None:
+                continue
+            file_type, mode = kind
+            if file_type == "symlink" or (file_type == "file" and mode & 0o111):
+                return None  # something to run is there: it ran
+            if not unusable:
+                unusable = (
+                    f"{path} is a directory"
+                    if file_type == "directory"
+                    else f"{path} has no execute permission"
+                )
+        if exit_code == 127 and not unusable:
+            return f"command {argv0!r} not found in {name}{looked}"
+        if exit_code == 126 and unusable:
+            return f"command {argv0!r} is not executable in {name}: {unusable}"
+        return None
+
+    async def _file_kind(self, name: str, path: str) -> tuple[str, int] | None:
+        """(type, permission bits) of a path in the instance, from the files API's headers;
+        None if there is nothing at that path."""
+        async with self._open(
+            "GET",
+            f"/1.0/instances/{_q(name)}/files",
+            params={"path": path},
+            headers={"Range": "bytes=0-0"},  # only the headers matter: send as little as can be
+        ) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status >= 400 and resp.status != 416:  # 416: an empty file
+                raise _file_error(resp.status, await resp.content.read(65536), name, path)
+            prefix = self._dialect().header_prefix
+            try:
+                mode = int(resp.headers.get(f"{prefix}mode", ""), 8)
+            except ValueError:
+                mode = 0o755  # unknown: take it as executable, so that it counts as ran
+            return resp.headers.get(f"{prefix}type", "file"), mode
 
     # -- storage volumes --------------------------------------------------------------------
 
@@ -675,14 +1025,27 @@ class LxdClient:
                         elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
                             break
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                refused = self._refusal(e)
                 if not reconnect:
-                    raise Unreachable(f"events stream from {self.where} failed: {e}") from e
-                log.warning("events stream from %s failed (%s); reconnecting", self.where, e)
+                    failed = Unreachable(f"events stream from {self.where} failed: {e}")
+                    raise refused or failed from e
+                log.warning(
+                    "events stream from %s failed (%s); reconnecting", self.where, refused or e
+                )
             else:
                 if not reconnect:
                     return
             first = False
             await asyncio.sleep(retry_delay)
+
+
+def _file_error(status: int, body: bytes, name: str, path: str) -> LxdError:
+    """The error of a failed files API request, from its JSON envelope when it has one."""
+    try:
+        message = json.loads(body).get("error") or f"HTTP {status}"
+    except (ValueError, AttributeError):
+        message = f"HTTP {status}"
+    return error_for_status(status, f"read {path} in {name}: {message}")
 
 
 def not_running(error: LxdError) -> bool:
@@ -725,6 +1088,8 @@ __all__ = [
     "ExecResult",
     "LxdClient",
     "NotFound",
+    "PinnedCertificate",
+    "ServerCertificateMismatch",
     "host_from_endpoint",
     "image_source",
     "ipv4_addresses",

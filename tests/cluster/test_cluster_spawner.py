@@ -172,12 +172,24 @@ async def test_weight_zero_and_target_group(cluster, cl, tmp_path):
         await cl.request("DELETE", f"/1.0/cluster/groups/{group}")
 
 
+#: "ck0" keeps its container (remove = False), on member3.
+KEEP_CK0 = """
+def _keep(spawner):
+    if spawner.user.name == "ck0":
+        spawner.remove = False
+        spawner.target = "member3"
+
+c.Spawner.pre_spawn_hook = _keep
+"""
+
+
 async def test_offline_member_is_skipped_and_the_hub_keeps_serving(cluster, cl, tmp_path):
+    """...and a kept container (remove = False) on the offline member stays, for its user."""
     loop = asyncio.get_running_loop()
     first = ["co0", "co1", "co2"]
     more = ["co3", "co4", "co5", "co6"]
     # A short grace and poll interval keep the test short; the default grace is 60 s.
-    grace = "c.LxdSpawner.member_offline_grace = 5\nc.Spawner.poll_interval = 2\n"
+    grace = "c.LxdSpawner.member_offline_grace = 5\nc.Spawner.poll_interval = 2\n" + KEEP_CK0
     async with running_hub(tmp_path, config=hub_config(cluster, grace), hub_ip=HUB_IP) as hub:
         with_diagnostics(hub, "jupyter-co")
         await start_all(hub, first)
@@ -185,6 +197,11 @@ async def test_offline_member_is_skipped_and_the_hub_keeps_serving(cluster, cl, 
         assert sorted(where.values()) == list(MEMBERS)  # one each
         on_member3 = next(u for u in first if where[u] == "member3")
         stranded = await wait_for_ipv4(cl, f"jupyter-{on_member3}")
+        await hub.start_server("ck0", timeout=300)
+        kept = "jupyter-ck0"
+        assert (await cl.get_instance(kept))["location"] == "member3"
+        made = await cl.exec(kept, ["/bin/sh", "-c", "echo mine > /root/kept.txt"])
+        assert made.exit_code == 0, made.output
 
         await loop.run_in_executor(None, stop_member, 3)
         try:
@@ -223,6 +240,15 @@ async def test_offline_member_is_skipped_and_the_hub_keeps_serving(cluster, cl, 
                 await asyncio.sleep(1)
             await hub.start_server(on_member3, timeout=300)
             assert (await locations(cl, [on_member3]))[on_member3] != "member3"
+            # The kept server is reported stopped too; its container stays where it is, and
+            # starting it meanwhile fails saying so, rather than making another elsewhere.
+            while await hub.server_model("ck0") is not None:
+                assert time.monotonic() < deadline + 30, "the hub still lists ck0's server"
+                await asyncio.sleep(1)
+            assert f"its container {kept} is kept" in hub.log()
+            with pytest.raises(SpawnFailed) as failed:
+                await hub.start_server("ck0", timeout=120)
+            assert "kept" in str(failed.value), str(failed.value)
         finally:
             await loop.run_in_executor(None, start_member, 3)
             with contextlib.suppress(NotFound):  # in case the failed create left a record
@@ -235,6 +261,28 @@ async def test_offline_member_is_skipped_and_the_hub_keeps_serving(cluster, cl, 
         ):
             assert time.monotonic() < deadline, "the stranded container was not removed"
             await asyncio.sleep(1)
+        # ...while the kept one is still there, with what its user put in it.
+        server = await hub.start_server("ck0", timeout=300)
+        status, _ = await hub.get_via_proxy(server["url"] + "api/status")
+        assert status == 200
+        assert (await cl.get_instance(kept))["location"] == "member3"
+        assert (await cl.read_file(kept, "/root/kept.txt")) == b"mine\n"
+        await hub.stop_server("ck0")
+        assert (await cl.get_instance(kept))["status"] == "Stopped"
+        status, body = await hub.api("DELETE", "/users/ck0")
+        assert status == 204, body
+        deadline = time.monotonic() + 60
+        while not await _gone(cl, kept):
+            assert time.monotonic() < deadline, f"{kept} stayed after its user was deleted"
+            await asyncio.sleep(1)
+
+
+async def _gone(cl, name: str) -> bool:
+    try:
+        await cl.get_instance(name)
+    except NotFound:
+        return True
+    return False
 
 
 POLICY = """

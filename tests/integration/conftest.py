@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -127,3 +128,37 @@ async def leaked_interfaces(client: LxdClient, before: set[str], daemon: str = "
         network = (instance.get("state") or {}).get("network") or {}
         owned |= {nic.get("host_name") for nic in network.values()}
     return bridge_ports(daemon) - before - owned
+
+
+@pytest.fixture
+def prefix():
+    return "jt" + secrets.token_hex(3)
+
+
+@pytest.fixture
+async def incus():
+    async with LxdClient(f"unix://{SOCKETS['incus']}") as client:
+        yield client
+
+
+@pytest.fixture
+async def leftovers(incus, prefix, request):
+    """Every instance this test's hub made is gone at the end, whatever happened; on a
+    failure, their LXD log, console and server log are printed first. And none of them has
+    left its network interface on the host."""
+    ports = bridge_ports()
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for url in await incus.list_instances(recursion=0):
+            name = url.rsplit("/", 1)[-1]
+            if name.startswith(prefix + "-"):
+                await dump_instance(incus, name)
+                try:
+                    log = await incus.read_file_tail(name, "/var/log/jupyterhub-singleuser.log")
+                    print(f"===== {name}: server log =====\n{log.decode(errors='replace')}")
+                except Exception as e:  # the report must not hide the failure
+                    print(f"===== {name}: no server log ({e}) =====")
+    await remove_instances_named(incus, prefix + "-")
+    leaked = await leaked_interfaces(incus, ports)
+    assert not leaked, f"host interfaces left by deleted containers: {sorted(leaked)}"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 
 import pytest
+from aiohttp import web
 
 from lxdspawner.lxd import (
     LxdClient,
@@ -104,8 +106,109 @@ async def test_exec_records_output_and_exit_code(lxd, instances):
     check = await lxd.exec(name, ["ls", "/tmp"])
     assert "pwned" not in check.stdout
     # The recorded output is deleted afterwards: nothing piles up in the instance's logs.
+    assert await exec_records(lxd, name) == []
+
+
+async def exec_records(lxd, name):
+    """The exec output records the daemon keeps for an instance (Incus in a folder of its own)."""
     logs = await lxd.request("GET", f"/1.0/instances/{name}/logs")
-    assert not [entry for entry in logs if entry.rsplit("/", 1)[-1].startswith("exec")]
+    if lxd.dialect.product == "incus":
+        logs += await lxd.request("GET", f"/1.0/instances/{name}/logs/exec-output")
+    return [entry for entry in logs if entry.rsplit("/", 1)[-1].startswith("exec")]
+
+
+async def test_exec_gives_exit_codes_126_and_127_of_commands_that_ran(lxd, instances):
+    name = instances("exec127")
+    await lxd.create_instance(name, source=image_source(TINY_IMAGE), start=True)
+    # The daemons fail these operations ("Command not found"), yet the command ran.
+    result = await lxd.exec(name, ["/bin/sh", "-c", "echo before; q_no_such_cmd"])
+    assert result.exit_code == 127
+    assert result.stdout == "before\n"
+    assert "q_no_such_cmd: not found" in result.stderr
+    assert (await lxd.exec(name, ["/bin/sh", "-c", "exit 127"])).exit_code == 127
+    quiet = await lxd.exec(name, ["/bin/sh", "-c", "q_no_such_cmd"], record_output=False)
+    assert quiet.exit_code == 127
+    assert (await lxd.exec(name, ["/bin/sh", "-c", "exit 126"])).exit_code == 126
+    assert (await lxd.exec(name, ["/bin/sh", "-c", "exit 3"])).exit_code == 3
+    assert await exec_records(lxd, name) == []
+
+
+async def test_exec_of_a_command_that_cannot_start_says_which(lxd, instances):
+    name = instances("execmiss")
+    await lxd.create_instance(name, source=image_source(TINY_IMAGE), start=True)
+    with pytest.raises(OperationFailed) as missing:
+        await lxd.exec(name, ["/no/such/binary"])
+    assert str(missing.value) == f"command '/no/such/binary' not found in {name}"
+    with pytest.raises(OperationFailed, match=r"command 'q_no_such' not found in .*/usr/bin"):
+        await lxd.exec(name, ["q_no_such"], record_output=False)
+    await lxd.push_file(name, "/tmp/not-executable", b"echo hi\n", mode=0o644)
+    with pytest.raises(OperationFailed, match="/tmp/not-executable has no execute permission"):
+        await lxd.exec(name, ["/tmp/not-executable"])
+    with pytest.raises(OperationFailed, match="/tmp is a directory"):
+        await lxd.exec(name, ["/tmp"])
+    assert await exec_records(lxd, name) == []
+    await lxd.stop_instance(name, force=True)
+    with pytest.raises(LxdError, match="not running"):
+        await lxd.exec(name, ["/bin/true"])
+
+
+async def test_read_file_tail_of_a_running_and_a_stopped_instance(lxd, instances):
+    name = instances("tail")
+    await lxd.create_instance(name, source=image_source(TINY_IMAGE), start=True)
+    big = os.urandom(5 * 2**20 + 123)
+    await lxd.push_file(name, "/var/log/big.log", big)
+    await lxd.push_file(name, "/var/log/short.log", b"one line\n")
+    await lxd.push_file(name, "/var/log/empty.log", b"")
+    # What read_file_tail relies on: the daemon answers a suffix range with just the tail.
+    status, body, _ = await lxd.raw(
+        "GET",
+        f"/1.0/instances/{name}/files",
+        params={"path": "/var/log/big.log"},
+        headers={"Range": "bytes=-1000"},
+    )
+    assert (status, body) == (206, big[-1000:])
+    for running in (True, False):
+        assert await lxd.read_file_tail(name, "/var/log/big.log") == big[-65536:]
+        assert await lxd.read_file_tail(name, "/var/log/big.log", max_bytes=10) == big[-10:]
+        assert await lxd.read_file_tail(name, "/var/log/short.log") == b"one line\n"
+        assert await lxd.read_file_tail(name, "/var/log/empty.log") == b""
+        with pytest.raises(NotFound, match="/var/log/missing.log"):
+            await lxd.read_file_tail(name, "/var/log/missing.log")
+        if running:
+            # The server's log must stay readable once the container has powered off.
+            await lxd.stop_instance(name, force=True)
+    assert (await lxd.get_instance(name))["status"] == "Stopped"
+
+
+async def test_read_file_tail_is_bounded_when_a_daemon_ignores_the_range(tmp_path):
+    """Against a fake daemon that sends whole files: only the read cap is read."""
+    content = bytes(range(256)) * 4096  # 1 MiB
+    ranges = []
+
+    async def files(request):
+        ranges.append(request.headers.get("Range"))
+        return web.Response(body=content, content_type="application/octet-stream")
+
+    app = web.Application()
+    app.router.add_get("/1.0/instances/{name}/files", files)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    socket = str(tmp_path / "fake.socket")
+    await web.UnixSite(runner, socket).start()
+    try:
+        client = LxdClient(f"unix://{socket}")
+        try:
+            assert await client.read_file_tail("c", "/big", max_bytes=1000) == content[-1000:]
+            client.tail_read_cap = 300_000
+            assert (
+                await client.read_file_tail("c", "/big", max_bytes=1000)
+                == (content[299_000:300_000])
+            )
+        finally:
+            await client.close()
+    finally:
+        await runner.cleanup()
+    assert ranges == ["bytes=-1000", "bytes=-1000"]
 
 
 async def test_events_show_start_and_stop(lxd, instances):

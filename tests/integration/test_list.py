@@ -14,7 +14,7 @@ from .test_client import wait_for_ipv4
 
 async def test_list_shows_user_server_status_and_address(lxd, instances):
     running, stopped, other = instances("listrun"), instances("liststop"), instances("notours")
-    ours = {KEY_MANAGED: MANAGED_BY, KEY_USER: "ana maria"}
+    ours = {KEY_MANAGED: MANAGED_BY, KEY_USER: "ana maria", "user.jupyterhub.hub": "hub-a"}
     await lxd.create_instance(
         running, source=image_source(TINY_IMAGE), config={**ours, KEY_SERVER: "work"}, start=True
     )
@@ -24,8 +24,8 @@ async def test_list_shows_user_server_status_and_address(lxd, instances):
 
     out = io.StringIO()
     assert await cli.list_servers(lxd, out=out) == 0
-    rows = {line.split()[-4]: line for line in out.getvalue().splitlines()[1:] if line}
-    assert rows[running].split()[-5:] == ["work", running, "Running", "-", address]
-    assert rows[stopped].split()[-5:] == ["-", stopped, "Stopped", "-", "-"]
+    rows = {line.split()[-5]: line for line in out.getvalue().splitlines()[1:] if line}
+    assert rows[running].split()[-6:] == ["work", running, "Running", "-", address, "hub-a"]
+    assert rows[stopped].split()[-6:] == ["-", stopped, "Stopped", "-", "-", "hub-a"]
     assert rows[running].startswith("ana maria ")
     assert other not in out.getvalue()

@@ -16,6 +16,13 @@ def instance(name, user, server="", status="Running", location="none", ipv4=None
     }
 
 
+def test_the_hub_of_each_server_is_shown():
+    made = instance("jupyter-ana", "ana")
+    made["config"]["user.jupyterhub.hub"] = "physics-hub"
+    assert servers([made])[0].hub == "physics-hub"
+    assert table(servers([made])).splitlines()[1].split()[-1] == "physics-hub"
+
+
 def test_only_ours_sorted_by_user_then_server():
     listed = servers(
         [
@@ -48,7 +55,7 @@ def test_the_table_has_aligned_columns_and_one_line_per_server():
     )
     lines = text.splitlines()
     assert len(lines) == 3
-    assert lines[0].split() == ["USER", "SERVER", "CONTAINER", "STATUS", "MEMBER", "IPV4"]
+    assert lines[0].split() == ["USER", "SERVER", "CONTAINER", "STATUS", "MEMBER", "IPV4", "HUB"]
     assert lines[1].split() == [
         "ana.maria@uni.es",
         "-",
@@ -56,6 +63,7 @@ def test_the_table_has_aligned_columns_and_one_line_per_server():
         "Running",
         "-",
         "10.0.0.2",
+        "-",
     ]
     assert lines[2].split()[0] == "tab\\tand\\nnewline"
     assert lines[0].index("CONTAINER") == lines[1].index("jupyter-") == lines[2].index("jupyter-")

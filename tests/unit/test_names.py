@@ -6,7 +6,14 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lxdspawner.names import instance_name, is_valid_instance_name, slugify, validate_prefix
+from lxdspawner.names import (
+    home_component,
+    instance_name,
+    is_safe_path_component,
+    is_valid_instance_name,
+    slugify,
+    validate_prefix,
+)
 
 # What JupyterHub accepts as a username: anything but "/" (and, in practice, no NUL).
 usernames = st.text(
@@ -41,7 +48,7 @@ def test_safe_usernames_stay_readable(user, expected):
 def test_other_usernames_get_slug_and_hash(user, readable):
     name = instance_name(user)
     assert name.startswith(readable)
-    assert re.fullmatch(r"[0-9a-f]{8}", name.removeprefix(readable))
+    assert re.fullmatch(r"[0-9a-f]{16}", name.removeprefix(readable))  # 64 bits
 
 
 def test_the_awkward_names_from_the_issue_are_distinct_and_valid():
@@ -72,9 +79,56 @@ def test_a_safe_name_that_looks_hashed_is_hashed_itself():
 
 
 def test_names_are_stable():
-    # Changing these breaks running servers after an upgrade: they are part of the contract.
-    assert instance_name("ana.maria@uni.es") == "jupyter-ana-maria-uni-es-04889c22"
-    assert instance_name("alice", "lab") == "jupyter-alice-lab-27ad1cd5"
+    # Servers recorded in the hub's state keep their names whatever these say; a new server
+    # gets these, so changing them is a release note.
+    assert instance_name("ana.maria@uni.es") == "jupyter-ana-maria-uni-es-4dd671303a2aee8f"
+    assert instance_name("alice", "lab") == "jupyter-alice-lab-9b92df35b61fd3bb"
+    assert instance_name("alice", attempt=1) == "jupyter-alice-750538bbf2250397"
+
+
+def test_the_collision_of_the_issue_is_gone():
+    # With 8 hex digits these three gave jupyter-ana-maria-uni-es-04889c22.
+    got = {
+        instance_name("ana.maria@uni.es"),
+        instance_name("ana!~-maria+!=uni=.!es__."),
+        instance_name("ana", "maria-%%uni=!.es%==%.."),
+    }
+    assert len(got) == 3
+
+
+def test_an_old_hashed_name_is_never_a_kept_one():
+    # lxdspawner 0.1 made "jupyter-<slug>-<8 hex>": no username may be kept as such a name.
+    assert instance_name("bob-04889c22") != "jupyter-bob-04889c22"
+    assert instance_name("bob-4dd671303a2aee8f") != "jupyter-bob-4dd671303a2aee8f"
+
+
+@settings(max_examples=200)
+@given(usernames, server_names, st.integers(min_value=1, max_value=20))
+def test_alternatives_are_valid_and_differ_from_the_usual_name(user, server, attempt):
+    alternative = instance_name(user, server, attempt=attempt)
+    assert is_valid_instance_name(alternative)
+    assert alternative != instance_name(user, server)
+    assert alternative != instance_name(user, server, attempt=attempt + 1)
+
+
+@pytest.mark.parametrize(
+    "user, home",
+    [("alice", "alice"), ("ana.maria@uni.es", "ana.maria@uni.es"), ("Élodie", "Élodie")],
+)
+def test_safe_usernames_are_their_home_directory(user, home):
+    assert home_component(user) == home
+
+
+@settings(max_examples=300)
+@given(usernames)
+@example(user="..")
+@example(user=".")
+@example(user="a\rb")
+@example(user="x" * 300)
+def test_every_home_directory_is_one_plain_name(user):
+    home = home_component(user)
+    assert is_safe_path_component(home)
+    assert home not in (".", "..") and "/" not in home
 
 
 @settings(max_examples=500)

@@ -1,6 +1,6 @@
 """Request bodies and in-container files, built without a daemon."""
 
-import shlex
+import os
 import subprocess
 
 import pytest
@@ -16,6 +16,7 @@ def spec(**overrides):
         instance="jupyter-alice",
         username="alice",
         server_name="",
+        hub="hub-1",
         uid=1000,
         gid=1000,
         home="/home/alice",
@@ -46,6 +47,7 @@ def test_instance_config_records_owner_and_limits():
     )
     assert config == {
         "user.jupyterhub.managed-by": "lxdspawner",
+        "user.jupyterhub.hub": "hub-1",
         "user.jupyterhub.user": "ana.maria@uni.es",
         "user.jupyterhub.server": "lab",
         "limits.memory": str(2**30),
@@ -53,6 +55,14 @@ def test_instance_config_records_owner_and_limits():
         "limits.processes": "200",
         "security.privileged": "true",
     }
+
+
+def test_no_setting_can_change_whose_instance_it_is():
+    config = objects.instance_config(
+        spec(extra_config={"user.jupyterhub.user": "bob", "user.jupyterhub.hub": "other"})
+    )
+    assert config["user.jupyterhub.user"] == "alice"
+    assert config["user.jupyterhub.hub"] == "hub-1"
 
 
 def test_no_limits_no_keys():
@@ -65,20 +75,13 @@ def test_mounts_become_disk_devices():
     assert devices == {"home": {"type": "disk", "source": "/srv/home/alice", "path": "/home"}}
 
 
-def test_username_in_commands_is_shell_quoted():
-    cmd = objects.expand_username_in_command(
-        "mkdir -p /data/{USERNAME} && echo {username}", "x;touch pwned"
-    )
-    assert shlex.split(cmd)[2] == "/data/x;touch pwned"
-    assert "'x;touch pwned'" in cmd
-
-
 def test_username_in_paths_must_stay_one_component():
     assert objects.expand_username_in_path("/srv/{USERNAME}/data", "ana.maria@uni.es") == (
         "/srv/ana.maria@uni.es/data"
     )
-    with pytest.raises(ValueError):
-        objects.expand_username_in_path("/srv/{USERNAME}", "..")
+    for bad in ("..", ".", "a\rb", "a\nb", "x" * 300):
+        with pytest.raises(ValueError):
+            objects.expand_username_in_path("/srv/{USERNAME}", bad)
 
 
 def _systemd_env(text: str, tmp_path) -> dict:
@@ -122,6 +125,38 @@ def test_unit_runs_as_the_user_and_powers_off_when_the_server_ends():
     assert 'ExecStart="/usr/bin/env" "jupyterhub-singleuser" "--x=%%h $$y"' in unit
     assert f"EnvironmentFile={objects.ENV_PATH}" in unit
     assert "TOKEN" not in unit
+
+
+def test_nothing_in_the_unit_starts_a_new_line():
+    # systemd ends a line at CR and NUL as well as LF: none may reach the unit raw.
+    unit = objects.server_unit(spec(username="a\rb\nc", cmd=("x", "--a=\r[Service]\nUser=0")))
+    assert "\r" not in unit
+    assert unit.count("\n") == objects.server_unit(spec(cmd=("x", "--a=b"))).count("\n")
+    assert '"--a=\\x0d[Service]\\x0aUser=0"' in unit
+
+
+@pytest.mark.parametrize("home", ["/home/..", "/home/a\rb", "relative", "/home//x", "/"])
+def test_the_unit_refuses_a_home_that_is_not_plain_directories(home):
+    with pytest.raises(ValueError, match="home directory"):
+        objects.server_unit(spec(home=home))
+
+
+def test_home_is_made_only_where_nothing_is(tmp_path):
+    # As root this would chown; here we check what it leaves alone (run as the test's user).
+    existing = tmp_path / "link"
+    existing.symlink_to(tmp_path / "elsewhere")
+    command = objects.make_home_command(spec(home=str(existing), uid=os.getuid(), gid=os.getgid()))
+    subprocess.run(command, check=True)
+    assert existing.is_symlink() and not (tmp_path / "elsewhere").exists()
+    fresh = tmp_path / "new" / "home"
+    command = objects.make_home_command(spec(home=str(fresh), uid=os.getuid(), gid=os.getgid()))
+    subprocess.run(command, check=True)
+    assert fresh.is_dir()
+
+
+def test_env_file_refuses_nul():
+    with pytest.raises(ValueError, match="NUL"):
+        objects.env_file({"A": "x\0y"})
 
 
 @pytest.mark.parametrize(

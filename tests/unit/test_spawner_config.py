@@ -59,12 +59,58 @@ def test_defaults():
     assert (s.default_uid, s.default_gid) == (1000, 1000)
 
 
-def test_default_uid_gid_looks_up_the_hub_host_then_falls_back():
+def test_default_uid_gid_looks_up_the_hub_host_then_falls_back(monkeypatch):
     s = spawner(default_uid=2000, default_gid=3000)
-    s.user = SimpleNamespace(name="root")
-    assert _default_get_uid_gid(s) == (0, 0)
+    # root, daemon, www-data: accounts of the hub host, not people: never their uids.
+    for system in ("root", "daemon", "www-data"):
+        s.user = SimpleNamespace(name=system)
+        assert _default_get_uid_gid(s) == (2000, 3000), system
     s.user = SimpleNamespace(name="no-such-user-on-this-host")
     assert _default_get_uid_gid(s) == (2000, 3000)
+    s.user = SimpleNamespace(name="nul\0byte")
+    assert _default_get_uid_gid(s) == (2000, 3000)
+    people = {
+        "alice": SimpleNamespace(pw_name="alice", pw_uid=1500, pw_gid=1500),
+        "bob": SimpleNamespace(pw_name="bob", pw_uid=1501, pw_gid=27),  # primary group sudo
+    }
+    monkeypatch.setattr("pwd.getpwnam", lambda name: people[name])
+    s.user = SimpleNamespace(name="alice")
+    assert _default_get_uid_gid(s) == (1500, 1500)
+    s.user = SimpleNamespace(name="bob")
+    assert _default_get_uid_gid(s) == (1501, 3000)
+
+
+@pytest.mark.parametrize("uid_gid", [(0, 0), (1000, 0), (999, 1000), (1000, 27)])
+async def test_a_get_uid_gid_below_the_floor_fails_the_spawn_naming_the_setting(uid_gid):
+    s = spawner(get_uid_gid=lambda spawner: uid_gid)
+    s.user = SimpleNamespace(name="alice")
+    with pytest.raises(Exception, match="min_[ug]id") as refused:
+        await s._resolve_uid_gid()
+    assert "get_uid_gid" in str(refused.value)
+
+
+async def test_the_floor_is_lowered_only_on_purpose():
+    s = spawner(get_uid_gid=lambda spawner: (0, 0), min_uid=0, min_gid=0)
+    s.user = SimpleNamespace(name="alice")
+    assert await s._resolve_uid_gid() == (0, 0)
+
+
+@pytest.mark.parametrize("setting", ["commands_to_prepare", "post_hub_commands"])
+def test_a_username_inside_a_command_substitution_is_refused_when_the_config_loads(setting):
+    with pytest.raises(TraitError) as error:
+        spawner(**{setting: ["logger `echo {USERNAME}`"]})
+    assert setting in str(error.value) and "$JUPYTERHUB_USER" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "user, home",
+    [("alice", "/home/alice"), ("..", "/home/user-"), (".", "/home/user-"), ("a\rb", "/home/a-b-")],
+)
+def test_the_home_directory_is_one_safe_name(user, home):
+    s = spawner()
+    s.user = SimpleNamespace(name=user)
+    assert s._home().startswith(home)
+    assert s._home().count("/") == 2
 
 
 @pytest.mark.parametrize(
