@@ -75,7 +75,19 @@ c.LxdSpawner.home_dir = "/home/{username}"
 # Delete a container when its server stops (the default). With False a stopped container is
 # kept and restarted next time (faster, keeps what the user installed with apt or pip).
 c.LxdSpawner.remove = True
+
+# Isolation (see SECURITY.md): these are the defaults. Each container gets its own uid range
+# (Incus), a process limit and a root disk size; on its bridge it reaches no other container
+# and cannot spoof an address. "hub-only" also limits what it reaches on the host and beyond
+# (Incus, with nf_conntrack_bridge and nft_reject_bridge loaded).
 c.LxdSpawner.process_limit = 2000
+c.LxdSpawner.disk_limit = "10GiB"
+c.LxdSpawner.network_isolation = "ports"
+
+# Encrypt the traffic between the hub, the proxy and the servers (tokens, cookies). The hub's
+# certificate must name the address the containers reach it at.
+#     c.JupyterHub.internal_ssl = True
+#     c.JupyterHub.trusted_alt_names = ["IP:10.117.40.1"]
 
 # Shell commands run in the container before the server starts (as the user). The username
 # is in $JUPYTERHUB_USER; {USERNAME} works unquoted or inside '...' / "..." (never as shell).

@@ -54,6 +54,12 @@ class ServerSpec:
     privileged: bool = False
     extra_config: Mapping[str, str] = field(default_factory=dict)
     extra_devices: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: Isolation lxdspawner adds (uid map, guest API): the operator's extra_config may
+    #: override these keys.
+    hardening: Mapping[str, str] = field(default_factory=dict)
+    #: Profile devices lxdspawner overrides (the root disk's size, the isolated NIC); the
+    #: operator's extra_devices override these.
+    system_devices: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 # -- instance -----------------------------------------------------------------------------
@@ -84,15 +90,27 @@ def instance_config(spec: ServerSpec) -> dict[str, str]:
         config["limits.processes"] = str(int(spec.process_limit))
     if spec.privileged:
         config["security.privileged"] = "true"
+    config.update(spec.hardening)
     config.update(spec.extra_config)
     config.update(owner(spec).keys())  # last: no other setting may change whose it is
     return config
 
 
 def instance_devices(spec: ServerSpec) -> dict[str, dict[str, str]]:
-    devices = {m.name: {"type": "disk", "source": m.source, "path": m.path} for m in spec.mounts}
+    devices = {k: dict(v) for k, v in spec.system_devices.items()}
+    devices.update(
+        {m.name: {"type": "disk", "source": m.source, "path": m.path} for m in spec.mounts}
+    )
     devices.update({k: dict(v) for k, v in spec.extra_devices.items()})
     return devices
+
+
+def root_disk(profile_devices: Mapping[str, Mapping[str, str]]) -> tuple[str, dict[str, str]]:
+    """The profiles' root disk device (name, device): the disk whose path is "/"."""
+    for name, device in profile_devices.items():
+        if device.get("type") == "disk" and device.get("path") == "/":
+            return name, dict(device)
+    raise ValueError("the profiles give the containers no root disk (a disk device at /)")
 
 
 # -- templates: {USERNAME} ----------------------------------------------------------------

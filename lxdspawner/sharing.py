@@ -25,6 +25,9 @@ from .lxd import LxdClient, LxdError, NotFound
 
 #: Volume config key set once the copy is complete: a half-made volume is never mounted.
 KEY_READY = "user.lxdspawner.shared-ready"
+#: The copy is mounted into containers with different uid ranges (security.idmap.isolated):
+#: the daemon then keeps its files unshifted and maps them per container (idmapped mounts).
+SHIFTED = "security.shifted"
 #: Config key of the helper container (not a server: the cache ignores it).
 KEY_HELPER = "user.lxdspawner.share-of"
 DEVICE = "lxdspawner-shared"
@@ -165,9 +168,11 @@ class SharedDirectory:
             self.log.warning("shared %s: cannot look up %s: %s", self.path, volume, e.message)
             self._retry_later(key)
             return
-        if existing and (existing.get("config") or {}).get(KEY_READY) == "true":
+        config = (existing or {}).get("config") or {}
+        if config.get(KEY_READY) == "true" and config.get(SHIFTED, "") == _shifted(client):
             self._ready.add(key)
             return
+        # A copy made before containers had their own uid ranges (not shifted) is made again.
         self._fills[key] = asyncio.ensure_future(
             self._fill(client, key, pool, profiles, half_made=bool(existing))
         )
@@ -193,7 +198,8 @@ class SharedDirectory:
             await _remove_helper(client, helper, fingerprint)
             if half_made:
                 await client.delete_volume(pool, volume, target=member)
-            await client.create_volume(pool, volume, target=member)
+            shifted = {SHIFTED: "true"} if _shifted(client) else {}
+            await client.create_volume(pool, volume, config=shifted, target=member)
             await client.create_instance(
                 helper,
                 source={"type": "image", "fingerprint": fingerprint},
@@ -243,6 +249,14 @@ class SharedDirectory:
 
 
 NO_SUCH_DIRECTORY = 3
+
+
+def _shifted(client: LxdClient) -> str:
+    """ "true" where the copies are shifted: Incus, whose containers each have their own uid
+    range (security.idmap.isolated) and mount them through idmapped mounts. LXD 5.0.2 refuses
+    a shifted volume here ("idmapping abilities are required but aren't supported on system")
+    and its containers share one range: there a copy is shifted to that range once."""
+    return "true" if client.dialect is not None and client.dialect.product == "incus" else ""
 
 
 async def _remove_helper(client: LxdClient, helper: str, fingerprint: str) -> None:

@@ -43,7 +43,17 @@ from traitlets import (
     validate,
 )
 
-from . import bases, commands, metrics, names, objects, ownership, placement, sharing
+from . import (
+    bases,
+    commands,
+    metrics,
+    names,
+    network,
+    objects,
+    ownership,
+    placement,
+    sharing,
+)
 from .cache import InstanceCache
 from .lxd import (
     FileHelperFailed,
@@ -328,7 +338,49 @@ class LxdSpawner(Spawner):
         False, config=True, help="Alias of `privileged_containers`, as in the original spawner."
     )
     process_limit = Int(
-        0, config=True, help="Maximum number of processes in a container (0: no limit)."
+        2000,
+        config=True,
+        help="""Most processes and threads a container may hold (`limits.processes`), so a
+        fork bomb stops there and spares the host and the other users. Default 2000 (a
+        JupyterLab with a few kernels uses about 100); 0: no limit.""",
+    )
+    disk_limit = Unicode(
+        "10GiB",
+        config=True,
+        help="""Size of each container's root disk (the `size` of the profiles' root disk
+        device): writes past it fail for that user only. Default "10GiB"; "" for no limit
+        (the pool's). Needs a pool driver with quotas (btrfs, zfs, lvm).""",
+    )
+    isolated_idmap = Bool(
+        None,
+        allow_none=True,
+        config=True,
+        help="""Give each unprivileged container its own range of host uids/gids
+        (`security.idmap.isolated`): per-uid kernel limits are not shared between users,
+        and a process breaking out of one container owns no other's files. None (default):
+        on for Incus; off for LXD 5.0, where every container of its own range would be
+        remapped at its first start (about 3 s, which clone_shifted_base saves) and could
+        not mount the shared read-only directories.""",
+    )
+    network_isolation = Unicode(
+        "ports",
+        config=True,
+        help="""What the container's NIC lets through (see SECURITY.md).
+
+        "ports" (default): port isolation on the bridge (containers cannot reach each
+        other; the host and the proxy reach them), and MAC and IPv4 filtering (a user with
+        root in their container cannot take another's address). Both Incus and LXD 5.0.
+        "hub-only" or "internet": also a network ACL on the NIC (Incus; the host's kernel
+        needs nf_conntrack_bridge and nft_reject_bridge) that lets the container reach only
+        the hub's API, DHCP and DNS ("internet": and public addresses), and be reached only
+        from the hub host on the server port. "open": the profile's NIC as it is.
+        The NIC must be on a managed bridge, else the spawn fails saying so.""",
+    )
+    guest_api = Bool(
+        False,
+        config=True,
+        help="""Keep the guest API socket (/dev/incus, /dev/lxd) in the containers. Default
+        False: a user has no use for it (security.guestapi / security.devlxd = false).""",
     )
     home_dir = Unicode(
         "/home/{username}",
@@ -429,6 +481,16 @@ class LxdSpawner(Spawner):
         with _as_trait_error():
             for command in proposal["value"]:
                 commands.check_template(command, setting=proposal["trait"].name)
+        return proposal["value"]
+
+    @validate("network_isolation")
+    def _check_network_isolation(self, proposal: dict) -> str:
+        allowed = ("ports", *network.EGRESS_SETTINGS)
+        if proposal["value"] not in allowed:
+            raise TraitError(
+                f"network_isolation = {proposal['value']!r}: must be one of "
+                + ", ".join(repr(a) for a in allowed)
+            )
         return proposal["value"]
 
     @validate("get_uid_gid")
@@ -696,6 +758,96 @@ class LxdSpawner(Spawner):
             extra_devices=dict(self.extra_devices),
         )
 
+    #: (endpoint, profiles, settings) -> (when read, hardening config, system devices).
+    _hardenings: dict[tuple, tuple[float, dict, dict]] = {}
+    #: Seconds the profiles and networks read for _harden are taken as current.
+    HARDENING_TTL = 60.0
+
+    async def _harden(self, client: LxdClient, spec: objects.ServerSpec) -> objects.ServerSpec:
+        """The isolation of the container (see SECURITY.md): its own uid range, no guest API,
+        the root disk's size, the NIC's isolation. Read from the profiles and their network,
+        once a minute per daemon and settings."""
+        key = (
+            self._endpoint_key(),
+            tuple(self.profiles),
+            self.disk_limit,
+            self.network_isolation,
+            self._idmap_isolated(client),
+            self.guest_api,
+            self.privileged_containers,
+        )
+        cached = self._hardenings.get(key)
+        if cached is None or time.monotonic() - cached[0] > self.HARDENING_TTL:
+            config, devices = await self._read_hardening(client)
+            cached = self._hardenings[key] = (time.monotonic(), config, devices)
+        return dataclasses.replace(spec, hardening=cached[1], system_devices=cached[2])
+
+    def _idmap_isolated(self, client: LxdClient) -> bool:
+        if self.privileged_containers:
+            return False
+        if self.isolated_idmap is not None:
+            return self.isolated_idmap
+        return client.dialect is not None and client.dialect.product == "incus"
+
+    async def _read_hardening(self, client: LxdClient) -> tuple[dict, dict]:
+        assert client.dialect is not None
+        caps = network.supported(client.dialect)
+        config: dict[str, str] = {}
+        devices: dict[str, dict[str, str]] = {}
+        if not self.guest_api:
+            config.update(network.guest_api_config(caps))
+        if self._idmap_isolated(client):
+            config["security.idmap.isolated"] = "true"
+        profile_devices: dict[str, dict[str, str]] = {}
+        for name in self.profiles:
+            try:
+                profile = await client.profile(name)
+            except NotFound as e:
+                raise SpawnError(
+                    f"the profile {name!r} (c.LxdSpawner.profiles) does not exist on {client.where}"
+                ) from e
+            profile_devices.update(profile.get("devices") or {})
+        if self.disk_limit:
+            try:
+                root, device = objects.root_disk(profile_devices)
+            except ValueError as e:
+                raise SpawnError(f"disk_limit = {self.disk_limit!r}: {e}") from e
+            devices[root] = {**device, "size": self.disk_limit}
+        if self.network_isolation != "open":
+            devices["eth0"] = await self._isolated_nic(client, caps, profile_devices.get("eth0"))
+        return config, devices
+
+    async def _isolated_nic(
+        self, client: LxdClient, caps: network.Capabilities, nic: dict | None
+    ) -> dict[str, str]:
+        on = network.nic_network(nic or {})
+        try:
+            info = await client.network(on) if on else None
+        except NotFound:
+            info = None
+        try:
+            network.check_nic(nic, info, caps)
+            assert nic is not None and info is not None
+            if self.network_isolation == "ports":
+                return network.nic_device(nic, None, port_isolation=caps.port_isolation)
+            gateway = network.gateway_of(info)
+            parts = urlsplit(self.hub_connect_url or self.hub.api_url)
+            hub_host = parts.hostname or ""
+            isolation = network.Isolation(
+                hub_ip=hub_host if self._is_reachable_host(hub_host) else gateway,
+                hub_port=parts.port or self.hub.port,
+                proxy_ips=(gateway,),
+                server_port=self.server_port,
+                gateway=gateway,
+                egress=self.network_isolation,
+            )
+            prepared = await network.prepare_nic(client, caps, self.hub_id, isolation, nic)
+        except network.IsolationError as e:
+            raise SpawnError(str(e)) from e
+        for gap in prepared.gaps:
+            self.log.warning("network isolation on %s: %s", client.where, gap)
+        return prepared.device
+
     async def _hub_api_url(self, client: LxdClient, instance: dict) -> str | None:
         """Where the container reaches the hub's API, when JupyterHub's own default won't do.
 
@@ -796,7 +948,7 @@ class LxdSpawner(Spawner):
         cache = await self.cache()
         name, existing = await self._claim_name(client)
         self.instance_name = name
-        spec = self._spec(uid, gid)
+        spec = await self._harden(client, self._spec(uid, gid))
 
         if existing and self.remove:
             self._emit("Removing a leftover container of an earlier server", 8)
@@ -839,12 +991,23 @@ class LxdSpawner(Spawner):
                 await self._step("create", self._create_sharing(client, spec, member))
                 await self._step("push", self._push_files(client, spec, env, files))
             self._emit("Starting container", 40)
-            await self._step("start", client.start_instance(name, timeout=self.start_timeout))
+            try:
+                await self._step("start", client.start_instance(name, timeout=self.start_timeout))
+            except LxdError as e:
+                product = client.dialect.product if client.dialect else "incus"
+                failure = network.start_failure(e.message, product=product)
+                if failure is None:
+                    raise
+                raise SpawnError(str(failure)) from e
             cache.note_instance({**instance, "status": "Running"})
             ip = await self._step("ipv4", self._wait_ipv4(client, name))
             if self.commands_to_prepare:
                 self._emit("Running preparation commands", 60)
                 await self._step("prepare", self._prepare(client, name, spec))
+            if self.internal_ssl:
+                self._emit("Installing the server's TLS certificate", 70)
+                await self._step("certs", self._install_certs(client, name, spec, ip))
+            if self._starts_after_boot:
                 result = await client.exec(name, objects.wait_for_systemd_and_start_unit())
                 if result.exit_code != 0:
                     raise SpawnError(f"could not start the server's unit: {result.output}")
@@ -1112,7 +1275,7 @@ class LxdSpawner(Spawner):
             raise SpawnError(f"the server's environment cannot be written: {e}") from e
         await client.push_file(name, objects.ENV_PATH, content, mode=0o600)
         await client.push_file(name, objects.UNIT_PATH, objects.server_unit(spec), mode=0o644)
-        if not self.commands_to_prepare:
+        if not self._starts_after_boot:
             # Enabled before boot: systemd starts the server itself, no exec round trip.
             await client.make_symlink(name, objects.UNIT_WANTS_LINK, f"../{objects.UNIT_NAME}")
         else:
@@ -1163,6 +1326,70 @@ class LxdSpawner(Spawner):
 
     _http: aiohttp.ClientSession | None = None
 
+    @property
+    def _starts_after_boot(self) -> bool:
+        """Whether the server's unit is started by us once the container has booted (after
+        commands_to_prepare, or once its certificate names its address), not by systemd."""
+        return bool(self.commands_to_prepare or self.internal_ssl)
+
+    # -- internal_ssl: the hub's CA, a certificate for the container's own address --------------
+
+    #: Where the server's certificate, key and the hub's CA bundle are in the container.
+    SSL_DIR = f"{objects.CONFIG_DIR}/ssl"
+
+    async def move_certs(self, paths: dict) -> dict:
+        """The container's paths of the server's key, certificate and CA bundle.
+
+        JupyterHub made them before start() for names it knows; the hub checks the server's
+        certificate against the address start() returns, which DHCP gives only after the
+        container boots: so the files are made again with that address and pushed then (see
+        _install_certs). The paths go into the server's environment.
+        """
+        return {
+            "keyfile": f"{self.SSL_DIR}/server.key",
+            "certfile": f"{self.SSL_DIR}/server.crt",
+            "cafile": f"{self.SSL_DIR}/ca.crt",
+        }
+
+    async def _install_certs(
+        self, client: LxdClient, name: str, spec: objects.ServerSpec, ip: str
+    ) -> None:
+        """Sign a certificate for the container's address with the hub's CA, and push it:
+        root's, readable by the server's group (the key: 0640; nobody else)."""
+        names = self.ssl_alt_names
+        if callable(names):
+            names = names(self)
+            if inspect.isawaitable(names):
+                names = await names
+        self.ssl_alt_names = [*names, f"IP:{ip}"]
+        try:
+            made = await self.create_certs()
+        finally:
+            self.ssl_alt_names = list(names)
+
+        def read(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        targets = await self.move_certs(made)
+        await client.make_directory(name, self.SSL_DIR, uid=0, gid=spec.gid, mode=0o750)
+        for key, mode in (("keyfile", 0o640), ("certfile", 0o644), ("cafile", 0o644)):
+            data = await asyncio.to_thread(read, made[key])
+            await client.push_file(name, targets[key], data, uid=0, gid=spec.gid, mode=mode)
+
+    def _readiness_ssl(self) -> Any:
+        """TLS for our readiness check under internal_ssl: the hub's own client certificate
+        and CA, as JupyterHub's check uses (the server asks for a client certificate)."""
+        from jupyterhub.app import JupyterHub
+        from jupyterhub.utils import make_ssl_context
+
+        app = JupyterHub.instance() if JupyterHub.initialized() else None
+        if app is None or not app.internal_ssl:
+            return False
+        return make_ssl_context(
+            app.internal_ssl_key, app.internal_ssl_cert, cafile=app.internal_ssl_ca
+        )
+
     async def _wait_http(self, client: LxdClient, name: str, ip: str) -> None:
         """Return once the server answers HTTP, or fail with its log.
 
@@ -1173,7 +1400,9 @@ class LxdSpawner(Spawner):
         if LxdSpawner._http is None or LxdSpawner._http.closed:
             LxdSpawner._http = aiohttp.ClientSession()
         base_url = self.server.base_url if self.server else "/"
-        url = f"http://{ip}:{self.port}{base_url}api"
+        scheme = "https" if self.internal_ssl else "http"
+        url = f"{scheme}://{ip}:{self.port}{base_url}api"
+        tls = self._readiness_ssl() if self.internal_ssl else True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.http_timeout
         next_check = loop.time() + 1
@@ -1181,7 +1410,7 @@ class LxdSpawner(Spawner):
         while True:
             try:
                 async with LxdSpawner._http.get(
-                    url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=2)
+                    url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=2), ssl=tls
                 ) as response:
                     if response.status < 500:
                         return

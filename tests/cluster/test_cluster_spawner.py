@@ -386,3 +386,15 @@ async def test_member_lost_during_a_spawn(cluster, cl, tmp_path):
                 break
             assert time.monotonic() < deadline, f"left on member3: {on_member3}"
             await asyncio.sleep(1)
+
+
+async def test_a_nic_the_daemon_cannot_isolate_is_refused_naming_the_setting(cluster, cl, tmp_path):
+    """The test cluster's containers have macvlan NICs (docs/cluster.md): with the default
+    network_isolation the spawn fails saying what to change, and leaves nothing behind."""
+    config = hub_config(cluster, 'c.LxdSpawner.network_isolation = "ports"\n')
+    async with running_hub(tmp_path, config=config, hub_ip=HUB_IP) as hub:
+        with pytest.raises(SpawnFailed) as failed:
+            await hub.start_server("cmac", timeout=120)
+        message = str(failed.value)
+        assert "macvlan" in message and "network_isolation" in message, message
+        assert "cmac" not in await locations(cl, ["cmac"])

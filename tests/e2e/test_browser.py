@@ -30,6 +30,7 @@ from hubtools import (
     REPO,
     VENV_BIN,
     chromium_missing,
+    daemon_cli,
     instance_diagnostics,
     instance_names,
     lxd_unavailable,
@@ -295,3 +296,35 @@ c.Spawner.pre_spawn_hook = _no_image
             raise
         finally:
             await context.close()
+
+
+async def test_internal_ssl_end_to_end(browser, output_dir, mode, tmp_path):
+    """c.JupyterHub.internal_ssl = True: the hub, the proxy and the server speak TLS with the
+    hub's own CA. The server's certificate names the container's address; its key is
+    root's, readable by the server's group only. A person sees JupyterLab run a cell."""
+    if mode != "lxd":
+        pytest.skip("this is about the containers' certificates")
+    user = "e2e-tls"
+    name = f"jupyter-{user}"
+    async with running_hub(tmp_path, hub_config(), hub_ip=DAEMON_HUB_IP, internal_ssl=True) as hub:
+        hub.diagnostics = lambda: instance_diagnostics("jupyter-", DAEMON_CLI)
+        context, page, shot = await new_page(browser, output_dir)
+        try:
+            await log_in(page, shot, hub, user)
+            await watch_spawn(page, shot, f"/user/{user}/")
+            out = await run_in_new_notebook(
+                page, shot, "import os; print(os.environ['JUPYTERHUB_SSL_CERTFILE'])"
+            )
+            assert out == "/etc/lxdspawner/ssl/server.crt", out
+        except BaseException:
+            await shot.failure()
+            raise
+        finally:
+            await context.close()
+        owner = daemon_cli(
+            "exec", name, "--", "stat", "-c", "%u %g %a", "/etc/lxdspawner/ssl/server.key"
+        )
+        assert owner.stdout.split() == ["0", "1000", "640"], owner
+        # The proxy reaches the server over TLS, at the address the certificate names.
+        assert re.search(r"Adding user e2e-tls to proxy .* => https://10\.117\.4\d\.", hub.log())
+        await hub.stop_server(user)

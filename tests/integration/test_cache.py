@@ -109,8 +109,13 @@ async def test_a_daemon_restart_does_not_confuse_it():
         alive, dying = (f"lxdsp-test-{stem}-{uuid.uuid4().hex[:8]}" for stem in ("alive", "dying"))
         try:
             for name in (alive, dying):
+                # Incus starts again, when it starts, what was running when it died, unless
+                # boot.autostart is false: the dead container must stay dead to be seen so.
                 await lxd.create_instance(
-                    name, source=image_source(TINY_IMAGE), config=OURS, start=True
+                    name,
+                    source=image_source(TINY_IMAGE),
+                    config={**OURS, "boot.autostart": "false"},
+                    start=True,
                 )
             await eventually(
                 lambda: all(
