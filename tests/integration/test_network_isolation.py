@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from lxdspawner.lxd import LxdError, image_source, ipv4_addresses
+from lxdspawner.lxd import LxdError, image_source
 from lxdspawner.lxd.errors import OperationFailed
 from lxdspawner.network import (
     AclNotOurs,
@@ -43,6 +43,7 @@ from lxdspawner.network import (
 )
 
 from .conftest import BRIDGE_GATEWAYS, BRIDGES, TINY_IMAGE, dump_instance
+from .test_client import wait_for_ipv4
 
 SERVER_PORT = 18888
 PROBE_S = 2  # a blocked connection is dropped, not refused: each probe waits this long
@@ -154,17 +155,6 @@ async def host(daemon):
     h = await Host(BRIDGE_GATEWAYS[daemon]).start()
     yield h
     h.close()
-
-
-async def wait_for_ipv4(lxd, name, timeout=20.0) -> str:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        addresses = ipv4_addresses(await lxd.instance_state(name))
-        if addresses:
-            return addresses[0]
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{name} got no IPv4 (DHCP) within {timeout:g} s")
 
 
 async def fetch(lxd, name: str, address: str, port: int) -> str:
