@@ -228,7 +228,7 @@ c.JupyterHub.spawner_class = "lxd"
 c.LxdSpawner.name_prefix = {prefix!r}
 c.LxdSpawner.remove = False
 c.LxdSpawner.api_timeout = 3
-c.Spawner.start_timeout = 60
+c.Spawner.start_timeout = 20
 """
     name = f"{prefix}-kim"
     async with running_hub(tmp_path, config) as hub:
