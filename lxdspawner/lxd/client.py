@@ -633,20 +633,28 @@ class LxdClient:
         points to, so a user cannot make the hub read another file through a link. A missing
         file raises NotFound.
         """
+        status, body = await self._read_tail(
+            f"/1.0/instances/{_q(name)}/files", params={"path": path}, max_bytes=max_bytes
+        )
+        if status >= 400:
+            raise _file_error(status, body, name, path)
+        return body
+
+    async def _read_tail(
+        self, path: str, *, params: Mapping[str, Any] | None = None, max_bytes: int
+    ) -> tuple[int, bytes]:
+        """(status, at most the last ``max_bytes`` of the body): see :meth:`read_file_tail`.
+        An error's body (a small JSON envelope) is read up to 64 KiB."""
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
         async with self._open(
-            "GET",
-            f"/1.0/instances/{_q(name)}/files",
-            params={"path": path},
-            headers={"Range": f"bytes=-{max_bytes}"},
+            "GET", path, params=params, headers={"Range": f"bytes=-{max_bytes}"}
         ) as resp:
             if resp.status == 416:
                 # An empty file, from a server that refuses any range of one (ours answer 206).
-                return b""
+                return 200, b""
             if resp.status >= 400:
-                # An error is a small JSON envelope; read a bounded amount all the same.
-                raise _file_error(resp.status, await resp.content.read(65536), name, path)
+                return resp.status, await resp.content.read(65536)
             tail = bytearray()
             read = 0
             async for chunk in resp.content.iter_chunked(65536):
@@ -656,7 +664,7 @@ class LxdClient:
                 del tail[:-max_bytes]
                 if read >= self.tail_read_cap:
                     break
-            return bytes(tail)
+            return resp.status, bytes(tail)
 
     # -- exec -------------------------------------------------------------------------------
 
@@ -723,13 +731,19 @@ class LxdClient:
             -1 if exit_code is None else int(exit_code), texts.get("1", ""), texts.get("2", "")
         )
 
+    #: The most of each recorded output stream of an exec that is read: its last 64 KiB. What
+    #: runs in a user's container may print without end (a kept container runs what its user
+    #: left there).
+    exec_output_limit = 65536
+
     async def _take_records(self, outputs: Mapping[str, str]) -> dict[str, str]:
-        """The recorded output of an exec by file descriptor ("1", "2"), deleted once read."""
+        """The recorded output of an exec by file descriptor ("1", "2"), deleted once read:
+        the last ``exec_output_limit`` bytes of each."""
         texts: dict[str, str] = {}
         for fd, log_path in outputs.items():
             try:
-                status, data, _ = await self.raw("GET", log_path)
-                texts[str(fd)] = data.decode(errors="replace") if status == 200 else ""
+                status, data = await self._read_tail(log_path, max_bytes=self.exec_output_limit)
+                texts[str(fd)] = data.decode(errors="replace") if status in (200, 206) else ""
             finally:
                 await self.raw("DELETE", log_path)
         return texts

@@ -109,6 +109,18 @@ async def test_exec_records_output_and_exit_code(lxd, instances):
     assert await exec_records(lxd, name) == []
 
 
+async def test_exec_reads_only_the_end_of_a_large_output(lxd, instances):
+    name = instances("execbig")
+    await lxd.create_instance(name, source=image_source(TINY_IMAGE), start=True)
+    script = "head -c 5000000 /dev/zero | tr '\\0' x; echo; echo THE-END; echo err-end >&2"
+    result = await lxd.exec(name, ["/bin/sh", "-c", script])
+    assert result.exit_code == 0
+    assert len(result.stdout) <= lxd.exec_output_limit
+    assert result.stdout.endswith("x\nTHE-END\n")
+    assert result.stderr == "err-end\n"
+    assert await exec_records(lxd, name) == []
+
+
 async def exec_records(lxd, name):
     """The exec output records the daemon keeps for an instance (Incus in a folder of its own)."""
     logs = await lxd.request("GET", f"/1.0/instances/{name}/logs")
