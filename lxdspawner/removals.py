@@ -88,13 +88,17 @@ class Removals:
 
 async def remove_once_torn_down(
     client: LxdClient,
-    cache: InstanceCache,
+    cache: InstanceCache | None,
     name: str,
     timeout: float,
     say: Callable[..., None] = lambda *a: None,
 ) -> None:
     """Stop by force through the API, and delete once LXD has torn the container down (at
-    once if this stop did it: its operation ends after the teardown)."""
+    once if this stop did it: its operation ends after the teardown). Without a cache (none
+    started for this daemon yet), the stop's own end is the only teardown there is to wait for.
+    """
+    if cache is None:
+        return await client.remove_instance(name)
     try:
         if await client.shut_down(name, timeout=0, force=True):
             cache.note_torn_down(name)

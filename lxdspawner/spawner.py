@@ -147,10 +147,7 @@ async def _delete_if_owned(
     if not owner.owns(instance.get("config")):
         log.warning("not deleting %s: it is %s", name, ownership.describe(instance.get("config")))
         return
-    if cache is None:
-        await client.remove_instance(name)
-    else:
-        await remove_once_torn_down(client, cache, name, timeout, log.info)
+    await remove_once_torn_down(client, cache, name, timeout, log.info)
     log.info("deleted %s, left behind when its cluster member failed", name)
 
 
@@ -615,9 +612,6 @@ class LxdSpawner(Spawner):
     @property
     def _log_name(self) -> str:
         return f"{self.user.name}:{self.name}" if self.name else self.user.name
-
-    def _target_instance_name(self) -> str:
-        return names.instance_name(self.user.name, self.name or "", self.name_prefix)
 
     _books: dict[tuple, MemberBook] = {}
 
@@ -1122,8 +1116,7 @@ class LxdSpawner(Spawner):
                 return
             await cache.wait_torn_down(name, self.stop_timeout + 10)
             existing = await client.get_instance(name)
-        fingerprint, shared = await self._shared_devices(client, existing.get("location") or None)
-        del fingerprint
+        _, shared = await self._shared_devices(client, existing.get("location") or None)
         devices = {**objects.instance_devices(spec), **shared}
         # Keep LXD's own keys (volatile.*, image.*); ours and the operator's are set afresh.
         config = {
@@ -1530,8 +1523,6 @@ class LxdSpawner(Spawner):
     async def _force_delete(self, client: LxdClient, name: str) -> None:
         """Stop by force, and delete once LXD has torn the container down."""
         cache = self._caches.get(self._endpoint_key())
-        if cache is None:
-            return await client.remove_instance(name)
         await remove_once_torn_down(client, cache, name, self.stop_timeout + 10, self.log.info)
 
     # -- poll and stop ----------------------------------------------------------------------

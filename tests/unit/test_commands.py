@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from lxdspawner.commands import (
@@ -282,6 +282,8 @@ hostile = st.tuples(_any_text, st.sampled_from(_HOSTILE), _any_text).map("".join
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=templates, name=hostile)
 def test_an_accepted_random_template_treats_the_name_as_text(body, name):
+    # "$$" is the shell's process id, the one thing two runs of one command print differently.
+    assume("$$" not in body)
     template = "printf '[%s]\\n' " + body
     try:
         marked = expand_username(template, MARKER, setting=SETTING)
