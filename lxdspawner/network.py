@@ -43,14 +43,27 @@ What the daemons give us, read in their code (Incus 6.0.4, LXD 5.0.2) and measur
   NICs, not for a bridged NIC: its nic_bridged.go knows no ``security.acls``. There isolation
   is port isolation plus MAC/IPv4 filtering: containers cannot reach each other, but reach
   every port of the host and whatever it routes to (:meth:`Capabilities.gaps` says so).
+- **An ACL on a bridge network** (``network_bridge_acl``: Incus and LXD 5.0; measured with
+  nftables) goes into the ``inet`` family, no bridge conntrack needed: egress rules filter what
+  the bridge's instances send to the host and through it, ingress rules what the host sends
+  them (the proxy's connections, whose source is the bridge's address). Measured on both
+  daemons with an empty ACL: a container no longer reaches a host port, the host no longer
+  reaches a container's port, and (with br_netfilter's ``bridge-nf-call-iptables``, as here)
+  neither does another container; without br_netfilter port isolation still keeps them apart.
+  The daemon adds DHCP, DNS and ICMP to the bridge before the rules. It applies to *every*
+  instance on the network, so lxdspawner puts one there only on a network the operator gave
+  it (``user.jupyterhub.managed-by=lxdspawner`` in the network's config, as our setup script
+  does); each hub adds its own ACL to the network's list, and a rule of any of them allows.
+  This is the default path: it holds on LXD 5.0 and on kernels without bridge conntrack.
 - Both daemons validate ACL names as host names (``ValidName`` in acl_validation.go): 1 to 63
   ASCII letters, digits and hyphens, no hyphen first or last, no digit first (LXD 5.0). The
   guest API socket is removed by ``security.guestapi=false`` on Incus (``restrict_dev_incus``),
   ``security.devlxd=false`` on LXD (``restrict_devlxd``).
 
-The ACL is named after the hub, the network and a hash of its rules: a change of rules makes
-a new ACL, and the running containers keep the one they started with (a daemon refuses to
-delete an ACL in use). An ACL is ours only if it carries our keys and our hub's id; one
+A NIC's ACL is named after the hub, the network and a hash of its rules: a change of rules
+makes a new ACL, and the running containers keep the one they started with (a daemon refuses
+to delete an ACL in use). A network's ACL is named after the hub and the network, and its rules
+are updated in place. An ACL is ours only if it carries our keys and our hub's id; one
 without them is never modified, whatever its name.
 
 Use: ``caps = supported(client.dialect, firewall=...)`` once per daemon, then per spawn
@@ -61,6 +74,7 @@ the config keys; log ``caps.gaps(egress)``; pass a failed start's message to
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import json
@@ -308,16 +322,20 @@ def _content(hub_id: str, network: str, isolation: Isolation) -> dict[str, Any]:
 def acl_name(hub_id: str, network: str, isolation: Isolation, *, prefix: str = MANAGED_BY) -> str:
     """``<prefix>-<8 hex>``: one ACL per hub, network and rule set, a valid name on both
     daemons. The hash covers the whole ACL, so different rules never share a name."""
-    if not _NAME_PREFIX.fullmatch(prefix) or prefix.endswith("-"):
-        raise IsolationError(
-            f"network isolation: ACL name prefix {prefix!r} must be 1 to 54 ASCII letters, "
-            "digits and hyphens, start with a letter and not end with a hyphen"
-        )
+    _check_prefix(prefix)
     content = _content(hub_id, network, isolation)
     digest = hashlib.sha256(
         json.dumps({"network": network, **content}, sort_keys=True).encode()
     ).hexdigest()
     return f"{prefix}-{digest[:8]}"
+
+
+def _check_prefix(prefix: str) -> None:
+    if not _NAME_PREFIX.fullmatch(prefix) or prefix.endswith("-"):
+        raise IsolationError(
+            f"network isolation: ACL name prefix {prefix!r} must be 1 to 54 ASCII letters, "
+            "digits and hyphens, start with a letter and not end with a hyphen"
+        )
 
 
 def acl_body(name: str, isolation: Isolation, *, hub_id: str, network: str = "") -> dict:
@@ -368,15 +386,17 @@ async def ensure_acl(
     *,
     network: str = "",
     prefix: str = MANAGED_BY,
+    name: str = "",
 ) -> str:
     """Create this hub's ACL for ``isolation`` if missing, repair it if ours and changed, and
     return its name; AclNotOurs if the name is held by an ACL that is not this hub's.
+    ``name``: the ACL's name (default: :func:`acl_name`, which changes with the rules).
 
     Spawns in a burst race to create it: whatever a losing create answers (Incus and LXD say
     400 "already exists", or 409/500 when the insert itself collides), the ACL is read again,
     and one that is ours and right is success.
     """
-    name = acl_name(hub_id, network, isolation, prefix=prefix)
+    name = name or acl_name(hub_id, network, isolation, prefix=prefix)
     body = acl_body(name, isolation, hub_id=hub_id, network=network)
     path = f"/1.0/network-acls/{quote(name, safe='')}"
     current = await _get_acl(client, path)
@@ -404,6 +424,122 @@ async def _get_acl(client: Any, path: str) -> dict | None:
         return None
 
 
+# -- the ACL on a dedicated bridge ----------------------------------------------------------------
+
+
+def is_dedicated(network: Mapping | None) -> bool:
+    """Whether the operator gave this network to lxdspawner (its config has
+    ``user.jupyterhub.managed-by=lxdspawner``): then an ACL on the whole network is ours to
+    set, since every instance on it is a hub's server."""
+    return bool(network) and (network.get("config") or {}).get(KEY_MANAGED) == MANAGED_BY
+
+
+def network_acl_name(hub_id: str, network: str, *, prefix: str = MANAGED_BY) -> str:
+    """``<prefix>-<8 hex>`` of the hub and the network: the one ACL a hub puts on a dedicated
+    network. Its rules are updated in place when the hub's settings change (no instance
+    names it, so nothing keeps an old one alive)."""
+    _check_prefix(prefix)
+    digest = hashlib.sha256(f"network\0{hub_id}\0{network}".encode()).hexdigest()
+    return f"{prefix}-{digest[:8]}"
+
+
+def _acl_list(network: Mapping) -> list[str]:
+    value = str((network.get("config") or {}).get("security.acls") or "")
+    return [a.strip() for a in value.split(",") if a.strip()]
+
+
+#: (event loop, daemon, network) -> the lock spawns take to put this hub's ACL on the network.
+_network_locks: dict[tuple[int, str, str], asyncio.Lock] = {}
+
+#: Tries of a read-modify-write of a network's ACL list that another writer got in between.
+_ETAG_TRIES = 8
+
+
+async def _edit_network_acls(client: Any, network: str, edit: Any) -> bool:
+    """Set ``security.acls`` of ``network`` to ``edit(current list)``, with If-Match so a
+    concurrent writer (another hub, a burst of spawns) is not overwritten: on 412 read again.
+    True if it changed anything."""
+    path = f"/1.0/networks/{quote(network, safe='')}"
+    for _ in range(_ETAG_TRIES):
+        info, etag = await client.request_with_etag(path)
+        current = _acl_list(info)
+        wanted = edit(current)
+        if wanted == current:
+            return False
+        headers = {"If-Match": etag} if etag else None
+        try:
+            await client.request(
+                "PATCH",
+                path,
+                json_body={"config": {"security.acls": ",".join(wanted)}},
+                headers=headers,
+            )
+            return True
+        except LxdError as e:
+            if e.status != 412:
+                raise
+    raise IsolationError(
+        f"network isolation: the ACL list of network {network!r} kept changing under us "
+        f"({_ETAG_TRIES} tries); try the spawn again"
+    )
+
+
+async def attach_to_network(client: Any, network: str, acl: str) -> bool:
+    """Add ``acl`` to the network's ACLs (the operator's and other hubs' stay): from then on
+    it applies to every instance on the network, on every cluster member."""
+    return await _edit_network_acls(client, network, lambda acls: list(_unique([*acls, acl])))
+
+
+async def release_network(
+    client: Any, hub_id: str, network: str, *, prefix: str = MANAGED_BY
+) -> bool:
+    """Take this hub's ACL off ``network`` and delete it (when the hub's setting no longer
+    wants one there); an ACL of the same name that is not ours is left alone. True if the
+    network had it."""
+    name = network_acl_name(hub_id, network, prefix=prefix)
+    path = f"/1.0/network-acls/{quote(name, safe='')}"
+    current = await _get_acl(client, path)
+    if current is None or not is_ours(current, hub_id):
+        return False
+    detached = await _edit_network_acls(
+        client, network, lambda acls: [a for a in acls if a != name]
+    )
+    try:
+        await client.request("DELETE", path)
+    except NotFound:
+        pass
+    return detached
+
+
+async def forget_hub(client: Any, hub_id: str | None = None) -> list[str]:
+    """Take the ACLs of hub ``hub_id`` (None: of every lxdspawner hub) off every network and
+    delete them: for a hub gone for good (``lxdspawner`` tests, a renamed hub). Only ACLs
+    carrying our keys. Returns their names."""
+    acls = await client.request("GET", "/1.0/network-acls", params={"recursion": "1"}) or []
+    ours = {
+        a["name"]
+        for a in acls
+        if (a.get("config") or {}).get(KEY_MANAGED) == MANAGED_BY
+        and (hub_id is None or is_ours(a, hub_id))
+    }
+    if not ours:
+        return []
+    networks = await client.request("GET", "/1.0/networks", params={"recursion": "1"}) or []
+    for info in networks:
+        if ours & set(_acl_list(info)):
+            await _edit_network_acls(
+                client, info["name"], lambda current: [a for a in current if a not in ours]
+            )
+    for name in sorted(ours):
+        try:
+            await client.request("DELETE", f"/1.0/network-acls/{quote(name, safe='')}")
+        except NotFound:
+            pass
+        except LxdError:
+            pass  # still on an instance's NIC: it goes with the instance's ACL list
+    return sorted(ours)
+
+
 # -- what the daemon can do ----------------------------------------------------------------------
 
 
@@ -414,7 +550,9 @@ class Capabilities:
     ``acls``: network ACL objects exist. ``nic_acls``: an ACL can be attached to a bridged NIC
     (Incus' ``network_bridge_acl_devices``, with the nftables firewall); ``no_nic_acls`` says
     why not. ``port_isolation``: ``security.port_isolation``. ``guest_api_key``: the instance
-    key that removes the guest API socket ("" if the daemon has none).
+    key that removes the guest API socket ("" if the daemon has none). ``network_acls``: an
+    ACL can be attached to a bridge network (``network_bridge_acl``; both daemons), which we
+    do on a network dedicated to lxdspawner (:func:`is_dedicated`).
 
     The API cannot tell whether the host's kernel can run a NIC's ACL (it needs bridge
     connection tracking): a start that fails for that is explained by :func:`start_failure`.
@@ -427,30 +565,42 @@ class Capabilities:
     guest_api_key: str
     firewall: str = ""
     no_nic_acls: str = ""
+    network_acls: bool = False
 
     @property
     def daemon(self) -> str:
         return "Incus" if self.product == "incus" else "LXD"
 
+    @property
+    def cli(self) -> str:
+        return "incus" if self.product == "incus" else "lxc"
+
     def without_nic_acls(self, why: str) -> Capabilities:
         """These capabilities, less NIC ACLs (say, the kernel cannot run them), and why."""
         return replace(self, nic_acls=False, no_nic_acls=why)
 
-    def gaps(self, egress: str = DEFAULT_EGRESS) -> tuple[str, ...]:
-        """What this daemon does not enforce for ``egress``, one sentence each, for the log."""
+    def gaps(self, egress: str = DEFAULT_EGRESS, *, network: str = "") -> tuple[str, ...]:
+        """What this daemon does not enforce for ``egress``, one sentence each, for the log.
+        ``network``: the dedicated network the ACL is on, if it is on one."""
         if egress == "open":
             return (
                 'network isolation is off (egress "open"): containers reach, and are reached '
                 "by, whatever their bridge and the host let through",
             )
         gaps = []
-        if not self.nic_acls:
+        if not self.nic_acls and not (network and self.network_acls):
+            dedicate = (
+                f"; dedicate the bridge to the hub ({self.cli} network set <bridge> "
+                f"{KEY_MANAGED}={MANAGED_BY}) and lxdspawner puts the ACL on the whole network"
+                if self.network_acls
+                else ""
+            )
             gaps.append(
                 f"no ACL on the containers' NICs ({self.no_nic_acls}): a container reaches "
                 "every port of the host on its bridge (the daemon's API if it listens there, "
                 "ssh, ...) and whatever the host routes to (other networks, 169.254.169.254, "
                 "the internet if the bridge has NAT), and any container on the bridge made "
-                "without port isolation reaches its server's port"
+                "without port isolation reaches its server's port" + dedicate
             )
         if not self.port_isolation:
             gaps.append(
@@ -489,6 +639,7 @@ def supported(dialect: Dialect, *, firewall: str = "") -> Capabilities:
         guest_api_key=guest,
         firewall=firewall,
         no_nic_acls=why,
+        network_acls=dialect.has("network_bridge_acl"),
     )
 
 
@@ -650,12 +801,14 @@ def nic_device(
 @dataclass(frozen=True)
 class IsolatedNic:
     """What :func:`prepare_nic` decided: the NIC device, instance config keys, the ACL (if
-    attached) and what the daemon leaves open (for the log)."""
+    attached: to the NIC, or to the dedicated network ``on_network``) and what the daemon
+    leaves open (for the log)."""
 
     device: dict[str, str]
     config: dict[str, str]
     acl: str | None
     gaps: tuple[str, ...]
+    on_network: str = ""
 
 
 async def prepare_nic(
@@ -671,6 +824,11 @@ async def prepare_nic(
 ) -> IsolatedNic:
     """Check the NIC, make sure the ACL exists, and build the isolated NIC and config.
 
+    On a network dedicated to lxdspawner (:func:`is_dedicated`) the hub's ACL goes on the
+    network, where both daemons apply it to every instance on it (both directions, also
+    between two instances of the bridge) on every member; the NIC gets port isolation and
+    MAC/IPv4 filtering. Elsewhere the ACL goes on the NIC where the daemon can (Incus), and
+    is left out where it cannot (LXD: the gaps say what that leaves open).
     With ``egress="open"`` the NIC is the profile's, unchanged, and only the guest API goes.
     """
     config = guest_api_config(caps)
@@ -685,6 +843,26 @@ async def prepare_nic(
             network = None
     check_nic(base_nic, network, caps, device=device)
     assert base_nic is not None  # check_nic raised otherwise
+    if caps.network_acls and is_dedicated(network):
+        name = network_acl_name(hub_id, on, prefix=prefix)
+        # One spawn of a burst writes; the others then find it done. A write makes the daemon
+        # reload the network's firewall, which a server starting meanwhile could see half-done.
+        key = (id(asyncio.get_running_loop()), getattr(client, "where", ""), on)
+        lock = _network_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                await ensure_acl(client, hub_id, isolation, network=on, prefix=prefix, name=name)
+                await attach_to_network(client, on, name)
+        except LxdError as e:
+            raise IsolationError(
+                f"network isolation: could not put this hub's ACL {name!r} on network {on!r}, "
+                f"which is dedicated to lxdspawner: {e.message}; let the hub's client manage "
+                f'network ACLs and that network, or set {SETTING} = "ports"'
+            ) from e
+        nic = nic_device(
+            base_nic, None, port_isolation=caps.port_isolation, ipv6_filtering=ipv6_filtering
+        )
+        return IsolatedNic(nic, config, name, caps.gaps(isolation.egress, network=on), on)
     acl = None
     if caps.nic_acls:
         acl = await ensure_acl(client, hub_id, isolation, network=on, prefix=prefix)
@@ -705,16 +883,21 @@ __all__ = [
     "acl_body",
     "acl_name",
     "acl_rules",
+    "attach_to_network",
     "check_nic",
     "ensure_acl",
+    "forget_hub",
     "gateway_of",
     "guest_api_config",
+    "is_dedicated",
     "is_ours",
     "nic_device",
     "nic_kind",
+    "network_acl_name",
     "nic_network",
     "prepare_nic",
     "public_ranges",
+    "release_network",
     "same_rules",
     "start_failure",
     "supported",

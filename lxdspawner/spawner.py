@@ -360,18 +360,23 @@ class LxdSpawner(Spawner):
         not mount the shared read-only directories.""",
     )
     network_isolation = Unicode(
-        "ports",
+        "internet",
         config=True,
-        help="""What the container's NIC lets through (see SECURITY.md).
+        help="""What a container may reach, and be reached by (see SECURITY.md).
 
-        "ports" (default): port isolation on the bridge (containers cannot reach each
-        other; the host and the proxy reach them), and MAC and IPv4 filtering (a user with
-        root in their container cannot take another's address). Both Incus and LXD 5.0.
-        "hub-only" or "internet": also a network ACL on the NIC (Incus; the host's kernel
-        needs nf_conntrack_bridge and nft_reject_bridge) that lets the container reach only
-        the hub's API, DHCP and DNS ("internet": and public addresses), and be reached only
-        from the hub host on the server port. "open": the profile's NIC as it is.
-        The NIC must be on a managed bridge, else the spawn fails saying so.""",
+        "internet" (default) or "hub-only": a container reaches the hub's API, its bridge's
+        DHCP and DNS and ("internet") public addresses, nothing else: no other container, no
+        other port of the host, no private range, not 169.254.169.254; it is reached only
+        by the proxy, on the server port. A network ACL does this: on the whole bridge when
+        the bridge is dedicated to lxdspawner (`user.jupyterhub.managed-by=lxdspawner` in
+        its config; both daemons), else on the NIC (Incus; the kernel needs
+        nf_conntrack_bridge and nft_reject_bridge). LXD on a bridge not dedicated gets no
+        ACL: the hub log says what that leaves open.
+        "ports": only port isolation (containers cannot reach each other) and MAC/IPv4
+        filtering (nobody takes another's address), which all the modes above add.
+        "open": the profile's NIC as it is.
+        Except with "open", the NIC must be on a managed bridge, else the spawn fails
+        saying so.""",
     )
     guest_api = Bool(
         False,
@@ -807,8 +812,9 @@ class LxdSpawner(Spawner):
             except ValueError as e:
                 raise SpawnError(f"disk_limit = {self.disk_limit!r}: {e}") from e
             devices[root] = {**device, "size": self.disk_limit}
+        nic = await self._isolated_nic(client, caps, profile_devices.get("eth0"))
         if self.network_isolation != "open":
-            devices["eth0"] = await self._isolated_nic(client, caps, profile_devices.get("eth0"))
+            devices["eth0"] = nic
         return config, devices
 
     async def _isolated_nic(
@@ -819,6 +825,27 @@ class LxdSpawner(Spawner):
             info = await client.network(on) if on else None
         except NotFound:
             info = None
+        if self.network_isolation in ("ports", "open") and network.is_dedicated(info):
+            # This hub's ACL, from an earlier setting, would still hold on the whole network.
+            try:
+                if await network.release_network(client, self.hub_id, on):
+                    self.log.info(
+                        "network_isolation = %r: took this hub's ACL off network %s on %s",
+                        self.network_isolation,
+                        on,
+                        client.where,
+                    )
+            except LxdError as e:
+                self.log.warning(
+                    "network_isolation = %r: could not take this hub's ACL off network %s on "
+                    "%s, so it still applies there: %s",
+                    self.network_isolation,
+                    on,
+                    client.where,
+                    e.message,
+                )
+        if self.network_isolation == "open":
+            return dict(nic or {})
         try:
             network.check_nic(nic, info, caps)
             assert nic is not None and info is not None
@@ -827,10 +854,15 @@ class LxdSpawner(Spawner):
             gateway = network.gateway_of(info)
             parts = urlsplit(self.hub_connect_url or self.hub.api_url)
             hub_host = parts.hostname or ""
+            hub_ip = (
+                await self._address_of(hub_host) if self._is_reachable_host(hub_host) else gateway
+            )
             isolation = network.Isolation(
-                hub_ip=hub_host if self._is_reachable_host(hub_host) else gateway,
+                hub_ip=hub_ip,
                 hub_port=parts.port or self.hub.port,
-                proxy_ips=(gateway,),
+                # The proxy on this host connects from the bridge's address; a hub host
+                # elsewhere (routed to the bridge) from the address the servers reach it at.
+                proxy_ips=(gateway, hub_ip),
                 server_port=self.server_port,
                 gateway=gateway,
                 egress=self.network_isolation,
@@ -841,6 +873,26 @@ class LxdSpawner(Spawner):
         for gap in prepared.gaps:
             self.log.warning("network isolation on %s: %s", client.where, gap)
         return prepared.device
+
+    async def _address_of(self, host: str) -> str:
+        """The IP address a firewall rule can name for the hub's host (a name is resolved
+        here, on the hub host, IPv4 first)."""
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            pass
+        try:
+            found = await asyncio.get_running_loop().getaddrinfo(
+                host, None, type=socket.SOCK_STREAM
+            )
+        except OSError as e:
+            raise network.IsolationError(
+                f"network isolation: the hub's address {host!r} (hub_connect_url) does not "
+                f"resolve here ({e}), so no rule can let the servers reach it; give an IP "
+                f'address there, or set c.LxdSpawner.network_isolation = "ports"'
+            ) from e
+        addresses = sorted({a[4][0] for a in found}, key=lambda a: (":" in a, a))
+        return addresses[0]
 
     async def _hub_api_url(self, client: LxdClient, instance: dict) -> str | None:
         """Where the container reaches the hub's API, when JupyterHub's own default won't do.

@@ -160,15 +160,21 @@ ensure_quota() {
   log "btrfs quotas on and consistent on pool '$pool'"
 }
 
+# The bridge is the hub's alone: marked so, lxdspawner puts its network ACL on the whole of it
+# (network_isolation, see SECURITY.md).
 ensure_network() {
   if "${cli[@]}" network show "$bridge" >/dev/null 2>&1; then
     log "bridge '$bridge' exists"
-    return
+  else
+    log "creating bridge '$bridge' ($subnet, NAT off, IPv6 off)"
+    "${cli[@]}" network create "$bridge" \
+      ipv4.address="$subnet" ipv4.nat=false ipv4.dhcp=true \
+      ipv6.address=none
   fi
-  log "creating bridge '$bridge' ($subnet, NAT off, IPv6 off)"
-  "${cli[@]}" network create "$bridge" \
-    ipv4.address="$subnet" ipv4.nat=false ipv4.dhcp=true \
-    ipv6.address=none
+  if [[ $("${cli[@]}" network get "$bridge" user.jupyterhub.managed-by) != lxdspawner ]]; then
+    log "dedicating bridge '$bridge' to lxdspawner (user.jupyterhub.managed-by)"
+    "${cli[@]}" network set "$bridge" user.jupyterhub.managed-by=lxdspawner
+  fi
 }
 
 ensure_default_profile() {

@@ -5,6 +5,7 @@
   plus ``hub.diagnostics()`` if a test set it (e.g. the containers' logs).
 - ``output_dir``: ``test-output/<module>/<test>/`` under the repository, emptied when the test
   starts and kept afterwards, for screenshots and other artefacts worth looking at.
+- At the start of a run, the network ACLs test hubs left on the test bridges are removed.
 - ``browser``: headless Debian Chromium driven by Playwright (async API) through
   ``executable_path``; Playwright's own browser downloads are not used.
 """
@@ -22,7 +23,14 @@ import pytest_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hubtools import CHROMIUM, CHROMIUM_ARGS, HUBS, REPO, chromium_missing  # noqa: E402
+from hubtools import (  # noqa: E402
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    HUBS,
+    REPO,
+    chromium_missing,
+    forget_network_acls,
+)
 
 OUTPUT_ROOT = Path(os.environ.get("LXDSPAWNER_TEST_OUTPUT", REPO / "test-output"))
 
@@ -42,6 +50,13 @@ def pytest_runtest_makereport(item, call):
                 except Exception as e:  # a report must not hide the failure
                     text = f"(diagnostics failed: {e!r})"
                 report.sections.append((f"diagnostics ({hub.workdir})", text))
+
+
+def pytest_sessionstart(session):
+    """No test hub's network ACL from an earlier, interrupted run may hold on the bridges."""
+    import asyncio
+
+    asyncio.run(forget_network_acls(None))
 
 
 def _slug(text: str) -> str:

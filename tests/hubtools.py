@@ -57,11 +57,28 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from lxdspawner.lxd import LxdClient
+from lxdspawner.network import forget_hub
+from lxdspawner.ownership import default_hub_id
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CHP = REPO / ".cache" / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
 
 INCUS_HUB_IP = "10.117.40.1"
+#: The test daemons' sockets, whose dedicated bridges carry the test hubs' network ACLs.
+DAEMON_SOCKETS = ("/var/lib/incus/unix.socket", "/var/lib/lxd/unix.socket")
+
+
+async def forget_network_acls(hub_id: str | None) -> None:
+    """Take a test hub's network ACLs (None: every lxdspawner hub's) off the test daemons'
+    bridges and delete them: the next hub, with another port, must not inherit its rules."""
+    for socket_path in DAEMON_SOCKETS:
+        with contextlib.suppress(Exception):  # a daemon not set up here: nothing to forget
+            async with LxdClient(f"unix://{socket_path}") as client:
+                await forget_hub(client, hub_id)
+
+
 LXD_HUB_IP = "10.117.41.1"
 # The daemon the e2e tests use: LXDSPAWNER_DAEMON=incus (default) or lxd, as for
 # scripts/setup-lxd.sh; its command line and the bridge address the hub must listen on.
@@ -415,6 +432,12 @@ class Hub:
             if self._session is not None:
                 await self._session.close()
                 self._session = None
+            await forget_network_acls(self.hub_id)
+
+    @property
+    def hub_id(self) -> str:
+        """The hub's id as lxdspawner derives it from the database (no test sets its own)."""
+        return default_hub_id(f"sqlite:///{self.workdir / 'jupyterhub.sqlite'}")
 
     # -- logs -----------------------------------------------------------------------------
 

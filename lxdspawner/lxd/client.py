@@ -277,6 +277,18 @@ class LxdClient:
         (``{"id": ..., "status": ...}``): await it with :meth:`wait`.
         """
         status, body, _ = await self.raw(method, path, **kwargs)
+        return self._metadata(method, path, status, body)
+
+    async def request_with_etag(self, path: str) -> tuple[Any, str]:
+        """GET ``path``: its metadata and its ETag, for a PUT or PATCH with ``If-Match`` that
+        the daemon refuses (412) if the object changed in between."""
+        async with self._open("GET", path) as resp:
+            body = await resp.read()
+            status, etag = resp.status, resp.headers.get("ETag", "")
+        return self._metadata("GET", path, status, body), etag
+
+    @staticmethod
+    def _metadata(method: str, path: str, status: int, body: bytes) -> Any:
         try:
             envelope = json.loads(body) if body else {}
         except ValueError as e:

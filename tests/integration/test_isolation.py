@@ -5,14 +5,18 @@ daemon. (What the daemons cannot enforce on this kernel is in SECURITY.md and th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from hubtools import INCUS_HUB_IP, LXD_HUB_IP, running_hub
 
 from lxdspawner.lxd import LxdClient
+from lxdspawner.network import network_acl_name
 
-from .conftest import SOCKETS, remove_instances_named
+from .conftest import BRIDGES, SOCKETS, remove_instances_named
 from .test_spawner import server_pid
 
 # From inside a container, as the user: connect to host:port within 2 s; print "open" or why not.
@@ -64,6 +68,42 @@ async def ipv4(client: LxdClient, name: str) -> str:
     )
 
 
+@contextlib.asynccontextmanager
+async def listening(address: str) -> AsyncIterator[int]:
+    """A TCP service of the host on ``address`` (a free port), which answers and hangs up."""
+
+    async def answer(reader, writer):
+        writer.close()
+
+    server = await asyncio.start_server(answer, address, 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.contextmanager
+def metadata_address(bridge: str) -> Iterator[str]:
+    """169.254.169.254 on the test bridge, as a cloud's metadata service would be reached:
+    through the host. Only a bridge our setup script made, and only for the test."""
+    address = "169.254.169.254"
+    subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", bridge], check=True)
+    try:
+        yield address
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", bridge], check=False)
+
+
+async def host_connects(address: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 2)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
 async def test_users_are_isolated_from_each_other_the_host_and_the_daemon(tmp_path, prefix, daemon):
     endpoint = f"unix://{SOCKETS[daemon]}"
     hub_ip = INCUS_HUB_IP if daemon == "incus" else LXD_HUB_IP
@@ -94,6 +134,22 @@ c.Spawner.start_timeout = 120
                     model = await hub.server_model(user)
                     status, _ = await hub.get_via_proxy(model["url"] + "api/status")
                     assert status == 200, user
+
+                # The hub's ACL is on the whole (dedicated) bridge, on both daemons: no other
+                # service of the host (the daemon's API, ssh, ... here a listener of this
+                # test on the bridge's address), and no cloud metadata address.
+                bridge = BRIDGES[daemon]
+                acls = (await client.network(bridge))["config"].get("security.acls", "")
+                assert network_acl_name(hub.hub_id, bridge) in acls.split(","), acls
+                async with listening(hub_ip) as other_port:
+                    assert await host_connects(hub_ip, other_port)
+                    said = await as_user(client, ann, [*probe, hub_ip, str(other_port)])
+                    assert said != "open", said
+                with metadata_address(bridge) as metadata:
+                    async with listening(metadata) as metadata_port:
+                        assert await host_connects(metadata, metadata_port)
+                        said = await as_user(client, ann, [*probe, metadata, str(metadata_port)])
+                        assert said != "open", said
 
                 # No guest API socket for a user to talk to the daemon through.
                 for path in ("/dev/incus", "/dev/lxd"):
@@ -132,6 +188,14 @@ c.Spawner.start_timeout = 120
                 # The server keeps running as the user in either container.
                 pid = await server_pid(client, ann)
                 assert pid not in ("", "0")
+                await hub.stop_all_servers()
+
+                # Set to "ports", the hub takes its ACL off the bridge at the next spawn.
+                hub.add_config('c.LxdSpawner.network_isolation = "ports"')
+                await hub.restart()
+                await hub.start_server("ann", timeout=150)
+                acls = (await client.network(bridge))["config"].get("security.acls", "")
+                assert network_acl_name(hub.hub_id, bridge) not in acls.split(","), acls
                 await hub.stop_all_servers()
         finally:
             await remove_instances_named(client, prefix + "-")

@@ -22,14 +22,19 @@ from lxdspawner.network import (
     acl_body,
     acl_name,
     acl_rules,
+    attach_to_network,
     check_nic,
     ensure_acl,
+    forget_hub,
     gateway_of,
     guest_api_config,
+    is_dedicated,
     is_ours,
+    network_acl_name,
     nic_device,
     nic_kind,
     prepare_nic,
+    release_network,
     same_rules,
     start_failure,
     supported,
@@ -683,3 +688,183 @@ async def test_prepare_nic_open_leaves_the_nic_alone():
     assert plan.device == nic and plan.acl is None
     assert plan.config == {"security.guestapi": "false"}
     assert client.calls == []
+
+
+# -- the ACL on a dedicated network ------------------------------------------------------------
+
+DEDICATED = {**BRIDGE, "config": {**BRIDGE["config"], KEY_MANAGED: MANAGED_BY}}
+
+
+class FakeDaemonWithNetworks(FakeDaemon):
+    """Also /1.0/networks (GET with an ETag, PATCH honouring If-Match, the lists) and ACL
+    deletion. ``interloper`` changes a network's ACL list between a read and the write, as
+    another hub would, ``times`` times."""
+
+    def __init__(self, networks, *, interloper=None, times=1):
+        super().__init__()
+        self.networks = {name: {**copy.deepcopy(n), "name": name} for name, n in networks.items()}
+        self.version = dict.fromkeys(self.networks, 0)
+        self.interloper, self.times = interloper, times
+
+    async def network(self, name):
+        if name not in self.networks:
+            raise NotFound(f"GET /1.0/networks/{name}: Network not found", status=404)
+        return copy.deepcopy(self.networks[name])
+
+    async def request_with_etag(self, path):
+        self.calls.append(("GET", path))
+        name = path.rsplit("/", 1)[-1]
+        answer, etag = await self.network(name), f'"{name}-{self.version[name]}"'
+        if self.interloper and self.times:
+            self.times -= 1
+            self.interloper(self, name)
+        return answer, etag
+
+    def set_acls(self, name, acls):
+        self.networks[name]["config"]["security.acls"] = acls
+        self.version[name] += 1
+
+    async def request(self, method, path, *, json_body=None, headers=None, params=None, **_):
+        if path == "/1.0/network-acls" and method == "GET":
+            return [copy.deepcopy(a) for a in self.acls.values()]
+        if path == "/1.0/networks" and method == "GET":
+            return [copy.deepcopy(n) for n in self.networks.values()]
+        if path.startswith("/1.0/networks/"):
+            self.calls.append((method, path))
+            name = path.rsplit("/", 1)[-1]
+            assert method == "PATCH"
+            if headers and headers["If-Match"] != f'"{name}-{self.version[name]}"':
+                raise error_for_status(412, f"PATCH {path}: ETag doesn't match")
+            self.set_acls(name, json_body["config"]["security.acls"])
+            return None
+        if method == "DELETE":
+            self.calls.append((method, path))
+            if self.acls.pop(path.rsplit("/", 1)[-1], None) is None:
+                raise error_for_status(404, f"DELETE {path}: Network ACL not found")
+            return None
+        return await super().request(method, path, json_body=json_body)
+
+
+def test_only_a_network_given_to_lxdspawner_is_dedicated():
+    assert is_dedicated(DEDICATED)
+    assert not is_dedicated(BRIDGE) and not is_dedicated(None)
+    assert not is_dedicated({**BRIDGE, "config": {KEY_MANAGED: "someone-else"}})
+
+
+def test_network_acl_name_is_per_hub_and_network_and_valid():
+    name = network_acl_name("hub-1", "lxdspbr0")
+    assert valid_acl_name(name) and name == network_acl_name("hub-1", "lxdspbr0")
+    assert name != network_acl_name("hub-2", "lxdspbr0")
+    assert name != network_acl_name("hub-1", "lxdspbr1")
+    with pytest.raises(IsolationError, match="prefix"):
+        network_acl_name("hub-1", "lxdspbr0", prefix="-bad")
+
+
+@pytest.mark.parametrize("caps", [INCUS, LXD], ids=["incus", "lxd"])
+async def test_on_a_dedicated_network_the_acl_goes_on_the_network(caps):
+    client = FakeDaemonWithNetworks({"lxdspbr0": DEDICATED})
+    plan = await prepare_nic(client, caps, "hub-1", isolation(), PROFILE_NIC)
+    name = network_acl_name("hub-1", "lxdspbr0")
+    assert plan.acl == name and plan.on_network == "lxdspbr0"
+    assert client.networks["lxdspbr0"]["config"]["security.acls"] == name
+    assert same_rules(client.acls[name], acl_body(name, isolation(), hub_id="hub-1"))
+    # The NIC: no ACL of its own (the network's holds), port isolation and filtering.
+    assert "security.acls" not in plan.device
+    assert plan.device["security.port_isolation"] == "true"
+    assert plan.device["security.ipv4_filtering"] == "true"
+    assert plan.gaps == ()
+
+
+async def test_the_network_acl_is_updated_in_place_and_attached_once():
+    client = FakeDaemonWithNetworks({"lxdspbr0": DEDICATED})
+    await prepare_nic(client, LXD, "hub-1", isolation(), PROFILE_NIC)
+    client.calls.clear()
+    await prepare_nic(client, LXD, "hub-1", isolation(hub_port=9000), PROFILE_NIC)
+    name = network_acl_name("hub-1", "lxdspbr0")
+    assert list(client.acls) == [name]
+    assert "9000" in {r["destination_port"] for r in client.acls[name]["egress"]}
+    assert not [c for c in client.calls if c[0] == "PATCH"]  # already on the network
+
+
+async def test_other_acls_on_the_network_stay_and_a_concurrent_writer_is_not_overwritten():
+    def another_hub(daemon, network):
+        daemon.set_acls(network, "operators,lxdspawner-otherhub")
+
+    network = {**DEDICATED, "config": {**DEDICATED["config"], "security.acls": "operators"}}
+    client = FakeDaemonWithNetworks({"lxdspbr0": network}, interloper=another_hub)
+    await prepare_nic(client, LXD, "hub-1", isolation(), PROFILE_NIC)
+    name = network_acl_name("hub-1", "lxdspbr0")
+    assert client.networks["lxdspbr0"]["config"]["security.acls"] == (
+        f"operators,lxdspawner-otherhub,{name}"
+    )
+    assert [m for m, p in client.calls if "/networks/" in p].count("PATCH") == 2  # one 412
+
+
+async def test_a_network_that_never_settles_is_a_clear_error():
+    client = FakeDaemonWithNetworks(
+        {"lxdspbr0": DEDICATED}, interloper=lambda d, n: d.set_acls(n, "x"), times=100
+    )
+    with pytest.raises(IsolationError, match="kept changing"):
+        await attach_to_network(client, "lxdspbr0", "lxdspawner-00000000")
+
+
+async def test_a_burst_attaches_the_network_acl_once():
+    client = FakeDaemonWithNetworks({"lxdspbr0": DEDICATED})
+    await asyncio.gather(
+        *(prepare_nic(client, INCUS, "hub-1", isolation(), PROFILE_NIC) for _ in range(20))
+    )
+    assert [m for m, p in client.calls if "/networks/" in p].count("PATCH") == 1
+
+
+async def test_a_refused_write_names_the_network_and_the_way_out():
+    class Restricted(FakeDaemonWithNetworks):
+        async def request(self, method, path, **kwargs):
+            if method == "PATCH":
+                raise error_for_status(403, f"PATCH {path}: Forbidden")
+            return await super().request(method, path, **kwargs)
+
+    with pytest.raises(IsolationError) as raised:
+        await prepare_nic(Restricted({"lxdspbr0": DEDICATED}), LXD, "hub-1", isolation(),
+                          PROFILE_NIC)  # fmt: skip
+    said = str(raised.value)
+    assert "'lxdspbr0'" in said and "Forbidden" in said and "network_isolation" in said
+
+
+async def test_release_takes_only_this_hubs_acl_off_and_deletes_it():
+    client = FakeDaemonWithNetworks({"lxdspbr0": DEDICATED})
+    await prepare_nic(client, LXD, "hub-1", isolation(), PROFILE_NIC)
+    await prepare_nic(client, LXD, "hub-2", isolation(hub_port=9000), PROFILE_NIC)
+    mine, theirs = (network_acl_name(h, "lxdspbr0") for h in ("hub-1", "hub-2"))
+    assert await release_network(client, "hub-1", "lxdspbr0")
+    assert client.networks["lxdspbr0"]["config"]["security.acls"] == theirs
+    assert list(client.acls) == [theirs]
+    assert not await release_network(client, "hub-1", "lxdspbr0")  # nothing left to do
+    # An ACL of that name without our keys is not ours to take off.
+    client.acls[mine] = {"name": mine, "ingress": [], "egress": [], "config": {}}
+    client.set_acls("lxdspbr0", f"{theirs},{mine}")
+    assert not await release_network(client, "hub-1", "lxdspbr0")
+    assert mine in client.acls and mine in client.networks["lxdspbr0"]["config"]["security.acls"]
+
+
+async def test_forget_hub_clears_one_hub_or_every_hub_and_nothing_else():
+    client = FakeDaemonWithNetworks({"lxdspbr0": DEDICATED, "lxdspbr1": DEDICATED})
+    for hub in ("hub-1", "hub-2"):
+        for nic in (PROFILE_NIC, {**PROFILE_NIC, "network": "lxdspbr1"}):
+            await prepare_nic(client, LXD, hub, isolation(), nic)
+    client.acls["operators"] = {"name": "operators", "ingress": [], "egress": [], "config": {}}
+    client.set_acls("lxdspbr1", client.networks["lxdspbr1"]["config"]["security.acls"]
+                    + ",operators")  # fmt: skip
+    gone = await forget_hub(client, "hub-1")
+    assert sorted(gone) == sorted(network_acl_name("hub-1", n) for n in ("lxdspbr0", "lxdspbr1"))
+    assert set(client.acls) == {network_acl_name("hub-2", "lxdspbr0"),
+                                network_acl_name("hub-2", "lxdspbr1"), "operators"}  # fmt: skip
+    await forget_hub(client)
+    assert set(client.acls) == {"operators"}
+    assert client.networks["lxdspbr0"]["config"]["security.acls"] == ""
+    assert client.networks["lxdspbr1"]["config"]["security.acls"] == "operators"
+
+
+def test_lxd_on_a_bridge_not_dedicated_says_how_to_dedicate_it():
+    (gap,) = LXD.gaps()
+    assert "lxc network set <bridge> user.jupyterhub.managed-by=lxdspawner" in gap
+    assert LXD.gaps(network="lxdspbr0") == ()
