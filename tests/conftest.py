@@ -5,13 +5,15 @@
   plus ``hub.diagnostics()`` if a test set it (e.g. the containers' logs).
 - ``output_dir``: ``test-output/<module>/<test>/`` under the repository, emptied when the test
   starts and kept afterwards, for screenshots and other artefacts worth looking at.
-- At the start of a run, the network ACLs test hubs left on the test bridges are removed.
+- At the start and the end of a run, the network ACLs test hubs left on the test bridges are
+  removed.
 - ``browser``: headless Debian Chromium driven by Playwright (async API) through
   ``executable_path``; Playwright's own browser downloads are not used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -54,8 +56,11 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_sessionstart(session):
     """No test hub's network ACL from an earlier, interrupted run may hold on the bridges."""
-    import asyncio
+    asyncio.run(forget_network_acls(None))
 
+
+def pytest_sessionfinish(session, exitstatus):
+    """Nor from this run, once it is over."""
     asyncio.run(forget_network_acls(None))
 
 

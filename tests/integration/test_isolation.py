@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 
@@ -70,14 +71,21 @@ async def ipv4(client: LxdClient, name: str) -> str:
 
 @contextlib.asynccontextmanager
 async def listening(address: str) -> AsyncIterator[int]:
-    """A TCP service of the host on ``address`` (a free port), which answers and hangs up."""
+    """A TCP service of the host on ``address``, which answers and hangs up. Its port is
+    below the ephemeral range, where earlier test hubs' ports (still allowed by their ACLs
+    on the bridge) are not."""
 
     async def answer(reader, writer):
         writer.close()
 
-    server = await asyncio.start_server(answer, address, 0)
+    for port in random.sample(range(20000, 30000), 50):
+        try:
+            server = await asyncio.start_server(answer, address, port)
+            break
+        except OSError:
+            continue
     try:
-        yield server.sockets[0].getsockname()[1]
+        yield port
     finally:
         server.close()
         await server.wait_closed()
