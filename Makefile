@@ -7,6 +7,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Daemons the tests run against: the whole suite on Incus, the client and a spawn on LXD too.
+# Their sockets, bridges and addresses are in scripts/topology.env (LXDSP_<DAEMON>_*).
 TEST_DAEMONS ?= incus lxd
 PYTEST_ARGS ?=
 
@@ -18,7 +19,8 @@ test: setup lint
 demo: venv
 	scripts/setup-lxd.sh incus
 	VENV=$(VENV) images/ensure-image.sh jupyter-base incus
-	$(VENV)/bin/lxdspawner prepull --image jupyter-base --endpoint unix:///var/lib/incus/unix.socket
+	source scripts/topology.env && \
+	  $(VENV)/bin/lxdspawner prepull --image jupyter-base --endpoint "unix://$$LXDSP_INCUS_SOCKET"
 	VENV=$(VENV) scripts/demo.sh
 
 setup: venv daemons images tools
@@ -39,11 +41,12 @@ daemons:
 # Each daemon holds the images, and the shared read-only copy of the image's /opt/jupyterhub
 # (see lxdspawner/sharing.py) is made before the tests, so every spawn in them mounts it.
 images: venv daemons
-	@for d in $(TEST_DAEMONS); do \
+	@source scripts/topology.env; for d in $(TEST_DAEMONS); do \
+	  socket=LXDSP_$${d^^}_SOCKET; \
 	  VENV=$(VENV) images/ensure-image.sh lxdspawner-tiny $$d || exit 1; \
 	  VENV=$(VENV) images/ensure-image.sh jupyter-base $$d || exit 1; \
 	  $(VENV)/bin/lxdspawner prepull --image jupyter-base \
-	    --endpoint unix:///var/lib/$$d/unix.socket || exit 1; \
+	    --endpoint "unix://$${!socket}" || exit 1; \
 	done
 
 tools:
@@ -53,8 +56,9 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The in-process tier (no daemon), with the package's coverage (pytest-cov).
 unit: venv
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q tests/unit --cov=lxdspawner --cov-report=term-missing
 
 integration: setup
 	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" $(PY) -m pytest -ra -m "integration and not cluster"
@@ -65,10 +69,10 @@ e2e: setup
 # A three-member Incus cluster on this machine (network namespaces), for the cluster tests;
 # `make test` builds it and tears it down by itself.
 cluster: venv daemons images
-	scripts/cluster.sh up
+	VENV=$(VENV) scripts/cluster.sh up
 
 cluster-down:
-	scripts/cluster.sh down
+	VENV=$(VENV) scripts/cluster.sh down
 
 cluster-test: setup
 	$(PY) -m pytest -ra -m cluster

@@ -1,7 +1,7 @@
 """Pure helpers of the spawn benchmark: statistics, Prometheus text, hub-log parsing, tables.
 
 No I/O, no JupyterHub or LXD imports, so they can be read (and tested) on their own; the
-orchestration is in ``spawn.py``.
+orchestration is in ``spawn.py`` and the modules it drives.
 """
 
 from __future__ import annotations

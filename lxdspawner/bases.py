@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from . import names
 from .lxd import Dialect, LxdClient, NotFound
 
 KEY_BASE_OF = "user.jupyterhub.base-of"
@@ -33,10 +34,6 @@ def wanted(
     )
 
 
-def base_name(prefix: str, fingerprint: str) -> str:
-    return f"{prefix}-base-{fingerprint[:12]}"
-
-
 class ShiftedBases:
     """The bases of one daemon: one per image, made once even when a burst asks at once."""
 
@@ -55,7 +52,7 @@ class ShiftedBases:
     ) -> dict | None:
         """The source of a copy of the base, which is made first when missing or broken;
         None when the base's name is held by an instance that is not a base."""
-        base = base_name(prefix, fingerprint)
+        base = names.base_name(prefix, fingerprint)
         async with self._locks.setdefault(base, asyncio.Lock()):
             try:
                 existing = await client.get_instance(base)

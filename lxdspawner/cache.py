@@ -191,10 +191,14 @@ class InstanceCache:
         return True
 
     def note_instance(self, instance: dict) -> None:
-        if _is_ours(instance):
-            self._put(_from_api(instance))
-            if instance.get("status") == "Running":
-                self._up.add(instance["name"])
+        if not _is_ours(instance):
+            # Its keys were changed (or it never was ours): a stop or a delete that read
+            # this view would otherwise trust keys it no longer has.
+            self._drop(instance["name"])
+            return
+        self._put(_from_api(instance))
+        if instance.get("status") == "Running":
+            self._up.add(instance["name"])
 
     # -- running ----------------------------------------------------------------------------
 
@@ -202,7 +206,11 @@ class InstanceCache:
         """Start following the daemon, and wait for the first complete list."""
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
-        await asyncio.wait_for(self._synced.wait(), timeout)
+        if not self._synced.is_set():
+            # Not through wait_for once synced: before Python 3.12 it swallows a cancellation
+            # that comes as the wait ends, and the caller's task (a stop being retried, which
+            # a new start of the server cancels) would go on.
+            await asyncio.wait_for(self._synced.wait(), timeout)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -246,6 +254,7 @@ class InstanceCache:
     async def _follow(self) -> None:
         events = self.client.events(types=("lifecycle",), reconnect=False)
         iterator = events.__aiter__()
+        pending: asyncio.Future | None = None
         try:
             # Connected first, then listed: nothing that happens in between is missed.
             connected = await asyncio.wait_for(iterator.__anext__(), self.client.timeout)
@@ -274,7 +283,10 @@ class InstanceCache:
                 done, _ = await asyncio.wait({pending}, timeout=timeout)
                 now = time.monotonic()
                 if done:
-                    event = pending.result()
+                    try:
+                        event = pending.result()
+                    except StopAsyncIteration:
+                        raise LxdError("the event stream closed") from None
                     self._last_message = now
                     await self._apply(event)
                     pending = _next_event(iterator)
@@ -285,6 +297,10 @@ class InstanceCache:
                     await self.resync()
                     last_resync = now
         finally:
+            # A read in flight holds the stream: aclose() cannot end it ("already running"),
+            # so the stream would stay open, read by nobody. Cancelling the read ends it.
+            if pending is not None:
+                pending.cancel()
             with contextlib.suppress(Exception):
                 await events.aclose()
 

@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 
-from . import sharing
+from . import names, sharing
 from .gc import stale
 from .listing import servers, table
 from .lxd import LxdClient, LxdError, image_source
@@ -53,7 +53,7 @@ async def prepull(
             print(f"{m['server_name']}: skipped ({m.get('status')})", file=out)
 
     async def one(target: str | None) -> bool:
-        name = f"lxdspawner-prepull-{uuid.uuid4().hex[:8]}"
+        name = names.prepull_name(uuid.uuid4().hex[:8])
         where = target or "this server"
         started = time.monotonic()
         try:

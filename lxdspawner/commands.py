@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -418,3 +419,43 @@ async def run_on_hub(
                 proc.kill()
             await asyncio.shield(proc.wait())
     return returncode, output.decode(errors="replace")
+
+
+async def run_post_hub_commands(
+    templates: list[str],
+    username: str,
+    server_name: str,
+    *,
+    timeout: float,
+    log: logging.Logger,
+    label: str,
+) -> None:
+    """``post_hub_commands``, one after the other, each logged with its output's tail: an
+    error for a refused template, a timeout or a failure (the server runs anyway)."""
+    env = minimal_environment(username, server_name)
+    for command in templates:
+        try:
+            line = expand_username(command, username, setting="post_hub_commands")
+        except ValueError as e:
+            log.error("%s", e)
+            continue
+        code, output = await run_on_hub(line, env=env, timeout=timeout)
+        output = output[-2000:].strip() or "(no output)"
+        if code is None:
+            log.error(
+                "post_hub_commands for %s: %r killed after %g s (post_hub_command_timeout): %s",
+                label,
+                command,
+                timeout,
+                output,
+            )
+        elif code:
+            log.error(
+                "post_hub_commands for %s: %r failed with exit code %s: %s",
+                label,
+                command,
+                code,
+                output,
+            )
+        else:
+            log.info("post_hub_commands for %s: %r: %s", label, command, output)

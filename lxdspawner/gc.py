@@ -12,13 +12,11 @@ so is everything of an image that an alias names. User data is never in either.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import names
 from .bases import KEY_BASE_OF
-
-_VOLUME = re.compile(r"lxdspawner-shared-(?P<fingerprint>[0-9a-f]{12})-[0-9a-f]{6}")
 
 
 @dataclass(frozen=True)
@@ -55,15 +53,14 @@ def stale(
                 )
             )
     for pool, volume in volumes:
-        match = _VOLUME.fullmatch(volume.get("name", ""))
-        if not match or match["fingerprint"] in named_short or volume.get("used_by"):
+        fingerprint = names.shared_volume_fingerprint(volume.get("name", ""))
+        if not fingerprint or fingerprint in named_short or volume.get("used_by"):
             continue
         found.append(
             Stale(
                 "volume",
                 volume["name"],
-                f"a shared copy of image {match['fingerprint']}, which no alias names; "
-                "no instance uses it",
+                f"a shared copy of image {fingerprint}, which no alias names; no instance uses it",
                 pool=pool,
                 member=_member(volume),
             )

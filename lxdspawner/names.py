@@ -1,4 +1,13 @@
-"""Instance names from JupyterHub user and server names.
+"""Every name lxdspawner gives, and the parsers of those it must recognise.
+
+Servers' instances (from JupyterHub user and server names, below); the shared read-only
+copies of an image's directories (:func:`shared_volume_name`, parsed back by
+:func:`shared_volume_fingerprint` for ``lxdspawner gc``), their disk devices and the helper
+containers that fill them; LXD 5.0's shifted bases (:func:`base_name`); the prepull helpers;
+the network ACLs (:func:`acl_name`). One function per format: change one, and what parses
+it changes with it.
+
+Instance names from JupyterHub user and server names:
 
 LXD and Incus instance names are 1 to 63 characters of ASCII letters, digits and hyphens,
 start with a letter and do not end with a hyphen. JupyterHub usernames may be almost anything
@@ -25,6 +34,7 @@ version 0.1).
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 import unicodedata
 
@@ -119,9 +129,80 @@ def home_component(username: str) -> str:
     return f"{slug}-{_digest(username)}"
 
 
+def home_path(template: str, username: str) -> str:
+    """``home_dir`` for a user: ``{username}`` (or ``{USERNAME}``) becomes one safe directory
+    name (:func:`home_component`); the result must be an absolute path below /."""
+    component = home_component(username)
+    home = template.replace("{username}", component).replace("{USERNAME}", component)
+    home = posixpath.normpath(home) if home.startswith("/") else home
+    if not home.startswith("/") or home == "/":
+        raise ValueError(
+            f"home_dir = {template!r} gives {home!r} for this user: it must be an absolute "
+            "path below /"
+        )
+    return home
+
+
 def is_valid_instance_name(name: str) -> bool:
     return (
         1 <= len(name) <= MAX_LENGTH
         and bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", name))
         and not name.endswith("-")
     )
+
+
+# -- the names of what lxdspawner makes per image, not per user ------------------------------
+
+SHARED_VOLUME_PREFIX = "lxdspawner-shared"
+#: The disk device of a shared directory in a server (and of the volume in its fill helper).
+SHARED_DEVICE = "lxdspawner-shared"
+_SHARED_VOLUME = re.compile(
+    re.escape(SHARED_VOLUME_PREFIX) + r"-(?P<fingerprint>[0-9a-f]{12})-[0-9a-f]{6}"
+)
+
+
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def _path_digest(path: str) -> str:
+    return _short(path.rstrip("/"))
+
+
+def shared_volume_name(fingerprint: str, path: str) -> str:
+    """The read-only copy of ``path`` of an image: the same for every hub on the daemon,
+    since the copy depends only on the image and the path."""
+    return f"{SHARED_VOLUME_PREFIX}-{fingerprint[:12]}-{_path_digest(path)}"
+
+
+def shared_volume_fingerprint(name: str) -> str | None:
+    """The (12-digit) image fingerprint of a shared volume's name; None for any other name."""
+    match = _SHARED_VOLUME.fullmatch(name)
+    return match["fingerprint"] if match else None
+
+
+def shared_device_name(path: str) -> str:
+    return f"{SHARED_DEVICE}-{_path_digest(path)}"
+
+
+def fill_helper_name(fingerprint: str, path: str, member: str | None) -> str:
+    """The container that fills a shared volume; instance names are unique in a whole
+    cluster, so one per member."""
+    return f"{shared_volume_name(fingerprint, path)}-fill-{_short(member or '')}"
+
+
+def base_name(prefix: str, fingerprint: str) -> str:
+    """LXD 5.0's stopped base of an image, which servers are copies of."""
+    return f"{prefix}-base-{fingerprint[:12]}"
+
+
+def prepull_name(token: str) -> str:
+    """A ``lxdspawner prepull`` helper (``token``: random, so runs never collide)."""
+    return f"lxdspawner-prepull-{token}"
+
+
+def acl_name(prefix: str, *parts: str) -> str:
+    """A network ACL: ``<prefix>-`` and 8 hex digits of ``parts`` (a valid ACL name on both
+    daemons when the prefix is; see network.py)."""
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return f"{prefix}-{digest[:8]}"

@@ -75,7 +75,6 @@ the config keys; log ``caps.gaps(egress)``; pass a failed start's message to
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ipaddress
 import json
 import re
@@ -84,6 +83,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote
 
+from . import names
 from .lxd.dialect import Dialect
 from .lxd.errors import LxdError, NotFound
 from .ownership import KEY_HUB, KEY_MANAGED, MANAGED_BY
@@ -324,10 +324,7 @@ def acl_name(hub_id: str, network: str, isolation: Isolation, *, prefix: str = M
     daemons. The hash covers the whole ACL, so different rules never share a name."""
     _check_prefix(prefix)
     content = _content(hub_id, network, isolation)
-    digest = hashlib.sha256(
-        json.dumps({"network": network, **content}, sort_keys=True).encode()
-    ).hexdigest()
-    return f"{prefix}-{digest[:8]}"
+    return names.acl_name(prefix, json.dumps({"network": network, **content}, sort_keys=True))
 
 
 def _check_prefix(prefix: str) -> None:
@@ -439,8 +436,7 @@ def network_acl_name(hub_id: str, network: str, *, prefix: str = MANAGED_BY) -> 
     network. Its rules are updated in place when the hub's settings change (no instance
     names it, so nothing keeps an old one alive)."""
     _check_prefix(prefix)
-    digest = hashlib.sha256(f"network\0{hub_id}\0{network}".encode()).hexdigest()
-    return f"{prefix}-{digest[:8]}"
+    return names.acl_name(prefix, "network", hub_id, network)
 
 
 def _acl_list(network: Mapping) -> list[str]:

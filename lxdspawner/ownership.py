@@ -35,6 +35,11 @@ class Owner:
     user: str
     server: str = ""
 
+    @property
+    def label(self) -> str:
+        """``user`` or ``user:server``, for log lines."""
+        return f"{self.user}:{self.server}" if self.server else self.user
+
     def keys(self) -> dict[str, str]:
         """The config keys that mark an instance as this server's."""
         return {

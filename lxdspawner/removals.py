@@ -23,40 +23,36 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from .cache import InstanceCache
-from .lxd import LxdClient, LxdError, NotFound
-
-#: An endpoint as the spawner keys it: (endpoint, project, client cert, client key, server cert).
-EndpointKey = tuple[str, str, str, str, str]
+from .lxd import LxdClient, LxdError, NotFound, Remote
 
 
 class Removals:
-    """The deletions in progress, for all the spawners of a hub."""
+    """The deletions in progress on one daemon (``remote``), for all the spawners of a hub."""
 
-    def __init__(self) -> None:
-        self._tasks: dict[tuple[EndpointKey, str], asyncio.Task] = {}
+    def __init__(self, remote: Remote) -> None:
+        self.remote = remote
+        self._tasks: dict[str, asyncio.Task] = {}
 
     def start(
         self,
         client: LxdClient,
         cache: InstanceCache,
-        endpoint: EndpointKey,
         name: str,
         *,
         teardown_timeout: float,
         log: logging.Logger,
     ) -> None:
-        key = (endpoint, name)
-        if key not in self._tasks:
-            self._tasks[key] = asyncio.ensure_future(
-                self._run(client, cache, key, teardown_timeout, log)
+        if name not in self._tasks:
+            self._tasks[name] = asyncio.ensure_future(
+                self._run(client, cache, name, teardown_timeout, log)
             )
 
-    def pending(self, endpoint: EndpointKey, name: str) -> bool:
-        return (endpoint, name) in self._tasks
+    def pending(self, name: str) -> bool:
+        return name in self._tasks
 
-    async def wait(self, endpoint: EndpointKey, name: str) -> None:
+    async def wait(self, name: str) -> None:
         """Until the deletion of ``name`` has ended (whether it worked or not)."""
-        task = self._tasks.get((endpoint, name))
+        task = self._tasks.get(name)
         if task is not None:
             with contextlib.suppress(Exception):  # a container left over is deleted anyway
                 await asyncio.shield(task)
@@ -65,11 +61,11 @@ class Removals:
         self,
         client: LxdClient,
         cache: InstanceCache,
-        key: tuple[EndpointKey, str],
+        name: str,
         teardown_timeout: float,
         log: logging.Logger,
     ) -> None:
-        name = key[1]
+        key = (self.remote, name)
         _unfinished.add(key)
         _finish_at_exit.register()
         try:
@@ -82,8 +78,8 @@ class Removals:
         else:
             _unfinished.discard(key)
         finally:
-            if self._tasks.get(key) is asyncio.current_task():
-                del self._tasks[key]
+            if self._tasks.get(name) is asyncio.current_task():
+                del self._tasks[name]
 
 
 async def remove_once_torn_down(
@@ -135,29 +131,19 @@ class PendingStops:
     def __init__(self, first_delay: float = 5.0, max_delay: float = 60.0) -> None:
         self.first_delay = first_delay
         self.max_delay = max_delay
-        self._tasks: dict[tuple[EndpointKey, str], asyncio.Task] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
 
-    def retry(
-        self,
-        endpoint: EndpointKey,
-        name: str,
-        stop: Callable[[], Awaitable[None]],
-        log: logging.Logger,
-    ) -> None:
-        key = (endpoint, name)
-        if key not in self._tasks:
-            self._tasks[key] = asyncio.ensure_future(self._run(key, stop, log))
+    def retry(self, name: str, stop: Callable[[], Awaitable[None]], log: logging.Logger) -> None:
+        if name not in self._tasks:
+            self._tasks[name] = asyncio.ensure_future(self._run(name, stop, log))
 
-    def cancel(self, endpoint: EndpointKey, name: str) -> None:
-        task = self._tasks.pop((endpoint, name), None)
+    def cancel(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
         if task is not None:
             task.cancel()
 
     async def _run(
-        self,
-        key: tuple[EndpointKey, str],
-        stop: Callable[[], Awaitable[None]],
-        log: logging.Logger,
+        self, name: str, stop: Callable[[], Awaitable[None]], log: logging.Logger
     ) -> None:
         delay = self.first_delay
         try:
@@ -166,18 +152,18 @@ class PendingStops:
                 try:
                     await stop()
                 except (LxdError, asyncio.TimeoutError) as e:
-                    log.warning("stopping %s again: %s", key[1], getattr(e, "message", e))
+                    log.warning("stopping %s again: %s", name, getattr(e, "message", e))
                     delay = min(delay * 2, self.max_delay)
                     continue
-                log.info("stopped %s, whose stop had failed", key[1])
+                log.info("stopped %s, whose stop had failed", name)
                 return
         finally:
-            if self._tasks.get(key) is asyncio.current_task():
-                del self._tasks[key]
+            if self._tasks.get(name) is asyncio.current_task():
+                del self._tasks[name]
 
 
-#: (endpoint, instance name) of deletions that have not finished yet.
-_unfinished: set[tuple[EndpointKey, str]] = set()
+#: (daemon, instance name) of deletions that have not finished yet.
+_unfinished: set[tuple[Remote, str]] = set()
 
 
 class _FinishAtExit:
@@ -189,7 +175,7 @@ class _FinishAtExit:
             self.registered = True
 
     def __call__(self, timeout: float = 60.0) -> None:
-        pending = sorted(_unfinished)
+        pending = sorted(_unfinished, key=lambda p: (str(p[0]), p[1]))
         if pending:
             with contextlib.suppress(Exception):
                 asyncio.run(asyncio.wait_for(_finish(pending), timeout))
@@ -200,13 +186,10 @@ class _FinishAtExit:
 _EXIT_TEARDOWN_WAIT = 3.0
 
 
-async def _finish(pending: list[tuple[EndpointKey, str]]) -> None:
-    for endpoint in {e for e, _ in pending}:
-        address, project, cert, key, server_cert = endpoint
-        async with LxdClient(
-            address, project=project, client_cert=cert, client_key=key, server_cert=server_cert
-        ) as client:
-            names = [name for e, name in pending if e == endpoint]
+async def _finish(pending: list[tuple[Remote, str]]) -> None:
+    for remote in dict.fromkeys(r for r, _ in pending):
+        async with remote.client() as client:
+            names = [name for r, name in pending if r == remote]
             cache = InstanceCache(client)
             await cache.start()
             for name in names:  # a fresh list takes those that read "Stopped" as torn down

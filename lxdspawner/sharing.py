@@ -15,12 +15,12 @@ so the first spawns of a new image never wait for it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import posixpath
 import time
 from collections.abc import Iterable
 
+from . import names
 from .lxd import LxdClient, LxdError, NotFound
 
 #: Volume config key set once the copy is complete: a half-made volume is never mounted.
@@ -30,28 +30,10 @@ KEY_READY = "user.lxdspawner.shared-ready"
 SHIFTED = "security.shifted"
 #: Config key of the helper container (not a server: the cache ignores it).
 KEY_HELPER = "user.lxdspawner.share-of"
-DEVICE = "lxdspawner-shared"
+DEVICE = names.SHARED_DEVICE
 HELPER_MOUNT = "/mnt/lxdspawner-share"
 #: After a failed preparation, how long spawns go without before it is tried again.
 RETRY_AFTER = 300.0
-
-
-def volume_name(fingerprint: str, path: str) -> str:
-    """The same for every hub on the daemon: the copy depends only on the image and path."""
-    return f"lxdspawner-shared-{fingerprint[:12]}-{_digest(path)}"
-
-
-def device_name(path: str) -> str:
-    return f"{DEVICE}-{_digest(path)}"
-
-
-def _digest(path: str) -> str:
-    return hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:6]
-
-
-def helper_name(fingerprint: str, path: str, member: str | None) -> str:
-    """Instance names are unique in a whole cluster: one helper per member."""
-    return f"{volume_name(fingerprint, path)}-fill-{_digest(member or '')}"
 
 
 def writable_device(pool: str, volume: str, path: str) -> dict[str, str]:
@@ -93,6 +75,7 @@ class SharedDirectory:
         self._fills: dict[tuple[str | None, str], asyncio.Task] = {}
         self._absent: set[tuple[str | None, str]] = set()
         self._pools: dict[tuple[str, ...], str | None] = {}
+        self._pool_reads: dict[tuple[str, ...], asyncio.Task] = {}
 
     async def device(
         self,
@@ -119,7 +102,7 @@ class SharedDirectory:
             await asyncio.shield(check)
         if key not in self._ready:
             return None
-        return shared_device(pool, volume_name(fingerprint, self.path), self.path)
+        return shared_device(pool, names.shared_volume_name(fingerprint, self.path), self.path)
 
     async def ensure(
         self,
@@ -140,18 +123,31 @@ class SharedDirectory:
         return "absent" if key in self._absent else "failed"
 
     def forget(self, fingerprint: str, member: str | None) -> None:
-        """The volume turned out unusable (deleted by hand?): look again next time."""
+        """The volume turned out unusable (deleted by hand?): look again next time. An image
+        known to lack the directory had no volume to mount: nothing to look at again (that
+        would start a helper container to find it lacking again)."""
         key = (member, fingerprint)
+        if key in self._absent:
+            return
         self._ready.discard(key)
         self._checks.pop(key, None)
 
     async def _pool(self, client: LxdClient, profiles: tuple[str, ...]) -> str | None:
         if profiles not in self._pools:
+            # One read for a burst of spawns, as for the volume's lookup.
+            read = self._pool_reads.get(profiles)
+            if read is None:
+                read = self._pool_reads[profiles] = asyncio.ensure_future(
+                    _read_profiles(client, profiles)
+                )
             try:
-                found = [await client.profile(name) for name in profiles]
+                found = await asyncio.shield(read)
             except LxdError as e:
                 self.log.warning("shared %s: cannot read the profiles: %s", self.path, e.message)
                 return None
+            finally:
+                if self._pool_reads.get(profiles) is read:
+                    del self._pool_reads[profiles]  # a failed read is tried again next time
             self._pools[profiles] = root_pool(found)
         return self._pools[profiles]
 
@@ -159,7 +155,7 @@ class SharedDirectory:
         self, client: LxdClient, key: tuple[str | None, str], pool: str, profiles: tuple[str, ...]
     ) -> None:
         member, fingerprint = key
-        volume = volume_name(fingerprint, self.path)
+        volume = names.shared_volume_name(fingerprint, self.path)
         try:
             existing = await client.get_volume(pool, volume, target=member)
         except NotFound:
@@ -189,8 +185,8 @@ class SharedDirectory:
         half_made: bool,
     ) -> None:
         member, fingerprint = key
-        volume = volume_name(fingerprint, self.path)
-        helper = helper_name(fingerprint, self.path, member)
+        volume = names.shared_volume_name(fingerprint, self.path)
+        helper = names.fill_helper_name(fingerprint, self.path, member)
         where = f" on {member}" if member else ""
         started = time.monotonic()
         self.log.info("shared %s: filling volume %s%s from the image", self.path, volume, where)
@@ -251,6 +247,10 @@ class SharedDirectory:
 NO_SUCH_DIRECTORY = 3
 
 
+async def _read_profiles(client: LxdClient, profiles: tuple[str, ...]) -> list[dict]:
+    return [await client.profile(name) for name in profiles]
+
+
 def _shifted(client: LxdClient) -> str:
     """ "true" where the copies are shifted: Incus, whose containers each have their own uid
     range (security.idmap.isolated) and mount them through idmapped mounts. LXD 5.0.2 refuses
@@ -303,7 +303,7 @@ class SharedDirectories:
             *(self._directory(p).device(client, fingerprint, member, profiles) for p in paths)
         )
         return {
-            device_name(path): device
+            names.shared_device_name(path): device
             for path, device in zip(paths, found, strict=True)
             if device is not None
         }

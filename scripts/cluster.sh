@@ -2,7 +2,8 @@
 # A real Incus cluster of three members on this one machine, for the cluster tests and for
 # developers (see docs/cluster.md):
 #
-#   scripts/cluster.sh up              build it, or check it and return (idempotent)
+#   scripts/cluster.sh up              build it, or check it and return (idempotent); prints
+#                                      what a client needs as KEY=value lines on stdout
 #   scripts/cluster.sh down            stop and delete everything it made; nothing keeps running
 #   scripts/cluster.sh status          one line per piece; exit 0 only when all is healthy
 #   scripts/cluster.sh stop-member N [--kill]
@@ -20,6 +21,8 @@
 #     +-- veth lxdspm1h <-> eth0 in netns lxdsp-m1  10.117.50.11  member1  INCUS_DIR=.../member1
 #     +-- veth lxdspm2h <-> eth0 in netns lxdsp-m2  10.117.50.12  member2  INCUS_DIR=.../member2
 #     +-- veth lxdspm3h <-> eth0 in netns lxdsp-m3  10.117.50.13  member3  INCUS_DIR=.../member3
+#
+# The names and addresses are in scripts/topology.env (LXDSP_CLUSTER_*).
 #
 # Instances get a macvlan NIC on their member's eth0 (the default profile's eth0), so every
 # container sits on the host's bridge segment with an address from the host's dnsmasq: the
@@ -49,17 +52,25 @@
 #   kernel.keys.* to LXD's production recommendations when they are lower.
 # Everything is under names of our own (lxdsp-m*, lxdspm*h, lxdspclu0, nft table
 # lxdspawner-cluster); the standalone Incus and LXD and their bridges are left alone.
+#
+# Bash does the host's plumbing; what is asked of the cluster's API (members' status,
+# trust, copying the images to every member) is done in Python by testbench/cluster.py,
+# with lxdspawner's own client, on the venv's Python ($PYTHON, default $VENV/bin/python).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=topology.env
+source "$REPO/scripts/topology.env"
+VENV=${VENV:-$REPO/.venv}
+PYTHON=${PYTHON:-$VENV/bin/python}
 MEMBERS=${LXDSP_CLUSTER_MEMBERS:-3}
-STATE=/var/lib/lxdspawner-cluster
-RUN=/run/lxdspawner-cluster
+STATE=$LXDSP_CLUSTER_STATE
+RUN=$LXDSP_CLUSTER_RUN
 NSDIR=$RUN/ns
-BRIDGE=lxdspclu0
-NET=10.117.50
+BRIDGE=$LXDSP_CLUSTER_BRIDGE
+NET=$LXDSP_CLUSTER_NET
 HOST_IP=$NET.1
-PORT=8443
+PORT=$LXDSP_CLUSTER_PORT
 POOL=lxdspawner
 POOL_SIZE=${LXDSP_CLUSTER_POOL_SIZE:-10GiB}
 OFFLINE_THRESHOLD=${LXDSP_CLUSTER_OFFLINE_THRESHOLD:-15}
@@ -68,6 +79,7 @@ INCUSD=/usr/libexec/incus/incusd
 NFT_TABLE=lxdspawner-cluster
 
 T0=${EPOCHREALTIME/./}
+export LXDSP_CLUSTER_T0=$T0 # testbench/cluster.py stamps its messages like log() below
 log() {
     local ds=$(((${EPOCHREALTIME/./} - T0) / 100000))
     printf '[cluster +%d.%ds] %s\n' $((ds / 10)) $((ds % 10)) "$*" >&2
@@ -103,6 +115,18 @@ ct() {
 
 api_ok() { [ -S "$(mdir "$1")/unix.socket" ] && ct 5 "$1" query /1.0 >/dev/null 2>&1; }
 
+# api N COMMAND ARGS...: testbench/cluster.py on member N's unix socket (see its docstring).
+api() {
+    local i=$1
+    shift
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m testbench.cluster \
+        "$(mdir "$i")/unix.socket" "$@"
+}
+
+check_python() {
+    [ -x "$PYTHON" ] || die "no Python at $PYTHON: run 'make venv' (or set VENV or PYTHON)"
+}
+
 # daemon_pid N: the pid of member N's incusd, or nothing. Checked against /proc, so a pid
 # file left over from a previous boot never names someone else's process.
 daemon_pid() {
@@ -127,13 +151,10 @@ dnsmasq_pid() {
 
 ns_mounted() { [ -e "$NSDIR/m$1.mnt" ] && findmnt -rn -o FSTYPE "$NSDIR/m$1.mnt" 2>/dev/null | grep -q nsfs; }
 
-clustered() { c "$1" query /1.0 2>/dev/null | grep -q '"server_clustered": true'; }
+clustered() { api "$1" clustered; }
 
 # member_statuses: "name status" per member, as member 1 sees them.
-member_statuses() {
-    c 1 query '/1.0/cluster/members?recursion=1' 2>/dev/null |
-        python3 -c 'import json,sys; [print(m["server_name"], m["status"]) for m in json.load(sys.stdin)]'
-}
+member_statuses() { api 1 members 2>/dev/null; }
 
 # -- host side -------------------------------------------------------------------------------
 
@@ -381,11 +402,7 @@ ensure_certs() {
             -keyout "$STATE/client.key" -out "$STATE/client.crt" 2>/dev/null)
         chmod 0644 "$STATE/client.crt"
     fi
-    local fp
-    fp=$(openssl x509 -in "$STATE/client.crt" -noout -fingerprint -sha256 | cut -d= -f2 | tr -d : | tr 'A-F' 'a-f')
-    if ! c 1 query "/1.0/certificates/$fp" >/dev/null 2>&1; then
-        c 1 config trust add-certificate "$STATE/client.crt" --name lxdspawner-hub
-    fi
+    api 1 trust "$STATE/client.crt" lxdspawner-hub || die "trusting the hub's certificate failed"
     # Every member answers HTTPS with the cluster's certificate: pin that one.
     cmp -s "$(mdir 1)/cluster.crt" "$STATE/server.crt" || cp "$(mdir 1)/cluster.crt" "$STATE/server.crt"
 }
@@ -394,49 +411,14 @@ ensure_certs() {
 # then created once on every member, so each member has the image and its unpacked volume
 # in its pool (a prepull: the first spawn on a member is a clone, not a 7-second unpack).
 ensure_images() {
-    local name pids=() fp i
+    local name pids=() i
     for name in $IMAGES; do
-        VENV="${VENV:-$REPO/.venv}" INCUS_DIR="$(mdir 1)" \
-            "$REPO/images/ensure-image.sh" "$name" incus &
+        VENV="$VENV" INCUS_DIR="$(mdir 1)" "$REPO/images/ensure-image.sh" "$name" incus &
         pids+=($!)
     done
     for i in "${pids[@]}"; do wait "$i" || die "image import failed"; done
-    pids=()
-    local pulled=()
-    for name in $IMAGES; do
-        fp=$(c 1 query "/1.0/images/aliases/$name" | sed -n 's/.*"target": *"\([0-9a-f]*\)".*/\1/p')
-        [ -f "$STATE/prepulled-$fp" ] && continue
-        for i in $(members); do
-            prepull "$name" "$fp" "$i" &
-            pids+=($!)
-        done
-        pulled+=("$name:$fp")
-    done
-    [ ${#pids[@]} -eq 0 ] && return 0
-    wait_all "${pids[@]}" || die "copying the images to every member failed"
-    for name in "${pulled[@]}"; do
-        touch "$STATE/prepulled-${name#*:}"
-        fp=${name#*:}
-        log "${name%%:*} (${fp:0:12}) is ready on every member"
-    done
-}
-
-# prepull NAME FINGERPRINT MEMBER: create (and delete) one instance of the image on MEMBER.
-# Retried: a member whose heartbeat lapsed for a moment under load counts as offline, and
-# then the member holding the image is "not available" to the others.
-prepull() {
-    local name=$1 fp=$2 i=$3 try out
-    local inst="lxdsp-prepull-${fp:0:12}-m$i"
-    for try in 1 2 3 4 5; do
-        c 1 delete --force "$inst" >/dev/null 2>&1 || true
-        if out=$(c 1 init "$name" "$inst" --target "$(mname "$i")" 2>&1 >/dev/null); then
-            c 1 delete "$inst" >/dev/null
-            return 0
-        fi
-        log "copying $name to $(mname "$i") failed (try $try of 5): $out"
-        sleep $((try * 3))
-    done
-    return 1
+    # shellcheck disable=SC2086 # IMAGES is a list of names
+    api 1 images "$STATE" $IMAGES || die "copying the images to every member failed"
 }
 
 wait_all() {
@@ -445,26 +427,17 @@ wait_all() {
     return $rc
 }
 
+# wait_online SECONDS N...: until the cluster reports members N... Online.
 wait_online() {
-    local i=$1 timeout=${2:-60} st
-    for _ in $(seq 1 $((timeout * 2))); do
-        st=$(member_statuses | awk -v m="$(mname "$i")" '$1 == m {print $2}')
-        [ "$st" = Online ] && return 0
-        sleep 0.5
-    done
-    die "$(mname "$i") is not Online after ${timeout} s (status: ${st:-unknown})"
+    local timeout=$1 i names=()
+    shift
+    for i in "$@"; do names+=("$(mname "$i")"); done
+    api 1 wait-online "$timeout" "${names[@]}" || die "not every member is Online"
 }
 
 # wait_forwarding N: right after member N restarts, requests member1 forwards to it may still
 # get "Server isn't ready yet" for a moment: wait until one goes through (at most 30 s).
-wait_forwarding() {
-    local _
-    for _ in $(seq 1 60); do
-        ct 10 1 query "/1.0/resources?target=$(mname "$1")" >/dev/null 2>&1 && return 0
-        sleep 0.5
-    done
-    return 1
-}
+wait_forwarding() { api 1 wait-forwarding 30 "$(mname "$1")"; }
 
 healthy() {
     ip link show "$BRIDGE" >/dev/null 2>&1 || return 1
@@ -478,10 +451,16 @@ healthy() {
 }
 
 cmd_up() {
+    # Stdout carries the facts alone, for the tests to read; everything else, the commands'
+    # own output included, goes to stderr.
+    ensure_up >&2
+    print_facts
+}
+
+ensure_up() {
     if healthy; then
         ensure_images
         log "cluster already up"
-        print_endpoint
         return 0
     fi
     check_tools
@@ -508,21 +487,38 @@ cmd_up() {
     for i in $(members); do
         [ "$i" -eq 1 ] || join "$i"
     done
-    for i in $(members); do wait_online "$i" 60; done
+    # shellcheck disable=SC2046 # one argument per member
+    wait_online 60 $(members)
     log "cluster of $MEMBERS members is Online"
     ensure_certs
     ensure_images
     log "up"
-    print_endpoint
 }
 
-print_endpoint() {
+# print_facts: what a client of the cluster (the tests' fixtures, a developer's hub) needs,
+# as KEY=value lines (testbench.topology.parse_env reads them; so does bash's eval).
+print_facts() {
+    local i names=() urls=()
+    for i in $(members); do
+        names+=("$(mname "$i")")
+        urls+=("https://$(maddr "$i"):$PORT")
+    done
+    local IFS=,
     cat <<EOF
-endpoint:    https://$(maddr 1):$PORT
-client_cert: $STATE/client.crt
-client_key:  $STATE/client.key
-server_cert: $STATE/server.crt
-hub address: $HOST_IP (containers get $NET.100-250 by DHCP)
+# the cluster's API, for the hub (the client certificate is trusted; pin server_cert)
+LXDSP_CLUSTER_ENDPOINT=https://$(maddr 1):$PORT
+LXDSP_CLUSTER_CLIENT_CERT=$STATE/client.crt
+LXDSP_CLUSTER_CLIENT_KEY=$STATE/client.key
+LXDSP_CLUSTER_SERVER_CERT=$STATE/server.crt
+# the members, and the address each answers on
+LXDSP_CLUSTER_MEMBERS=${names[*]}
+LXDSP_CLUSTER_MEMBER_URLS=${urls[*]}
+# the hub's address for containers, and theirs (DHCP from $NET.100 to $NET.250)
+LXDSP_CLUSTER_HUB_IP=$HOST_IP
+LXDSP_CLUSTER_SUBNET=$NET.0/24
+# the incus CLI on member1: INCUS_DIR=... INCUS_CONF=... incus ...
+LXDSP_CLUSTER_INCUS_DIR=$(mdir 1)
+LXDSP_CLUSTER_INCUS_CONF=$STATE/cli
 EOF
 }
 
@@ -682,7 +678,7 @@ cmd_status() {
         member_statuses | sed 's/^/  /'
         [ "$(member_statuses | awk '$2 == "Online"' | wc -l)" -eq "$MEMBERS" ] || ok=1
     fi
-    [ -s "$STATE/client.crt" ] && print_endpoint
+    [ -s "$STATE/client.crt" ] && print_facts
     return $ok
 }
 
@@ -725,7 +721,7 @@ cmd_start_member() {
     local i=$1
     ns_mounted "$i" || die "$(mname "$i") has no namespace: run '$0 up' first"
     start_daemon "$i"
-    wait_online "$i" 90
+    wait_online 90 "$i"
     wait_forwarding "$i"
     log "$(mname "$i") is Online"
 }
@@ -738,11 +734,11 @@ cmd_env() {
 
 [ "$(id -u)" -eq 0 ] || die "run as root"
 case "${1:-}" in
-    up) cmd_up ;;
-    down) cmd_down ;;
-    status) cmd_status ;;
+    up) check_python; cmd_up ;;
+    down) check_python; cmd_down ;;
+    status) check_python; cmd_status ;;
     stop-member) check_member_arg "${2:-}" stop-member; cmd_stop_member "$2" "${3:-}" ;;
-    start-member) check_member_arg "${2:-}" start-member; cmd_start_member "$2" ;;
+    start-member) check_member_arg "${2:-}" start-member; check_python; cmd_start_member "$2" ;;
     env) check_member_arg "${2:-}" env; cmd_env "$2" ;;
     *)
         echo "usage: $0 up|down|status|stop-member N [--kill]|start-member N|env N" >&2

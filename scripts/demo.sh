@@ -23,11 +23,15 @@ if [ ! -x "$python" ]; then
   exit 1
 fi
 
-# The hub's API listens on the bridge so containers can reach it.
+# The hub's API listens on the daemon's bridge (scripts/topology.env) so containers reach it.
+# shellcheck source=topology.env
+source "$repo/scripts/topology.env"
 case "${LXDSPAWNER_DAEMON:-incus}" in
-  lxd) hub_ip="${LXDSPAWNER_DEMO_HUB_IP:-10.117.41.1}" ;;
-  *) hub_ip="${LXDSPAWNER_DEMO_HUB_IP:-10.117.40.1}" ;;
+  lxd) bridge_address=$LXDSP_LXD_BRIDGE_ADDRESS ;;
+  *) bridge_address=$LXDSP_INCUS_BRIDGE_ADDRESS ;;
 esac
+export LXDSPAWNER_DEMO_HUB_IP="${LXDSPAWNER_DEMO_HUB_IP:-${bridge_address%/*}}"
+hub_ip=$LXDSPAWNER_DEMO_HUB_IP
 if ! ip -4 -o addr show 2>/dev/null | grep -q " $hub_ip/"; then
   log "no interface has the address $hub_ip: run scripts/setup-lxd.sh first" >&2
   exit 1

@@ -6,7 +6,8 @@ Two parts, so the browser tests run the same demo on their own ports and directo
   JupyterLab, 1 GB / 1 CPU per server, named servers, one shared password for any username,
   an ``admin`` user, and the idle culler as a hub service.
 - `apply_demo_location` is *where* it runs: the public URL (http://127.0.0.1:8000), the hub's
-  internal API on the Incus bridge (http://10.117.40.1:8081, reachable from the containers),
+  internal API on the Incus bridge (port 8081 on its address in scripts/topology.env,
+  reachable from the containers),
   the state directory (.cache/demo: database, cookie secret, passwords), and the
   configurable-http-proxy installed by scripts/ensure-tools.sh.
 
@@ -16,8 +17,9 @@ are applied. Imported as a module (tests/e2e), it applies nothing by itself.
 Environment (all optional):
   LXDSPAWNER_DEMO_DIR      state directory              (default: <repo>/.cache/demo)
   LXDSPAWNER_DEMO_URL      public URL                   (default: http://127.0.0.1:8000)
-  LXDSPAWNER_DEMO_HUB_IP   address of the hub's API     (default: 10.117.40.1, the Incus
-                           bridge; 10.117.41.1 with LXDSPAWNER_DAEMON=lxd)
+  LXDSPAWNER_DEMO_HUB_IP   address of the hub's API     (default: the host's address on the
+                           Incus bridge, or on the LXD bridge with LXDSPAWNER_DAEMON=lxd;
+                           scripts/demo.sh sets it)
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 CHP = REPO / ".cache" / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
-BRIDGE_IP = {"incus": "10.117.40.1", "lxd": "10.117.41.1"}
 
 CULLER_SERVICE = "idle-culler"
 # JupyterHub stops a service with SIGINT, and waits 30 s before SIGTERM. A hub started in the
@@ -111,8 +112,18 @@ def _read_secret(path: Path) -> str:
 
 
 def _hub_ip_from_env() -> str:
+    if os.environ.get("LXDSPAWNER_DEMO_HUB_IP"):
+        return os.environ["LXDSPAWNER_DEMO_HUB_IP"]
+    # Imported here, not at the top: tests/e2e load this file for apply_demo_settings alone,
+    # in a hub that does not have the repository on its path.
+    try:
+        from testbench import topology
+    except ImportError:
+        raise SystemExit(
+            "set LXDSPAWNER_DEMO_HUB_IP, or start the demo with scripts/demo.sh"
+        ) from None
     daemon = os.environ.get("LXDSPAWNER_DAEMON", "incus")
-    return os.environ.get("LXDSPAWNER_DEMO_HUB_IP") or BRIDGE_IP.get(daemon, BRIDGE_IP["incus"])
+    return topology.DAEMONS.get(daemon, topology.INCUS).gateway
 
 
 if "get_config" in globals():  # executed by JupyterHub as its configuration file

@@ -8,13 +8,14 @@
 # Idempotent: every step checks first and only adds what is missing, under
 # names of our own, so a daemon someone else configured is left as it is.
 #
-#   daemon  socket                        bridge     subnet          pool (btrfs loop)
-#   incus   /var/lib/incus/unix.socket    lxdspbr0   10.117.40.1/24  lxdspawner
-#   lxd     /var/lib/lxd/unix.socket      lxdspbr1   10.117.41.1/24  lxdspawner
+# Each daemon gets a btrfs pool "lxdspawner" and a bridge of its own; their sockets, bridges
+# and subnets are in scripts/topology.env (Incus: lxdspbr0, LXD: lxdspbr1).
 #
 # The bridges have NAT and IPv6 off: containers reach the hub on the bridge's
 # own address and nothing beyond this machine.
 set -euo pipefail
+# shellcheck source=topology.env
+source "$(dirname "${BASH_SOURCE[0]}")/topology.env"
 
 daemon="${1:-${LXDSPAWNER_DAEMON:-incus}}"
 pool_size="${LXDSPAWNER_POOL_SIZE:-40GiB}"
@@ -22,20 +23,22 @@ log() { printf 'setup-lxd[%s]: %s\n' "$daemon" "$*"; }
 
 case "$daemon" in
   incus)
-    state_dir=/var/lib/incus
+    state_dir=$LXDSP_INCUS_DIR
+    socket=$LXDSP_INCUS_SOCKET
     cli=(incus)
     daemon_bin=/usr/libexec/incus/incusd
-    bridge=lxdspbr0
-    subnet=10.117.40.1/24
+    bridge=$LXDSP_INCUS_BRIDGE
+    subnet=$LXDSP_INCUS_BRIDGE_ADDRESS
     packages=(incus-base incus-client)
     apt_suite=bookworm-backports
     ;;
   lxd)
-    state_dir=/var/lib/lxd
-    cli=(env LXD_DIR=/var/lib/lxd lxc)
+    state_dir=$LXDSP_LXD_DIR
+    socket=$LXDSP_LXD_SOCKET
+    cli=(env LXD_DIR="$state_dir" lxc)
     daemon_bin=/usr/bin/lxd
-    bridge=lxdspbr1
-    subnet=10.117.41.1/24
+    bridge=$LXDSP_LXD_BRIDGE
+    subnet=$LXDSP_LXD_BRIDGE_ADDRESS
     packages=(lxd lxd-client)
     apt_suite=
     ;;
@@ -44,7 +47,6 @@ case "$daemon" in
     exit 2
     ;;
 esac
-socket="$state_dir/unix.socket"
 daemon_log="/var/log/lxdspawner-$daemon.log"
 pool=lxdspawner
 

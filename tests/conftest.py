@@ -1,12 +1,12 @@
 """Shared fixtures for the hub and browser tests (tests/e2e), and their failure reports.
 
 - Every test's report gets the tail of the log of each hub still running when it failed
-  (hubs held by fixtures; `tests.hubtools.running_hub` prints its own when its block raises),
-  plus ``hub.diagnostics()`` if a test set it (e.g. the containers' logs).
+  (hubs held by fixtures; `testbench.hubtools.running_hub` prints its own when its block
+  raises), plus ``hub.diagnostics()`` if a test set it (e.g. the containers' logs).
 - ``output_dir``: ``test-output/<module>/<test>/`` under the repository, emptied when the test
   starts and kept afterwards, for screenshots and other artefacts worth looking at.
-- At the start and the end of a run, the network ACLs test hubs left on the test bridges are
-  removed.
+- At the start and the end of a run that uses a daemon, the network ACLs test hubs left on
+  the test bridges are removed.
 - ``browser``: headless Debian Chromium driven by Playwright (async API) through
   ``executable_path``; Playwright's own browser downloads are not used.
 """
@@ -17,15 +17,12 @@ import asyncio
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hubtools import (  # noqa: E402
+from testbench.hubtools import (
     CHROMIUM,
     CHROMIUM_ARGS,
     HUBS,
@@ -54,14 +51,28 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append((f"diagnostics ({hub.workdir})", text))
 
 
-def pytest_sessionstart(session):
-    """No test hub's network ACL from an earlier, interrupted run may hold on the bridges."""
-    asyncio.run(forget_network_acls(None))
+#: The tiers whose tests use a real daemon (and so its bridges).
+DAEMON_TIERS = ("integration", "e2e", "cluster")
+_uses_daemons = False
+
+
+def pytest_collection_finish(session):
+    """No test hub's network ACL from an earlier, interrupted run may hold on the bridges.
+
+    Only when a selected test uses a daemon: the unit tier (``make unit``) never talks to one,
+    so it cannot take the ACLs off hubs that other runs have up meanwhile."""
+    global _uses_daemons
+    _uses_daemons = any(
+        Path(str(item.fspath)).parent.name in DAEMON_TIERS for item in session.items
+    )
+    if _uses_daemons:
+        asyncio.run(forget_network_acls(None))
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Nor from this run, once it is over."""
-    asyncio.run(forget_network_acls(None))
+    if _uses_daemons:
+        asyncio.run(forget_network_acls(None))
 
 
 def _slug(text: str) -> str:

@@ -10,6 +10,7 @@ from .errors import (
     OperationFailed,
     Unreachable,
 )
+from .remote import Remote
 
 __all__ = [
     "Conflict",
@@ -20,6 +21,7 @@ __all__ = [
     "LxdError",
     "NotFound",
     "OperationFailed",
+    "Remote",
     "Unreachable",
     "image_source",
     "ipv4_addresses",

@@ -1,9 +1,13 @@
 """Fixtures for tests on a real three-member Incus cluster (scripts/cluster.sh).
 
 The session's first cluster test builds the cluster (`scripts/cluster.sh up`: 15 to 45 s
-from nothing, depending on the machine's load; 1 s when it is already up) and the session
+from nothing, depending on the machine's load; 2 to 3 s when it is already up) and the session
 ends with `scripts/cluster.sh down`, which leaves nothing running. Set
 LXDSPAWNER_KEEP_CLUSTER=1 to keep it between runs while working on these tests.
+
+What the tests know of the cluster (endpoint, certificates, members and their addresses,
+the hub's address and the containers' subnet) is what `scripts/cluster.sh up` prints, as
+the ``cluster`` fixture's `testbench.cluster.Cluster`.
 
 Every test here carries the ``cluster`` marker: ``pytest -m cluster`` runs them alone,
 ``pytest -m "not cluster"`` skips them. A cluster that cannot be built fails the tests, it
@@ -15,29 +19,20 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from lxdspawner.lxd import LxdClient, LxdError, ipv4_addresses
+from testbench.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "cluster.sh"
-STATE = Path("/var/lib/lxdspawner-cluster")
 TINY_IMAGE = "lxdspawner-tiny"
 BASE_IMAGE = "jupyter-base"
-HUB_IP = "10.117.50.1"
-SUBNET = "10.117.50.0/24"
-#: The incus command line on member1's socket (for diagnostics; tests use the HTTPS API).
-CLUSTER_CLI = (
-    "env",
-    f"INCUS_DIR={STATE}/member1",
-    f"INCUS_CONF={STATE}/cli",
-    "incus",
-)
 
 
 def pytest_configure(config):
@@ -54,43 +49,26 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.cluster)
 
 
-@dataclass(frozen=True)
-class Cluster:
-    endpoint: str
-    client_cert: str
-    client_key: str
-    server_cert: str
-    members: tuple[str, ...]
-    hub_ip: str = HUB_IP
-
-    def client(self, **kwargs) -> LxdClient:
-        """A client over HTTPS, as the hub uses it (not the members' unix sockets)."""
-        return LxdClient(
-            self.endpoint,
-            client_cert=self.client_cert,
-            client_key=self.client_key,
-            server_cert=self.server_cert,
-            **kwargs,
-        )
-
-    def spawner_config(self) -> str:
-        """jupyterhub_config.py lines pointing LxdSpawner at this cluster."""
-        return (
-            f"c.LxdSpawner.endpoint = {self.endpoint!r}\n"
-            f"c.LxdSpawner.client_cert = {self.client_cert!r}\n"
-            f"c.LxdSpawner.client_key = {self.client_key!r}\n"
-            f"c.LxdSpawner.server_cert = {self.server_cert!r}\n"
-            # The test cluster's containers are macvlan NICs on one L2 segment with the hub
-            # (docs/cluster.md), which the daemon cannot isolate.
-            'c.LxdSpawner.network_isolation = "open"\n'
-        )
+def _script_env() -> dict[str, str]:
+    """The environment for scripts/cluster.sh: its Python helper (testbench/cluster.py) and
+    the image builds run on this interpreter's venv, wherever the venv is."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    if sys.prefix != sys.base_prefix:
+        env["VENV"] = sys.prefix
+    return env
 
 
 def run_script(*args: str, timeout: float = 300) -> str:
-    """Run scripts/cluster.sh; its output goes into the failure message if it fails."""
+    """Run scripts/cluster.sh and return its stdout; its output goes into the failure
+    message if it fails."""
     t0 = time.monotonic()
     p = subprocess.run(
-        [str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=_script_env(),
     )
     took = time.monotonic() - t0
     if p.returncode != 0:
@@ -114,16 +92,10 @@ def start_member(n: int) -> None:
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:
     try:
-        run_script("up", timeout=600)
+        facts = run_script("up", timeout=600)
     except RuntimeError as e:
         pytest.fail(str(e), pytrace=False)
-    yield Cluster(
-        endpoint="https://10.117.50.11:8443",
-        client_cert=str(STATE / "client.crt"),
-        client_key=str(STATE / "client.key"),
-        server_cert=str(STATE / "server.crt"),
-        members=("member1", "member2", "member3"),
-    )
+    yield Cluster.from_facts(facts)
     if os.environ.get("LXDSPAWNER_KEEP_CLUSTER") != "1":
         run_script("down", timeout=300)
 

@@ -17,17 +17,13 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from lxdspawner import sharing
+from lxdspawner import names, sharing
 from lxdspawner.lxd import LxdClient, LxdError, image_source
 from lxdspawner.objects import KEY_MANAGED, KEY_USER, MANAGED_BY
 from lxdspawner.placement import PlacementRequest, members_from_api, weighted_least_loaded
+from testbench import topology
 
-from .conftest import (
-    HUB_IP,
-    SUBNET,
-    TINY_IMAGE,
-    wait_for_ipv4,
-)
+from .conftest import TINY_IMAGE, wait_for_ipv4
 
 TINY = image_source(TINY_IMAGE)
 
@@ -37,9 +33,7 @@ async def test_three_members_online_each_at_its_address(cl, cluster):
     assert {m["server_name"]: m["status"] for m in members} == {
         name: "Online" for name in cluster.members
     }
-    assert {m["server_name"]: m["url"] for m in members} == {
-        f"member{i}": f"https://10.117.50.1{i}:8443" for i in (1, 2, 3)
-    }
+    assert {m["server_name"]: m["url"] for m in members} == cluster.member_urls
     assert cl.dialect.product == "incus"
 
 
@@ -63,7 +57,7 @@ async def test_hub_and_containers_reach_each_other_on_every_member(cl, cluster, 
     app.router.add_get("/", hello)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, HUB_IP, 0)
+    site = web.TCPSite(runner, cluster.hub_ip, 0)
     await site.start()
     hub_port = site._server.sockets[0].getsockname()[1]
     try:
@@ -74,7 +68,7 @@ async def test_hub_and_containers_reach_each_other_on_every_member(cl, cluster, 
         async with aiohttp.ClientSession(trust_env=False) as http:
             for member, name in names.items():
                 address = await wait_for_ipv4(cl, name)
-                assert ipaddress.ip_address(address) in ipaddress.ip_network(SUBNET)
+                assert ipaddress.ip_address(address) in ipaddress.ip_network(cluster.subnet)
                 # hub -> container: busybox httpd in the container, fetched from the host.
                 await cl.make_directory(name, "/www")
                 await cl.push_file(name, "/www/index.html", f"served on {member}\n")
@@ -86,7 +80,9 @@ async def test_hub_and_containers_reach_each_other_on_every_member(cl, cluster, 
                     assert r.status == 200
                     assert await r.text() == f"served on {member}\n"
                 # container -> hub, from the address the hub sees.
-                result = await cl.exec(name, ["wget", "-qO-", f"http://{HUB_IP}:{hub_port}/"])
+                result = await cl.exec(
+                    name, ["wget", "-qO-", f"http://{cluster.hub_ip}:{hub_port}/"]
+                )
                 assert result.exit_code == 0, result.output
                 assert result.stdout == f"hub answers {address}"
     finally:
@@ -157,15 +153,14 @@ async def test_group_target(cl, cluster, cluster_instances):
 
 async def test_the_standalone_incus_keeps_working(cluster):
     """The members share the host with the standalone Incus of the other tests: its socket,
-    containers and bridge (lxdspbr0, 10.117.40.0/24) must be unaffected."""
-    socket = "/var/lib/incus/unix.socket"
-    async with LxdClient(f"unix://{socket}") as local:
+    containers and bridge (scripts/topology.env) must be unaffected."""
+    async with LxdClient(topology.INCUS.endpoint) as local:
         assert await local.cluster_members() == []
         name = f"lxdsp-clu-standalone-{uuid.uuid4().hex[:8]}"
         try:
             await local.create_instance(name, source=TINY, start=True)
             address = await wait_for_ipv4(local, name)
-            assert ipaddress.ip_address(address) in ipaddress.ip_network("10.117.40.0/24")
+            assert ipaddress.ip_address(address) in ipaddress.ip_network(topology.INCUS.subnet)
         finally:
             try:
                 await local.stop_instance(name, force=True)
@@ -202,7 +197,7 @@ async def test_prepull_unpacks_the_image_on_every_member(cl, cluster):
         assert f"{member}: shared /opt/jupyterhub: not in the image, skipped" in out, out
         volume = await cl.get_volume(
             "lxdspawner",
-            sharing.volume_name(await cl.image_fingerprint("lxdspawner-tiny"), "/usr"),
+            names.shared_volume_name(await cl.image_fingerprint("lxdspawner-tiny"), "/usr"),
             target=member,
         )
         assert volume["config"][sharing.KEY_READY] == "true"

@@ -1,7 +1,7 @@
 """The spawner on a real three-member cluster, through a real JupyterHub and proxy.
 
 The hub runs on the host, binds its API on the cluster segment's host address
-(10.117.50.1) and talks to the cluster over HTTPS (member1's address, pinned certificate),
+(``cluster.hub_ip``) and talks to the cluster over HTTPS (member1's address, pinned certificate),
 as a production hub would. Servers land where the placement policy says; a burst of
 concurrent spawns spreads; weights hold; an offline member is skipped; a member lost just
 before a spawn gives a clean failure and a working retry; a hub restart finds the servers on
@@ -21,18 +21,17 @@ import contextlib
 import os
 import time
 from collections import Counter
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from hubtools import SpawnFailed, instance_diagnostics, running_hub
 
 from lxdspawner.lxd import LxdError, NotFound, image_source
 from lxdspawner.objects import KEY_MANAGED, KEY_USER, MANAGED_BY
+from testbench.hubtools import SpawnFailed, instance_diagnostics, running_hub
 
 from .conftest import (
     BASE_IMAGE,
-    CLUSTER_CLI,
-    HUB_IP,
     start_member,
     stop_member,
     wait_for_ipv4,
@@ -41,7 +40,6 @@ from .conftest import (
 
 BURST = int(os.environ.get("LXDSPAWNER_CLUSTER_BURST", "30"))
 WEIGHTED_BURST = int(os.environ.get("LXDSPAWNER_CLUSTER_WEIGHTED_BURST", "12"))
-MEMBERS = ("member1", "member2", "member3")
 
 
 #: Answers 200 to every GET (so api/status through the proxy works), in a tenth of a second.
@@ -80,8 +78,13 @@ async def locations(cl, users) -> dict[str, str]:
     return where
 
 
-def with_diagnostics(hub, prefix: str) -> None:
-    hub.diagnostics = lambda: instance_diagnostics(prefix, cli=CLUSTER_CLI)
+def address_of(cluster, member: str) -> str:
+    """The address a member answers on (in messages about it)."""
+    return urlsplit(cluster.member_urls[member]).hostname
+
+
+def with_diagnostics(hub, cluster, prefix: str) -> None:
+    hub.diagnostics = lambda: instance_diagnostics(prefix, cli=cluster.cli)
 
 
 async def start_all(hub, users, timeout=420) -> float:
@@ -97,16 +100,16 @@ async def start_all(hub, users, timeout=420) -> float:
 async def test_burst_spreads_evenly_and_a_hub_restart_finds_every_server(cluster, cl, tmp_path):
     users = [f"cb{i:02d}" for i in range(BURST)]
     async with running_hub(
-        tmp_path, config=hub_config(cluster), hub_ip=HUB_IP, cleanup_servers=False
+        tmp_path, config=hub_config(cluster), hub_ip=cluster.hub_ip, cleanup_servers=False
     ) as hub:
-        with_diagnostics(hub, "jupyter-cb")
+        with_diagnostics(hub, cluster, "jupyter-cb")
         took = await start_all(hub, users)
         where = await locations(cl, users)
         counts = Counter(where.values())
         spread = dict(sorted(counts.items()))
         print(f"{BURST} concurrent spawns ready in {took:.1f} s; spread {spread}")
         assert set(where) == set(users)
-        assert set(counts) == set(MEMBERS)
+        assert set(counts) == set(cluster.members)
         assert max(counts.values()) - min(counts.values()) <= 2  # 10/10/10 +-1
         assert all(abs(n - BURST / 3) <= 1 for n in counts.values()), counts
 
@@ -124,7 +127,7 @@ async def test_burst_spreads_evenly_and_a_hub_restart_finds_every_server(cluster
         for user in users:
             server = await hub.server_model(user)
             assert server is not None and server["ready"], (user, server)
-        for member in MEMBERS:
+        for member in cluster.members:
             user = next(u for u in users if where[u] == member)
             server = await hub.server_model(user)
             status, body = await hub.get_via_proxy(server["url"] + "api/status")
@@ -141,8 +144,10 @@ async def test_burst_spreads_evenly_and_a_hub_restart_finds_every_server(cluster
 async def test_weights_2_1_1(cluster, cl, tmp_path):
     users = [f"cw{i:02d}" for i in range(WEIGHTED_BURST)]
     extra = 'c.LxdSpawner.host_weights = {"member1": 2, "member2": 1, "member3": 1}\n'
-    async with running_hub(tmp_path, config=hub_config(cluster, extra), hub_ip=HUB_IP) as hub:
-        with_diagnostics(hub, "jupyter-cw")
+    async with running_hub(
+        tmp_path, config=hub_config(cluster, extra), hub_ip=cluster.hub_ip
+    ) as hub:
+        with_diagnostics(hub, cluster, "jupyter-cw")
         took = await start_all(hub, users)
         counts = Counter((await locations(cl, users)).values())
         print(f"{WEIGHTED_BURST} spawns with weights 2:1:1 in {took:.1f} s: {dict(counts)}")
@@ -163,8 +168,10 @@ async def test_weight_zero_and_target_group(cluster, cl, tmp_path):
     try:
         extra = f'c.LxdSpawner.host_weights = {{"member1": 0}}\nc.LxdSpawner.target = "@{group}"\n'
         users = ["cg0", "cg1", "cg2"]
-        async with running_hub(tmp_path, config=hub_config(cluster, extra), hub_ip=HUB_IP) as hub:
-            with_diagnostics(hub, "jupyter-cg")
+        async with running_hub(
+            tmp_path, config=hub_config(cluster, extra), hub_ip=cluster.hub_ip
+        ) as hub:
+            with_diagnostics(hub, cluster, "jupyter-cg")
             await start_all(hub, users)
             assert set((await locations(cl, users)).values()) == {"member2"}
     finally:
@@ -190,11 +197,13 @@ async def test_offline_member_is_skipped_and_the_hub_keeps_serving(cluster, cl, 
     more = ["co3", "co4", "co5", "co6"]
     # A short grace and poll interval keep the test short; the default grace is 60 s.
     grace = "c.LxdSpawner.member_offline_grace = 5\nc.Spawner.poll_interval = 2\n" + KEEP_CK0
-    async with running_hub(tmp_path, config=hub_config(cluster, grace), hub_ip=HUB_IP) as hub:
-        with_diagnostics(hub, "jupyter-co")
+    async with running_hub(
+        tmp_path, config=hub_config(cluster, grace), hub_ip=cluster.hub_ip
+    ) as hub:
+        with_diagnostics(hub, cluster, "jupyter-co")
         await start_all(hub, first)
         where = await locations(cl, first)
-        assert sorted(where.values()) == list(MEMBERS)  # one each
+        assert sorted(where.values()) == list(cluster.members)  # one each
         on_member3 = next(u for u in first if where[u] == "member3")
         stranded = await wait_for_ipv4(cl, f"jupyter-{on_member3}")
         await hub.start_server("ck0", timeout=300)
@@ -304,8 +313,8 @@ async def test_member_lost_before_the_spawn_reaches_it(cluster, cl, tmp_path):
     retry must work."""
     loop = asyncio.get_running_loop()
     config = hub_config(cluster, POLICY, light=False)  # here the real server, on the cluster
-    async with running_hub(tmp_path, config=config, hub_ip=HUB_IP) as hub:
-        with_diagnostics(hub, "jupyter-cm")
+    async with running_hub(tmp_path, config=config, hub_ip=cluster.hub_ip) as hub:
+        with_diagnostics(hub, cluster, "jupyter-cm")
         server = await hub.start_server("cm0")
         assert await locations(cl, ["cm0"]) == {"cm0": "member3"}  # the policy is used
         status, body = await hub.get_via_proxy(server["url"] + "api/status")
@@ -319,7 +328,7 @@ async def test_member_lost_before_the_spawn_reaches_it(cluster, cl, tmp_path):
             took = time.monotonic() - t0
             print(f"spawn on the lost member failed in {took:.1f} s: {e.value.message}")
             assert took < 60
-            assert "member3" in e.value.message or "10.117.50.13" in e.value.message
+            assert "member3" in e.value.message or address_of(cluster, "member3") in e.value.message
             # Retry at once: it must not stay stuck on the lost member.
             t0 = time.monotonic()
             await hub.start_server("cm1", timeout=300)
@@ -340,8 +349,10 @@ async def test_member_lost_during_a_spawn(cluster, cl, tmp_path):
     loop = asyncio.get_running_loop()
     # A preparation step long enough to kill the member in the middle of it.
     extra = POLICY + 'c.LxdSpawner.commands_to_prepare = ["sleep 8"]\n'
-    async with running_hub(tmp_path, config=hub_config(cluster, extra), hub_ip=HUB_IP) as hub:
-        with_diagnostics(hub, "jupyter-cd")
+    async with running_hub(
+        tmp_path, config=hub_config(cluster, extra), hub_ip=cluster.hub_ip
+    ) as hub:
+        with_diagnostics(hub, cluster, "jupyter-cd")
         spawn = asyncio.create_task(hub.start_server("cd0", timeout=180))
         deadline = time.monotonic() + 120
         while True:  # until the container runs on member3
@@ -367,7 +378,7 @@ async def test_member_lost_during_a_spawn(cluster, cl, tmp_path):
             took = time.monotonic() - t0
             print(f"spawn failed {took:.1f} s after its member died: {e.value.message}")
             assert took < 90
-            assert "member3" in e.value.message or "10.117.50.13" in e.value.message
+            assert "member3" in e.value.message or address_of(cluster, "member3") in e.value.message
             t0 = time.monotonic()
             await hub.start_server("cd0", timeout=300)
             print(f"retry succeeded in {time.monotonic() - t0:.1f} s")
@@ -392,7 +403,7 @@ async def test_a_nic_the_daemon_cannot_isolate_is_refused_naming_the_setting(clu
     """The test cluster's containers have macvlan NICs (docs/cluster.md): with the default
     network_isolation the spawn fails saying what to change, and leaves nothing behind."""
     config = hub_config(cluster, 'c.LxdSpawner.network_isolation = "ports"\n')
-    async with running_hub(tmp_path, config=config, hub_ip=HUB_IP) as hub:
+    async with running_hub(tmp_path, config=config, hub_ip=cluster.hub_ip) as hub:
         with pytest.raises(SpawnFailed) as failed:
             await hub.start_server("cmac", timeout=120)
         message = str(failed.value)

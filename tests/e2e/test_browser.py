@@ -8,7 +8,8 @@ screenshot in ``test-output/test_browser/<test>/<mode>/``.
     LXDSPAWNER_E2E_SPAWNER=local  JupyterHub's SimpleLocalProcessSpawner, to work on the
                                   browser flow without containers
     LXDSPAWNER_E2E_IMAGE          image for the lxd mode (default: jupyter-base)
-    LXDSPAWNER_DAEMON=lxd         the hub listens on the LXD bridge (10.117.41.1) instead
+    LXDSPAWNER_DAEMON=lxd         the hub listens on the LXD bridge instead (its address in
+                                  scripts/topology.env)
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from hubtools import (
+
+from testbench.hubtools import (
     CHP,
     DAEMON_CLI,
     DAEMON_HUB_IP,

@@ -1,4 +1,4 @@
-"""The hub harness (tests/hubtools.py) proven with JupyterHub's SimpleLocalProcessSpawner.
+"""The hub harness (testbench/hubtools.py) proven with JupyterHub's SimpleLocalProcessSpawner.
 
 No container daemon is needed: the hub binds to 127.0.0.1 and servers are local processes.
 What these tests show about the harness is what the LXD tests rely on: a real hub behind a
@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
-from hubtools import CHP, LOCAL_SPAWNER_CONFIG, VENV_BIN, SpawnFailed, running_hub
+
+from testbench.hubtools import CHP, LOCAL_SPAWNER_CONFIG, VENV_BIN, SpawnFailed, running_hub
 
 pytestmark = [
     pytest.mark.e2e,

@@ -1,7 +1,8 @@
 """Fixtures for tests against a real Incus or LXD daemon set up by scripts/setup-lxd.sh.
 
 The daemons come from LXDSPAWNER_TEST_DAEMONS ("incus lxd" under `make test`, "incus" when
-unset). A missing daemon fails the test: in CI these tests must run, never be skipped.
+unset); their sockets, bridges and addresses from scripts/topology.env. A missing daemon
+fails the test: in CI these tests must run, never be skipped.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ from pathlib import Path
 import pytest
 
 from lxdspawner.lxd import LxdClient, LxdError
+from testbench import topology
 
-SOCKETS = {
-    "incus": "/var/lib/incus/unix.socket",
-    "lxd": "/var/lib/lxd/unix.socket",
-}
-BRIDGE_GATEWAYS = {"incus": "10.117.40.1", "lxd": "10.117.41.1"}
-BRIDGES = {"incus": "lxdspbr0", "lxd": "lxdspbr1"}
+SOCKETS = {name: d.socket for name, d in topology.DAEMONS.items()}
+BRIDGE_GATEWAYS = {name: d.gateway for name, d in topology.DAEMONS.items()}
+BRIDGES = {name: d.bridge for name, d in topology.DAEMONS.items()}
 TINY_IMAGE = "lxdspawner-tiny"
 BASE_IMAGE = "jupyter-base"
 

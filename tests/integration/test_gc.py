@@ -12,7 +12,7 @@ import pytest
 from lxdspawner import cli
 from lxdspawner.bases import KEY_BASE_OF
 from lxdspawner.lxd import LxdError, NotFound, image_source
-from lxdspawner.sharing import volume_name
+from lxdspawner.names import shared_volume_name as volume_name
 
 from .conftest import BASE_IMAGE, TINY_IMAGE
 

@@ -12,10 +12,10 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from hubtools import INCUS_HUB_IP, LXD_HUB_IP, running_hub
 
 from lxdspawner.lxd import LxdClient
 from lxdspawner.network import network_acl_name
+from testbench.hubtools import INCUS_HUB_IP, LXD_HUB_IP, running_hub
 
 from .conftest import BRIDGES, SOCKETS, remove_instances_named
 from .test_spawner import server_pid
@@ -211,7 +211,7 @@ c.Spawner.start_timeout = 120
 
 @pytest.mark.parametrize("mode", ["bogus"])
 async def test_a_wrong_network_isolation_setting_is_named(tmp_path, prefix, mode):
-    from hubtools import SpawnFailed
+    from testbench.hubtools import SpawnFailed
 
     config = f"""
 c.JupyterHub.spawner_class = "lxd"

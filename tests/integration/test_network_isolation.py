@@ -26,7 +26,6 @@ import secrets
 from pathlib import Path
 
 import pytest
-from hubtools import forget_network_acls
 
 from lxdspawner.lxd import LxdError, image_source
 from lxdspawner.lxd.errors import OperationFailed
@@ -42,6 +41,7 @@ from lxdspawner.network import (
     start_failure,
     supported,
 )
+from testbench.hubtools import forget_network_acls
 
 from .conftest import BRIDGE_GATEWAYS, BRIDGES, TINY_IMAGE, dump_instance
 from .test_client import wait_for_ipv4

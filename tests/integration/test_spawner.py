@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from hubtools import LXD_HUB_IP, SpawnFailed, running_hub
 
-from lxdspawner import sharing
+from lxdspawner import names, sharing
 from lxdspawner.lxd import LxdClient, NotFound
 from lxdspawner.names import instance_name
+from testbench.hubtools import LXD_HUB_IP, SpawnFailed, running_hub
 
-from .conftest import SOCKETS, remove_instances_named
+from .conftest import SOCKETS, remove_instances_named, test_daemons
 
 ALL_OPTIONS = """
 c.JupyterHub.spawner_class = "lxd"
@@ -227,6 +227,43 @@ c.LxdSpawner.name_prefix = {prefix!r}
         await deleted(incus, name)
 
 
+async def test_a_hub_moved_to_another_daemon_still_polls_and_stops_its_servers(
+    tmp_path, prefix, incus, leftovers
+):
+    """The server's state records the daemon its container is on: restarted with another
+    `endpoint` (here LXD's socket instead of Incus'), the hub still finds the running server
+    there, and stopping it deletes that container; the next start goes to the new daemon."""
+    if "lxd" not in test_daemons():
+        pytest.skip("needs the LXD daemon too (LXDSPAWNER_TEST_DAEMONS with lxd)")
+    config = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.name_prefix = {prefix!r}
+c.LxdSpawner.endpoint = "unix://{SOCKETS["incus"]}"
+"""
+    name = f"{prefix}-ann"
+    async with LxdClient(f"unix://{SOCKETS['lxd']}") as lxd:
+        try:
+            async with running_hub(tmp_path, config, cleanup_servers=False) as hub:
+                server = await hub.start_server("ann")
+                pid_before = await server_pid(incus, name)
+                hub.add_config(f'c.LxdSpawner.endpoint = "unix://{SOCKETS["lxd"]}"')
+                await hub.restart()
+                model = await hub.server_model("ann")
+                assert model and model["ready"], model  # not lost track of at startup
+                status, _ = await hub.get_via_proxy(server["url"] + "api/status")
+                assert status == 200
+                assert await server_pid(incus, name) == pid_before
+                await hub.stop_server("ann")
+                await deleted(incus, name)  # on the daemon that held it
+                # A new start goes where the configuration says now.
+                await hub.start_server("ann", timeout=150)
+                assert (await lxd.get_instance(name))["status"] == "Running"
+                await hub.stop_server("ann")
+                await deleted(lxd, name)
+        finally:
+            await remove_instances_named(lxd, prefix + "-")
+
+
 async def test_stop_start_again_and_hub_exit_leave_no_container(tmp_path, prefix, incus, leftovers):
     """A server stopped and started again at once gets a fresh container; a hub that exits
     with cleanup_servers (the default) deletes its containers before it is gone. Nothing of
@@ -366,36 +403,6 @@ c.LxdSpawner.commands_to_prepare = ["echo preparing-went-wrong; exit 7"]
         assert await _instance_missing(incus, f"{prefix}-gina")
 
 
-async def test_a_stuck_file_helper_gets_a_fresh_container(tmp_path, prefix, incus, leftovers):
-    """Incus 6.0.4's file helper of one new instance can keep failing (seen once under the
-    cluster's 30-burst): the spawn then creates the container again, and succeeds. The hub's
-    client is made to fail the first file write of each instance, as that helper does."""
-    config = f"""
-c.JupyterHub.spawner_class = "lxd"
-c.LxdSpawner.name_prefix = {prefix!r}
-
-from lxdspawner.lxd import FileHelperFailed as _Failed, client as _client
-_write_file = _client.LxdClient._write_file
-_created = []
-
-async def _stuck_the_first_time(self, name, path, headers, data=None):
-    if name not in _created:
-        _created.append(name)
-        raise _Failed("dial unix /proc/self/fd/54/forkfile.sock: no such file (test)")
-    return await _write_file(self, name, path, headers, data)
-
-_client.LxdClient._write_file = _stuck_the_first_time
-"""
-    name = f"{prefix}-fred"
-    async with running_hub(tmp_path, config) as hub:
-        server = await hub.start_server("fred")
-        status, _ = await hub.get_via_proxy(server["url"] + "api/status")
-        assert status == 200
-        assert f"creating {name} again" in hub.log()
-        instance = await incus.get_instance(name)
-        assert instance["status"] == "Running"
-
-
 @pytest.mark.lxd
 async def test_spawn_on_lxd_and_daemon_stopped_during_a_spawn(tmp_path, prefix):
     """One spawn on Debian's LXD 5.0; then LXD dies mid-spawn: a clear error, the hub lives."""
@@ -432,7 +439,7 @@ c.Spawner.start_timeout = 120
                 # work on LXD too, where the volume is shifted instead of idmapped.
                 devices = (await lxd.get_instance(f"{prefix}-henry"))["devices"]
                 for path in ("/usr", "/opt/jupyterhub"):
-                    assert sharing.device_name(path) in devices, (path, devices)
+                    assert names.shared_device_name(path) in devices, (path, devices)
                 await asyncio.gather(hub.stop_server("henry"), hub.stop_server("hal"))
 
                 spawn = asyncio.create_task(hub.start_server("ivy", timeout=150))
@@ -543,7 +550,7 @@ async def test_servers_share_one_read_only_copy_of_the_environment(
     read-only."""
     fingerprint = await incus.image_fingerprint("jupyter-base")
     paths = ("/opt/jupyterhub", "/usr")
-    volumes = [sharing.volume_name(fingerprint, path) for path in paths]
+    volumes = [names.shared_volume_name(fingerprint, path) for path in paths]
     for volume in volumes:
         try:
             await incus.delete_volume("lxdspawner", volume)  # as on a daemon that never had it
@@ -578,7 +585,7 @@ c.LxdSpawner.shared_directories = {list(paths)!r}
             name = f"{prefix}-{user}"
             devices = (await incus.get_instance(name))["devices"]
             for path, volume in zip(paths, volumes, strict=True):
-                device = devices[sharing.device_name(path)]
+                device = devices[names.shared_device_name(path)]
                 assert device["source"] == volume and device["readonly"] == "true"
                 # What the user sees: the same software, read-only.
                 options = await sh(incus, name, f"findmnt -no OPTIONS {path}")

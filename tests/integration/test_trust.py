@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import pytest
-from hubtools import SpawnFailed, q, running_hub
 from yarl import URL
 
 from lxdspawner import names
 from lxdspawner.lxd import LxdClient, image_source
 from lxdspawner.ownership import KEY_HUB, KEY_MANAGED, KEY_USER, MANAGED_BY
+from testbench.hubtools import SpawnFailed, q, running_hub
 
 from .conftest import SOCKETS, TINY_IMAGE
 from .test_spawner import _instance_missing, deleted, server_pid, sh, wait_until
@@ -446,9 +446,8 @@ async def test_a_base_name_held_by_another_instance_is_left_alone(tmp_path, pref
     whose name gives that name, or anybody's instance there, is never deleted for it."""
     if "lxd" not in os.environ.get("LXDSPAWNER_TEST_DAEMONS", "incus").split():
         pytest.skip("LXD is not among LXDSPAWNER_TEST_DAEMONS")
-    from hubtools import LXD_HUB_IP
-
-    from lxdspawner.bases import base_name
+    from lxdspawner.names import base_name
+    from testbench.hubtools import LXD_HUB_IP
 
     endpoint = f"unix://{SOCKETS['lxd']}"
     async with LxdClient(endpoint) as lxd:

@@ -22,6 +22,7 @@ from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
 from lxdspawner import LxdSpawner
+from testbench import topology
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -105,7 +106,7 @@ def test_demo_config(tmp_path, monkeypatch):
     spawner = check_values(config)
     app = JupyterHub(config=config)
     assert app.bind_url == "http://127.0.0.1:8000"
-    assert app.hub_bind_url == "http://10.117.40.1:8081"
+    assert app.hub_bind_url == f"http://{topology.INCUS.gateway}:8081"
     assert app.db_url == f"sqlite:///{tmp_path / 'jupyterhub.sqlite'}"
     assert app.allow_named_servers is True and app.cleanup_servers is True
     culler = next(s for s in app.services if s["name"] == "idle-culler")

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from lxdspawner.bases import KEY_BASE_OF
 from lxdspawner.gc import stale
-from lxdspawner.sharing import volume_name
+from lxdspawner.names import shared_volume_name as volume_name
 
 OLD, NEW = "a" * 64, "b" * 64
 IMAGES = [{"fingerprint": OLD, "aliases": []}, {"fingerprint": NEW, "aliases": [{"name": "x"}]}]

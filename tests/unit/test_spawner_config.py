@@ -6,8 +6,8 @@ import pytest
 from traitlets import TraitError
 from traitlets.config import Config
 
-from lxdspawner import LxdSpawner
-from lxdspawner.spawner import _default_get_uid_gid
+from lxdspawner import LxdSpawner, hardening, hostfiles, names
+from lxdspawner.accounts import default_get_uid_gid as _default_get_uid_gid
 
 
 def spawner(**settings) -> LxdSpawner:
@@ -107,10 +107,9 @@ def test_a_username_inside_a_command_substitution_is_refused_when_the_config_loa
     [("alice", "/home/alice"), ("..", "/home/user-"), (".", "/home/user-"), ("a\rb", "/home/a-b-")],
 )
 def test_the_home_directory_is_one_safe_name(user, home):
-    s = spawner()
-    s.user = SimpleNamespace(name=user)
-    assert s._home().startswith(home)
-    assert s._home().count("/") == 2
+    made = names.home_path(spawner().home_dir, user)
+    assert made.startswith(home)
+    assert made.count("/") == 2
 
 
 @pytest.mark.parametrize(
@@ -125,20 +124,15 @@ def test_the_home_directory_is_one_safe_name(user, home):
     ],
 )
 def test_which_hub_addresses_are_replaced_by_the_bridge_gateway(host, keep):
-    assert spawner()._is_reachable_host(host) is keep
+    assert hardening.is_reachable_host(host) is keep
 
 
 async def test_a_file_pushed_into_a_shared_directory_is_refused_naming_both_settings(tmp_path):
     source = tmp_path / "tool"
     source.write_text("#!/bin/sh\n")
-    s = spawner(files_to_push=[[str(source), "/usr/local/bin/tool"]])
-    with pytest.raises(Exception, match="files_to_push.*shared_directories") as refused:
-        await s._read_files_to_push()
+    entries = [[str(source), "/usr/local/bin/tool"]]
+    with pytest.raises(ValueError, match="files_to_push.*shared_directories") as refused:
+        await hostfiles.files_to_push(entries, spawner().shared_directories)
     assert "/usr/local/bin/tool" in str(refused.value)
     # Without sharing /usr (or in privileged containers, which never share) it is pushed.
-    assert await spawner(
-        files_to_push=[[str(source), "/usr/local/bin/tool"]], shared_directories=[]
-    )._read_files_to_push()
-    assert await spawner(
-        files_to_push=[[str(source), "/usr/local/bin/tool"]], privileged_containers=True
-    )._read_files_to_push()
+    assert await hostfiles.files_to_push(entries, [])

@@ -18,9 +18,9 @@ Why it is built this way:
   test shows that servers are found again (``cleanup_servers = False``) and stay reachable,
   instead of only showing that a new hub can repopulate a new proxy. ``restart(keep_proxy=
   False)`` covers that second case as well.
-- The hub binds its internal API on ``hub_ip`` (default: the Incus bridge's address,
-  10.117.40.1; 10.117.41.1 for LXD) so that a server in a container can reach it. The public
-  proxy and the proxy's API listen on 127.0.0.1 only.
+- The hub binds its internal API on ``hub_ip`` (default: the host's address on the Incus
+  bridge, from `testbench.topology`) so that a server in a container can reach it. The
+  public proxy and the proxy's API listen on 127.0.0.1 only.
 - JupyterHub may answer ``201`` to a spawn request that is still pending or has just failed,
   so `Hub.start_server` follows the spawn's progress event stream and then confirms with the
   user model; a failed spawn raises `SpawnFailed` with the hub's own failure message.
@@ -35,6 +35,8 @@ On leaving the ``async with`` block every server is stopped through the API, the
 proxy are terminated, and, if the block raised, the tail of the hub's log is printed (pytest
 shows it with the failure). `HUBS` lists live hubs for the conftest hook that does the same
 for fixture-held hubs.
+
+The tests and the benchmark (benchmarks/) both import it as ``testbench.hubtools``.
 """
 
 from __future__ import annotations
@@ -61,13 +63,17 @@ from lxdspawner.lxd import LxdClient
 from lxdspawner.network import forget_hub
 from lxdspawner.ownership import default_hub_id
 
+from . import topology
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CHP = REPO / ".cache" / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
 
-INCUS_HUB_IP = "10.117.40.1"
+#: Where a hub's API listens for containers on the Incus and the LXD bridge.
+INCUS_HUB_IP = topology.INCUS.gateway
+LXD_HUB_IP = topology.LXD.gateway
 #: The test daemons' sockets, whose dedicated bridges carry the test hubs' network ACLs.
-DAEMON_SOCKETS = ("/var/lib/incus/unix.socket", "/var/lib/lxd/unix.socket")
+DAEMON_SOCKETS = tuple(d.socket for d in topology.DAEMONS.values())
 
 
 async def forget_network_acls(hub_id: str | None) -> None:
@@ -81,14 +87,12 @@ async def forget_network_acls(hub_id: str | None) -> None:
                 await forget_hub(client, hub_id)
 
 
-LXD_HUB_IP = "10.117.41.1"
 # The daemon the e2e tests use: LXDSPAWNER_DAEMON=incus (default) or lxd, as for
 # scripts/setup-lxd.sh; its command line and the bridge address the hub must listen on.
 DAEMON = os.environ.get("LXDSPAWNER_DAEMON", "incus")
-DAEMON_CLI: tuple[str, ...] = (
-    ("incus",) if DAEMON != "lxd" else ("env", "LXD_DIR=/var/lib/lxd", "lxc")
-)
-DAEMON_HUB_IP = LXD_HUB_IP if DAEMON == "lxd" else INCUS_HUB_IP
+_DAEMON = topology.LXD if DAEMON == "lxd" else topology.INCUS
+DAEMON_CLI: tuple[str, ...] = _DAEMON.cli
+DAEMON_HUB_IP = _DAEMON.gateway
 
 CHROMIUM = os.environ.get("LXDSPAWNER_CHROMIUM", "/usr/bin/chromium")
 # Debian's Chromium, driven by Playwright through executable_path (no `playwright install`).
@@ -161,7 +165,7 @@ def progress_api_path(user: str, server_name: str = "") -> str:
 
 
 BASE_CONFIG = """\
-# Written by tests/hubtools.py: the harness's base configuration.
+# Written by testbench/hubtools.py: the harness's base configuration.
 c = get_config()  # noqa: F821
 c.JupyterHub.bind_url = {public_url!r}
 c.JupyterHub.hub_bind_url = {hub_url!r}
@@ -743,7 +747,7 @@ def instance_diagnostics(prefix: str = "jupyter-", cli: tuple[str, ...] = DAEMON
     """Log, console and journal of every instance whose name starts with ``prefix``.
 
     For failure reports: call it from a test (or conftest) when something went wrong.
-    ``cli`` is ``("incus",)`` or ``("env", "LXD_DIR=/var/lib/lxd", "lxc")``.
+    ``cli`` is a daemon's command line, e.g. `DAEMON_CLI` or ``topology.LXD.cli``.
     """
 
     def run(*args: str) -> str:

@@ -1,0 +1,384 @@
+"""The spawn benchmark's figures: the analysis of what ``measure.py`` recorded, the printed
+report (against the issue's targets), and the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import benchlib as bl
+from .setups import API_COUNTER, LOOP_RESOLUTION, POLL_INTERVAL, Setup, say
+
+TARGETS = {
+    "spawn_ratio": ("<=", 1.3),
+    "burst_ratio": ("<=", 1.2),
+    "stop_ratio": ("<=", 1.0),
+    "stop_burst_ratio": ("<=", 1.0),
+    "memory_ratio": ("<=", 1.3),
+    "api_requests_per_poll_per_server": ("<=", 0.0),
+    "loop_lag_p99_s": ("<", 0.050),
+}
+
+# Names of the parts of a spawn, in order, as shown in the report and the plot.
+FLOOR_PARTS = (
+    ("server start", "POST until the server logs that it listens (hub work, fork, imports)"),
+    ("hub notices", "server listening until the hub reports it ready (the hub's back-off)"),
+    ("first request", "hub ready until a request through the proxy answers"),
+)
+LXD_PARTS = (
+    ("hub", "POST until start()'s first step (hub work, lookups, hub address)"),
+    ("create", "spawner: create the container (POST /1.0/instances, clone)"),
+    ("push", "spawner: push the env file and the unit"),
+    ("start", "spawner: start the container"),
+    ("ipv4", "spawner: boot until it has an IPv4"),
+    ("server", "spawner: until the server answers HTTP"),
+    ("hub notices", "start() returned until the hub reports it ready"),
+    ("first request", "hub ready until a request through the proxy answers"),
+)
+
+
+def _parts_of(key: str, rec: dict) -> tuple[dict[str, float], float | None]:
+    """One single spawn cut into its parts (seconds), and when its server said it listens."""
+    parts: dict[str, float] = {}
+    at = rec.get("server_running_at")
+    listening = at - rec["wall0"] if at is not None else None
+    if listening is not None and not 0 < listening < rec["spawn_s"] + 5:
+        listening = None  # a clock or time zone we cannot compare with
+    if key == "floor":
+        if listening is not None:
+            parts["server start"] = listening
+            parts["hub notices"] = rec["ready_s"] - listening
+    else:
+        sp = rec.get("spawner")
+        if sp:
+            steps = {k: v for k, v in sp["timings"].items() if k != "total"}
+            # The log line is written when start() returns; its steps run back to back.
+            parts["hub"] = sp["t"] - sum(steps.values()) - rec["wall0"]
+            parts.update(steps)
+            parts["hub notices"] = rec["wall0"] + rec["ready_s"] - sp["t"]
+    parts["first request"] = rec["spawn_s"] - rec["ready_s"]
+    return parts, listening
+
+
+def breakdown(floor: Setup, lxd: Setup) -> dict:
+    """Where single spawns' time goes: per part, the median over spawns; and the parts of
+    the typical spawn (the one with the median duration), which add up to its duration."""
+    result: dict[str, Any] = {"listening": {}, "typical": {}}
+    for key, setup, names_ in (("floor", floor, FLOOR_PARTS), ("lxd", lxd, LXD_PARTS)):
+        recs = setup.data.get("single", [])
+        cut = [_parts_of(key, r) for r in recs]
+        values: dict[str, list] = {name: [] for name, _ in names_}
+        for parts, _ in cut:
+            for k, v in parts.items():
+                values.setdefault(k, []).append(v)
+        result[key] = {k: {"median": bl.median(v), "values": v} for k, v in values.items()}
+        result["listening"][key] = bl.median([at for _, at in cut if at is not None])
+        if recs:
+            mid = bl.median([r["spawn_s"] for r in recs])
+            i = min(range(len(recs)), key=lambda j: abs(recs[j]["spawn_s"] - mid))
+            result["typical"][key] = {
+                "user": recs[i]["user"],
+                "spawn_s": recs[i]["spawn_s"],
+                "parts": cut[i][0],
+                "listening": cut[i][1],
+            }
+    return result
+
+
+def burst_steps(lxd: Setup) -> dict:
+    """Medians of the spawner's steps across all spawns of lxdspawner's bursts."""
+    steps: dict[str, list] = {}
+    for b in lxd.data.get("burst", []):
+        for sp in b.get("spawner") or []:
+            for k, v in ((sp or {}).get("timings") or {}).items():
+                steps.setdefault(k, []).append(v)
+    return {k: bl.median(v) for k, v in steps.items()}
+
+
+def analyse(floor: Setup, lxd: Setup, poll: dict | None, meta: dict) -> dict:
+    def singles(s: Setup, key: str) -> list:
+        return [r[key] for r in s.data.get("single", [])]
+
+    def mem(s: Setup, key: str = "bytes") -> list:
+        return [r["memory"].get(key) for r in s.data.get("single", [])]
+
+    def bursts(s: Setup, key: str) -> list:
+        return [b[key] for b in s.data.get("burst", []) if b.get(key) is not None]
+
+    def cpu(s: Setup, phase: str, who: str) -> list:
+        return [r[phase][who] for r in s.data.get("single", []) if r[phase].get(who) is not None]
+
+    metrics = {
+        "spawn_s": (singles(floor, "spawn_s"), singles(lxd, "spawn_s")),
+        "burst_s": (bursts(floor, "wall_s"), bursts(lxd, "wall_s")),
+        "stop_s": (singles(floor, "stop_s"), singles(lxd, "stop_s")),
+        "stop_burst_s": (bursts(floor, "stop_wall_s"), bursts(lxd, "stop_wall_s")),
+        "memory_bytes": (mem(floor), mem(lxd)),
+        "memory_in_burst_bytes": (
+            [m for b in floor.data.get("burst", []) for m in b["memory_bytes"]],
+            [m for b in lxd.data.get("burst", []) for m in b["memory_bytes"]],
+        ),
+        # Not targets; what explains the figures above.
+        "memory_working_set_bytes": (mem(floor), mem(lxd, "working_set")),
+        "memory_processes_rss_bytes": (mem(floor), mem(lxd, "procs_rss")),
+        "memory_server_rss_bytes": (mem(floor), mem(lxd, "server_rss")),
+        "server_cpu_s": (mem(floor, "cpu_s"), mem(lxd, "cpu_s")),
+        "hub_cpu_per_spawn_s": (cpu(floor, "cpu_spawn_s", "hub"), cpu(lxd, "cpu_spawn_s", "hub")),
+        "daemon_cpu_per_spawn_s": ([], cpu(lxd, "cpu_spawn_s", "daemon")),
+        "hub_cpu_per_stop_s": (cpu(floor, "cpu_stop_s", "hub"), cpu(lxd, "cpu_stop_s", "hub")),
+        "daemon_cpu_per_stop_s": ([], cpu(lxd, "cpu_stop_s", "daemon")),
+    }
+    summary = {}
+    for name, (f, x) in metrics.items():
+        fs, xs = bl.summary(f), bl.summary(x)
+        summary[name] = {"floor": fs, "lxd": xs, "ratio": bl.ratio(xs["median"], fs["median"])}
+
+    def loop_p99(s: Setup) -> tuple[float | None, bool]:
+        """p99 over all bursts of a setup: every observation and logged lag pooled."""
+        obs = sum(b["loop"]["observations"] for b in s.data.get("burst", []))
+        lags = [x for b in s.data.get("burst", []) for x in b["loop"]["logged_lags_s"]]
+        return bl.exact_p99_from_log(obs, lags, LOOP_RESOLUTION)
+
+    lxd_p99, lxd_bound = loop_p99(lxd)
+    floor_p99, floor_bound = loop_p99(floor)
+    result = {
+        "spawn_ratio": summary["spawn_s"]["ratio"],
+        "burst_ratio": summary["burst_s"]["ratio"],
+        "stop_ratio": summary["stop_s"]["ratio"],
+        "stop_burst_ratio": summary["stop_burst_s"]["ratio"],
+        "memory_ratio": summary["memory_bytes"]["ratio"],
+        "api_requests_per_poll_per_server": (poll or {}).get("per_poll_per_server"),
+        "api_requests_per_poll_per_server_net": (poll or {}).get("per_poll_per_server_net"),
+        "api_requests_source": (poll or {}).get("source", "not measured"),
+        "loop_lag_p99_s": lxd_p99,
+        "loop_lag_p99_is_upper_bound": lxd_bound,
+        "loop_lag_p99_floor_s": floor_p99,
+        "loop_lag_p99_floor_is_upper_bound": floor_bound,
+        "summary": summary,
+        "breakdown": breakdown(floor, lxd),
+        "burst_steps_median_s": burst_steps(lxd),
+        "poll": poll,
+        "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
+        "failures": {"floor": floor.data.get("failures", []), "lxd": lxd.data.get("failures", [])},
+        "meta": meta,
+        "raw": {"floor": floor.data, "lxd": lxd.data},
+    }
+    lx = lxd.data.get("single", [])
+    for key in ("api_requests_spawn", "api_requests_stop", "api_requests_idle"):
+        vals = [r[key] for r in lx if key in r]
+        result[key + "_median"] = bl.median(vals)
+    result["targets_met"] = {k: target_met(k, result.get(k)) for k in TARGETS}
+    return result
+
+
+def target_met(key: str, value: float | None) -> bool | None:
+    if value is None:
+        return None
+    op, target = TARGETS[key]
+    return value <= target if op == "<=" else value < target
+
+
+def report(result: dict) -> str:
+    s = result["summary"]
+    met = result["targets_met"]
+
+    def mark(key: str) -> str:
+        return {True: "yes", False: "NO", None: "?"}[met.get(key)]
+
+    def row(label: str, name: str, unit: str, key: str | None) -> list[str]:
+        f, x = s[name]["floor"], s[name]["lxd"]
+        r = s[name]["ratio"]
+        op, target = TARGETS[key] if key else ("", None)
+        return [
+            label,
+            bl.fmt(f["median"], unit), bl.fmt(f["p95"], unit),
+            bl.fmt(x["median"], unit), bl.fmt(x["p95"], unit),
+            (bl.fmt(r) + "x") if r is not None else "",
+            f"{op} {target}x" if key else "", mark(key) if key else "",
+            f"{f['n']}/{x['n']}",
+        ]  # fmt: skip
+
+    rows = [
+        row("single spawn (s)", "spawn_s", "s", "spawn_ratio"),
+        row("burst of 10, all ready (s)", "burst_s", "s", "burst_ratio"),
+        row("stop (s)", "stop_s", "s", "stop_ratio"),
+        row("10 stops at once (s)", "stop_burst_s", "s", "stop_burst_ratio"),
+        row("idle memory per server (MiB)", "memory_bytes", "MiB", "memory_ratio"),
+    ]
+    api = result["api_requests_per_poll_per_server"]
+    rows.append([
+        "LXD API requests/poll/server", "", "", bl.fmt(api), "", "", "0",
+        mark("api_requests_per_poll_per_server"), "",
+    ])  # fmt: skip
+
+    def lag(v: float | None, bound: bool) -> str:
+        return "n/a" if v is None else ("<" if bound else "") + bl.fmt(v, "ms")
+
+    rows.append([
+        "loop lag p99 in bursts (ms)",
+        lag(result["loop_lag_p99_floor_s"], result["loop_lag_p99_floor_is_upper_bound"]), "",
+        lag(result["loop_lag_p99_s"], result["loop_lag_p99_is_upper_bound"]), "", "",
+        "< 50 ms", mark("loop_lag_p99_s"), "",
+    ])  # fmt: skip
+    header = ["metric", "floor med", "p95", "lxd med", "p95", "ratio", "target", "met", "n"]
+    out = [bl.table(rows, header)]
+
+    out.append("\nwhat explains them (not targets):")
+    rows = [
+        row("memory, 10 running (MiB/server)", "memory_in_burst_bytes", "MiB", None),
+        row("memory: working set (MiB)", "memory_working_set_bytes", "MiB", None),
+        row("memory: processes' RSS (MiB)", "memory_processes_rss_bytes", "MiB", None),
+        row("memory: the server's RSS (MiB)", "memory_server_rss_bytes", "MiB", None),
+        row("CPU to start a server (s)", "server_cpu_s", "s", None),
+        row("hub CPU per spawn (s)", "hub_cpu_per_spawn_s", "s", None),
+        row("daemon CPU per spawn (s)", "daemon_cpu_per_spawn_s", "s", None),
+        row("hub CPU per stop (s)", "hub_cpu_per_stop_s", "s", None),
+        row("daemon CPU per stop (s)", "daemon_cpu_per_stop_s", "s", None),
+    ]
+    out.append(bl.table(rows, header))
+    poll = result.get("poll") or {}
+    if result["api_requests_source"] != API_COUNTER:
+        out.append(f"  API requests: {API_COUNTER} is not on /hub/metrics: figure unavailable")
+    elif poll.get("requests") is not None:
+        idle = poll.get("no_servers") or {}
+        out.append(
+            f"  polling: {poll['requests']:.0f} LXD API requests in {poll['window_s']:.0f} s with "
+            f"{poll.get('running')} servers (poll_interval {POLL_INTERVAL:g} s); "
+            f"{idle.get('requests', 'n/a')} in the same time with none; the daemon logged "
+            f"{poll.get('daemon_saw_for_our_instances')} naming our instances"
+            + (f": {sample[:4]}" if (sample := poll.get("daemon_requests_sample")) else "")
+        )
+    for k, what in (("api_requests_spawn_median", "spawn"), ("api_requests_stop_median", "stop")):
+        if result.get(k) is not None:
+            out.append(f"  LXD API requests per {what} (median): {result[k]:.0f}")
+    out.append("\nwhere a single spawn's time goes (medians, s):")
+    for key in ("floor", "lxd"):
+        b = result["breakdown"][key]
+        parts = ", ".join(f"{n} {v['median']:.2f}" for n, v in b.items() if v["median"] is not None)
+        out.append(f"  {key:5s}: {parts}")
+    listening = result["breakdown"]["listening"]
+    if listening.get("lxd") is not None:
+        out.append(
+            f"  the server itself logged that it listens {listening['lxd']:.2f} s after the "
+            f"POST in a container, {bl.fmt(listening.get('floor'))} s as a local process "
+            "(medians)"
+        )
+    steps = result.get("burst_steps_median_s") or {}
+    if steps:
+        out.append("  lxd in the bursts: " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()))
+    boot = result["raw"]["lxd"].get("boot_analysis") or {}
+    if boot.get("critical_chain"):
+        chain = [
+            ln
+            for ln in boot["critical_chain"].splitlines()
+            if ("@" in ln or "+" in ln) and not ln.startswith("The time")
+        ]
+        out.append(
+            "  container boot (first single spawn): "
+            + (boot.get("summary") or "").splitlines()[0]
+            + "\n    "
+            + "\n    ".join(chain[:8])
+        )
+    meta = result["meta"]
+    out.append(
+        f"\nnoise: load average {meta['loadavg_start'][0]:.1f} at the start, "
+        f"{meta.get('loadavg_end', [float('nan')])[0]:.1f} at the end, on {meta['cpus']} CPUs; "
+        f"{meta['other_running_instances_start']} / {meta.get('other_running_instances_end')} "
+        "other running instances on this daemon at start / end"
+    )
+    for key in ("floor", "lxd"):
+        for f in result["failures"][key]:
+            out.append(f"  FAILURE ({key}): {f}")
+    return "\n".join(out)
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        say("--plot: matplotlib is not installed in this venv (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raw = result["raw"]
+    colors = {"floor": "#4c72b0", "lxd": "#dd8452"}
+    labels = {"floor": "floor (local process)", "lxd": "lxdspawner (Incus)"}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.6), gridspec_kw={"width_ratios": [1, 1.2, 1.5]})
+
+    ax = axes[0]
+    data = [[r["spawn_s"] for r in raw[k].get("single", [])] for k in ("floor", "lxd")]
+    ax.boxplot(data, widths=0.5, showfliers=False, medianprops={"color": "black"})
+    for i, (k, values) in enumerate(zip(("floor", "lxd"), data, strict=True), start=1):
+        xs = [i + (j % 7 - 3) * 0.04 for j in range(len(values))]
+        ax.scatter(xs, values, color=colors[k], zorder=3, s=24, alpha=0.85)
+    ax.set_xticks([1, 2], [labels["floor"], labels["lxd"]])
+    ax.set_ylabel("seconds")
+    ax.set_title("single spawn: POST → ready → first request")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+
+    ax = axes[1]
+    for k in ("floor", "lxd"):
+        per_user = sorted(t for b in raw[k].get("burst", []) for t in b["per_user_s"])
+        if per_user:
+            ys = [0.0] + [(i + 1) / len(per_user) for i in range(len(per_user))]
+            ax.step([0.0, *per_user], ys, where="post", color=colors[k], label=labels[k])
+        for b in raw[k].get("burst", []):
+            if b.get("wall_s"):
+                ax.axvline(b["wall_s"], color=colors[k], alpha=0.3, ls="--")
+    ax.set_xlabel("seconds after the 10 POSTs (all bursts pooled)")
+    ax.set_ylabel("fraction of users ready")
+    ax.set_title("burst of 10: users ready over time (dashed: all ready)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+
+    ax = axes[2]
+    part_colors = {
+        "hub": "#b0b0b0", "create": "#55a868", "push": "#8172b2", "start": "#c44e52",
+        "ipv4": "#ccb974", "server": "#64b5cd", "server start": "#64b5cd",
+        "hub notices": "#937860", "first request": "#da8bc3",
+    }  # fmt: skip
+    typical = result["breakdown"]["typical"]
+    seen = set()
+    for row, key in enumerate(("floor", "lxd")):
+        t = typical.get(key)
+        if not t:
+            continue
+        left = 0.0
+        for name, v in t["parts"].items():
+            width = max(v, 0.0)
+            color = part_colors.get(name, "#4c72b0")
+            ax.barh(
+                row, width, left=left, color=color, edgecolor="white",
+                label=None if name in seen else name,
+            )  # fmt: skip
+            seen.add(name)
+            left += width
+        ax.text(left + 0.05, row, f"{t['spawn_s']:.2f} s", va="center", fontsize=9)
+        if t.get("listening") is not None:
+            at = t["listening"]
+            ax.plot([at, at], [row - 0.42, row + 0.42], color="black", lw=1.5)
+            ax.text(at, row + 0.45, "server listens", ha="center", fontsize=8)
+    ax.set_yticks([0, 1], [labels["floor"], labels["lxd"]])
+    ax.set_xlabel("seconds (the spawn of median duration of each setup)")
+    ax.set_title("where a single spawn's time goes")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize=8)
+
+    meta = result["meta"]
+    title = (
+        f"lxdspawner vs local-process floor: {meta['mode']} run {meta['started']}, "
+        f"{meta['cpus']} CPUs, load {meta['loadavg_start'][0]:.1f}; spawn "
+        f"{bl.fmt(result['spawn_ratio'])}×, burst {bl.fmt(result['burst_ratio'])}×, stop "
+        f"{bl.fmt(result['stop_ratio'])}×, memory {bl.fmt(result['memory_ratio'])}× the floor"
+    )
+    if meta.get("lxd_config_extra"):
+        title += f"\nlxdspawner's hub with: {meta['lxd_config_extra']}"
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    say(f"plot written to {path}")

@@ -1,0 +1,279 @@
+"""The two setups the spawn benchmark compares: two real JupyterHubs, each behind a real
+configurable-http-proxy (`testbench.hubtools`, as in the tests), up side by side for the
+whole run.
+
+- **floor**: ``SimpleLocalProcessSpawner`` running ``jupyterhub-singleuser`` (JupyterLab) as a
+  plain process on the host, from a virtualenv (``.cache/floor-venv``, made here when missing)
+  that holds exactly the image's pinned packages (the ``requirements.txt`` the image build
+  froze, found by the fingerprint of the image the ``jupyter-base`` alias points to), with the
+  same Python as the image (Debian's ``/usr/bin/python3``). Hub API on 127.0.0.1.
+- **lxd**: the same hub with ``spawner_class = "lxd"``, image ``jupyter-base``, hub API on the
+  Incus bridge (its address in scripts/topology.env). Containers are named ``lxdbench-*`` so
+  that a run never touches anyone else's; leftovers of an interrupted run are removed at the
+  start and at the end (`remove_our_containers`, `final_sweep`).
+
+What is measured on them is in ``measure.py``; ``spawn.py`` drives the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lxdspawner.lxd import LxdClient, LxdError, NotFound
+from testbench import hubtools, topology
+
+from . import benchlib as bl
+
+try:
+    import psutil
+except ImportError:  # pragma: no cover - jupyterhub depends on it
+    psutil = None
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE = "jupyter-base"
+IMAGE_CACHE = Path("/var/cache/lxdspawner/images")
+FLOOR_VENV = REPO / ".cache" / "floor-venv"
+PREFIX = "lxdbench"  # c.LxdSpawner.name_prefix: our containers only
+LXD_HUB_IP = topology.INCUS.gateway
+POLL_INTERVAL = 5.0
+# JupyterHub measures event-loop lag by sleeping this long and seeing how late it wakes; it
+# logs every lag at or above the threshold. Equal values put every resolvable lag in the log
+# (2-decimal precision), so p99 is exact rather than "somewhere in the 0-50 ms bucket".
+LOOP_RESOLUTION = 0.02
+
+T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    """A line of the run's log (every module of the benchmark writes through this one)."""
+    print(f"[{time.monotonic() - T0:7.1f}s] {message}", flush=True)
+
+
+# -- hub configurations ----------------------------------------------------------------------
+
+COMMON_CONFIG = f"""
+c.Spawner.poll_interval = {POLL_INTERVAL!r}
+# Generous: a burst on 2 busy cores must not fail a run; timeouts do not change speed.
+c.Spawner.start_timeout = 180
+c.Spawner.http_timeout = 120
+c.PeriodicMetricsCollector.event_loop_interval_resolution = {LOOP_RESOLUTION!r}
+c.PeriodicMetricsCollector.event_loop_interval_log_threshold = {LOOP_RESOLUTION!r}
+"""
+
+FLOOR_CONFIG = """
+c.SimpleLocalProcessSpawner.home_dir_template = {homes!r} + "/{{username}}"
+c.Spawner.cmd = [{singleuser!r}]
+c.Spawner.args = ["--allow-root"]
+c.Spawner.environment = {{"PATH": {path!r}}}
+"""
+
+LXD_CONFIG = f"""
+c.JupyterHub.spawner_class = "lxd"
+c.LxdSpawner.image = {IMAGE!r}
+c.LxdSpawner.name_prefix = {PREFIX!r}
+"""
+
+# Exposed by lxdspawner (lxdspawner/metrics.py): LxdClient.request_count per endpoint.
+API_COUNTER = "lxdspawner_api_requests_total"
+
+
+# -- the floor's virtualenv ------------------------------------------------------------------
+
+
+def _cached_requirements() -> list[Path]:
+    return sorted(
+        IMAGE_CACHE.glob(f"{IMAGE}-*/requirements.txt"),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+
+
+async def image_requirements(client: LxdClient) -> tuple[Path, str]:
+    """The requirements.txt frozen by the build of the image ``jupyter-base`` points to."""
+    fingerprint = ""
+    with contextlib.suppress(LxdError):
+        fingerprint = (await client.image_alias(IMAGE)).get("target", "")
+    candidates = _cached_requirements()
+    if not candidates:
+        raise SystemExit(
+            f"no {IMAGE_CACHE}/{IMAGE}-*/requirements.txt: build the image first "
+            f"(images/ensure-image.sh {IMAGE})"
+        )
+    for path in candidates:
+        fp_file = path.parent / "fingerprint"
+        if fingerprint and fp_file.exists() and fp_file.read_text().strip() == fingerprint:
+            return path, fingerprint
+    say(
+        f"warning: no cached build matches the image's fingerprint {fingerprint[:12] or '?'}; "
+        f"using the newest, {candidates[0]}"
+    )
+    return candidates[0], fingerprint
+
+
+def ensure_floor_venv(requirements: Path) -> Path:
+    """``.cache/floor-venv`` with exactly the image's packages (rebuilt when they change)."""
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    stamp = FLOOR_VENV / ".requirements.sha256"
+    singleuser = FLOOR_VENV / "bin" / "jupyterhub-singleuser"
+    if stamp.exists() and stamp.read_text().strip() == digest and singleuser.exists():
+        return singleuser
+    # The image's Python is Debian bookworm's; so is /usr/bin/python3 on this machine.
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    say(f"making the floor's virtualenv {FLOOR_VENV} ({python}, {requirements})")
+    if FLOOR_VENV.exists():
+        shutil.rmtree(FLOOR_VENV)
+    FLOOR_VENV.parent.mkdir(parents=True, exist_ok=True)
+    for cmd in (
+        [python, "-m", "venv", str(FLOOR_VENV)],
+        [str(FLOOR_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+         "-r", str(requirements)],
+    ):  # fmt: skip
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}")
+    stamp.write_text(digest + "\n")
+    return singleuser
+
+
+# -- one setup -------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    key: str  # "floor" or "lxd"
+    hub: Any
+    lxd: LxdClient
+    daemon: Any = None  # psutil.Process of the daemon, for CPU accounting
+    data: dict = field(default_factory=dict)
+
+    def add(self, name: str, value: Any) -> None:
+        self.data.setdefault(name, []).append(value)
+
+    def log_offset(self) -> int:
+        return self.hub.log_path.stat().st_size if self.hub.log_path.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        with open(self.hub.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    async def metrics(self) -> list[bl.Sample]:
+        async with self.hub.session.get(
+            hubtools._url(self.hub.public_url + "/hub/metrics"),
+            headers=self.hub.auth_headers,
+        ) as r:
+            if r.status != 200:
+                raise hubtools.HubError(f"GET /hub/metrics: {r.status}")
+            return bl.parse_prometheus(await r.text())
+
+    async def api_requests(self) -> tuple[float | None, str]:
+        value = bl.metric_sum(await self.metrics(), API_COUNTER)
+        return value, (API_COUNTER if value is not None else "unavailable")
+
+
+@contextlib.asynccontextmanager
+async def running_setups(
+    client: LxdClient, workdir: Path, singleuser: Path, lxd_config_extra: str = ""
+) -> AsyncIterator[tuple[Setup, Setup]]:
+    """Both hubs and their proxies, up until the block ends: (floor, lxd)."""
+    homes = workdir / "floor-homes"
+    homes.mkdir(parents=True, exist_ok=True)
+    floor_config = (
+        COMMON_CONFIG
+        + hubtools.LOCAL_SPAWNER_CONFIG
+        + FLOOR_CONFIG.format(
+            homes=str(homes),
+            singleuser=str(singleuser),
+            path=f"{singleuser.parent}:/usr/local/bin:/usr/bin:/bin",
+        )
+    )
+    lxd_config = (
+        COMMON_CONFIG
+        + LXD_CONFIG
+        + (f"\n# --lxd-config\n{lxd_config_extra}\n" if lxd_config_extra else "")
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        say("starting the floor's hub and proxy")
+        fhub = await stack.enter_async_context(
+            hubtools.running_hub(workdir / "floor", floor_config, hub_ip="127.0.0.1")
+        )
+        say("starting lxdspawner's hub and proxy")
+        xhub = await stack.enter_async_context(
+            hubtools.running_hub(workdir / "lxd", lxd_config, hub_ip=LXD_HUB_IP)
+        )
+        yield Setup("floor", fhub, client), Setup("lxd", xhub, client, daemon=daemon_process())
+        say("stopping hubs and proxies")
+
+
+def daemon_process() -> Any:
+    """The daemon serving the bench's Incus socket (there may be others on the machine)."""
+    if psutil is None:
+        return None
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] not in ("incusd", "lxd"):
+            continue
+        with contextlib.suppress(psutil.Error):
+            if any(c.laddr == topology.INCUS.socket for c in p.net_connections("unix")):
+                return p
+    return None
+
+
+# -- clean-up --------------------------------------------------------------------------------
+
+
+async def remove_our_containers(client: LxdClient) -> list[str]:
+    removed = []
+    for inst in await client.list_instances(recursion=0):
+        name = inst.rsplit("/", 1)[-1].split("?")[0]
+        if not name.startswith(PREFIX + "-"):
+            continue
+        with contextlib.suppress(LxdError):
+            await client.stop_instance(name, force=True)
+        try:
+            await client.delete_instance(name)
+            removed.append(name)
+        except NotFound:
+            pass
+        except LxdError as e:
+            say(f"could not delete {name}: {e}")
+    return removed
+
+
+def kill_floor_servers(homes: Path) -> list[int]:
+    """Local servers of this run left behind (their cwd is under this run's homes)."""
+    killed = []
+    if psutil is None:
+        return killed
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if str(FLOOR_VENV) in cmd and str(p.info["cwd"] or "").startswith(str(homes)):
+                p.send_signal(signal.SIGTERM)
+                killed.append(p.pid)
+    if killed:
+        _, alive = psutil.wait_procs([psutil.Process(pid) for pid in killed], timeout=5)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    return killed
+
+
+async def final_sweep(homes: Path) -> None:
+    client = await LxdClient.connect()
+    try:
+        removed = await remove_our_containers(client)
+    finally:
+        await client.close()
+    killed = kill_floor_servers(homes)
+    if removed or killed:
+        say(f"clean-up: removed containers {removed}, killed local servers {killed}")
