@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fakes import IMAGE, FakeLxd  # noqa: E402
 
 from lxdspawner import removals  # noqa: E402
+from lxdspawner.cache import InstanceCache  # noqa: E402
 from lxdspawner.daemon import Daemon  # noqa: E402
 from lxdspawner.lxd import Remote  # noqa: E402
 
@@ -43,6 +44,15 @@ def no_daemon(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded)
     yield
     assert not reached, f"a unit test reached a daemon: {reached}"
+
+
+@pytest.fixture
+async def cache(fake):
+    """The instance cache, following ``fake``."""
+    view = InstanceCache(fake)
+    await view.start(timeout=5)
+    yield view
+    await view.stop()
 
 
 @pytest.fixture

@@ -61,8 +61,9 @@ from lxdspawner.lxd.client import CONNECTED
 from lxdspawner.objects import UNIT_NAME
 from lxdspawner.ownership import Owner
 
-#: The fingerprint of the image the ``fake`` fixture holds.
+#: The fingerprint of the image the ``fake`` fixture holds, and a create's source of it.
 IMAGE = "f00d" * 16
+SOURCE = {"type": "image", "fingerprint": IMAGE}
 #: Where a standalone daemon says its instances are.
 STANDALONE = "none"
 DEFAULT_POOL = "default"

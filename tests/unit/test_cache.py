@@ -7,22 +7,12 @@ import asyncio
 import logging
 
 import pytest
-from fakes import IMAGE, FakeLxd, owned
+from fakes import IMAGE, SOURCE, FakeLxd, owned
 
 from lxdspawner import cache as cache_module
 from lxdspawner.cache import InstanceCache
 from lxdspawner.ownership import KEY_MANAGED
 from lxdspawner.sharing import KEY_HELPER
-
-SOURCE = {"type": "image", "fingerprint": IMAGE}
-
-
-@pytest.fixture
-async def cache(fake):
-    view = InstanceCache(fake)
-    await view.start(timeout=5)
-    yield view
-    await view.stop()
 
 
 def running(entry):

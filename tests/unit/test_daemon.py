@@ -14,7 +14,7 @@ import time
 from collections import Counter
 
 import pytest
-from fakes import IMAGE, FakeLxd, eventually, owned, server_unit
+from fakes import IMAGE, SOURCE, FakeLxd, eventually, owned, server_unit
 
 from lxdspawner import cache as cache_module
 from lxdspawner import daemon as daemon_module
@@ -29,7 +29,6 @@ HUB = "hub-1"
 ANA = Owner(HUB, "ana")
 NAME = "jupyter-ana"
 CANDIDATES = [NAME, "jupyter-ana-2", "jupyter-ana-3"]
-SOURCE = {"type": "image", "fingerprint": IMAGE}
 #: ANA's keys as LXD keeps them (it drops empty values: no server key for a default server).
 ANA_KEYS = {k: v for k, v in owned("ana").items() if v}
 

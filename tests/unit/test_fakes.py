@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fakes import IMAGE, FakeLxd
+from fakes import IMAGE, SOURCE, FakeLxd
 
 from lxdspawner.lxd import (
     Conflict,
@@ -15,8 +15,6 @@ from lxdspawner.lxd import (
     Unreachable,
 )
 from lxdspawner.lxd.client import CONNECTED
-
-SOURCE = {"type": "image", "fingerprint": IMAGE}
 
 
 async def test_missing_objects_are_404s(fake):

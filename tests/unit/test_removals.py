@@ -7,23 +7,14 @@ import asyncio
 import logging
 
 import pytest
-from fakes import IMAGE, FakeLxd, eventually, owned
+from fakes import SOURCE, FakeLxd, eventually, owned
 
 from lxdspawner import removals
 from lxdspawner.cache import InstanceCache
 from lxdspawner.lxd import LxdError, Remote, Unreachable
 from lxdspawner.removals import PendingStops, Removals, remove_once_torn_down
 
-SOURCE = {"type": "image", "fingerprint": IMAGE}
 log = logging.getLogger("test-removals")
-
-
-@pytest.fixture
-async def cache(fake):
-    view = InstanceCache(fake)
-    await view.start(timeout=5)
-    yield view
-    await view.stop()
 
 
 async def server(fake: FakeLxd, cache: InstanceCache, name: str = "ana") -> None:
