@@ -84,6 +84,63 @@ async def _read(daemon: Daemon, settings: Settings) -> tuple[dict, dict]:
     return config, devices
 
 
+async def _unfiltered_on_dedicated(client: LxdClient, settings: Settings, info: dict) -> None:
+    """``"ports"`` or ``"open"`` on a bridge dedicated to lxdspawner: this hub's ACL (from an
+    earlier setting) comes off. But while other hubs' ACLs are on the bridge, it is filtered
+    whatever this hub says, and a connection no ACL allows is rejected: then this hub's ACL
+    stays, allowing what its servers need (the hub's API, DHCP, DNS, the proxy), and the
+    log says so."""
+    mode, on = settings.network_isolation, str(info.get("name", ""))
+    others = network.other_acls(info, settings.hub_id)
+    try:
+        if not others:
+            if await network.release_network(client, settings.hub_id, on):
+                log.info(
+                    "network_isolation = %r: took this hub's ACL off network %s on %s",
+                    mode,
+                    on,
+                    client.where,
+                )
+            return
+        log.warning(
+            "network_isolation = %r: network %s on %s carries other hubs' ACLs (%s), so it is "
+            "filtered whatever this hub's setting; this hub's servers keep their hub's API, "
+            "DHCP, DNS and the proxy allowed. Give this hub a bridge of its own for %r",
+            mode,
+            on,
+            client.where,
+            ", ".join(others),
+            mode,
+        )
+        isolation = await _isolation(settings, info, "hub-only")
+        await network.put_on_network(client, settings.hub_id, isolation, on)
+    except (LxdError, network.IsolationError) as e:
+        log.warning(
+            "network_isolation = %r: could not update this hub's ACL on network %s on %s: %s",
+            mode,
+            on,
+            client.where,
+            getattr(e, "message", e),
+        )
+
+
+async def _isolation(settings: Settings, info: dict, egress: str) -> network.Isolation:
+    """What this hub's servers may do on the network ``info``, as an ACL says it."""
+    gateway = network.gateway_of(info)
+    host = urlsplit(settings.hub_url).hostname or ""
+    hub_ip = await address_of(host) if is_reachable_host(host) else gateway
+    return network.Isolation(
+        hub_ip=hub_ip,
+        hub_port=settings.hub_port,
+        # The proxy on this host connects from the bridge's address; a hub host
+        # elsewhere (routed to the bridge) from the address the servers reach it at.
+        proxy_ips=(gateway, hub_ip),
+        server_port=settings.server_port,
+        gateway=gateway,
+        egress=egress,
+    )
+
+
 async def _isolated_nic(
     client: LxdClient, caps: network.Capabilities, settings: Settings, nic: dict | None
 ) -> dict[str, str]:
@@ -94,24 +151,8 @@ async def _isolated_nic(
     except NotFound:
         info = None
     if mode in ("ports", "open") and network.is_dedicated(info):
-        # This hub's ACL, from an earlier setting, would still hold on the whole network.
-        try:
-            if await network.release_network(client, settings.hub_id, on):
-                log.info(
-                    "network_isolation = %r: took this hub's ACL off network %s on %s",
-                    mode,
-                    on,
-                    client.where,
-                )
-        except LxdError as e:
-            log.warning(
-                "network_isolation = %r: could not take this hub's ACL off network %s on "
-                "%s, so it still applies there: %s",
-                mode,
-                on,
-                client.where,
-                e.message,
-            )
+        assert info is not None
+        await _unfiltered_on_dedicated(client, settings, info)
     if mode == "open":
         return dict(nic or {})
     try:
@@ -119,19 +160,7 @@ async def _isolated_nic(
         assert nic is not None and info is not None
         if mode == "ports":
             return network.nic_device(nic, None, port_isolation=caps.port_isolation)
-        gateway = network.gateway_of(info)
-        host = urlsplit(settings.hub_url).hostname or ""
-        hub_ip = await address_of(host) if is_reachable_host(host) else gateway
-        isolation = network.Isolation(
-            hub_ip=hub_ip,
-            hub_port=settings.hub_port,
-            # The proxy on this host connects from the bridge's address; a hub host
-            # elsewhere (routed to the bridge) from the address the servers reach it at.
-            proxy_ips=(gateway, hub_ip),
-            server_port=settings.server_port,
-            gateway=gateway,
-            egress=mode,
-        )
+        isolation = await _isolation(settings, info, mode)
         prepared = await network.prepare_nic(client, caps, settings.hub_id, isolation, nic)
     except network.IsolationError as e:
         raise DaemonError(str(e)) from e

@@ -486,6 +486,35 @@ async def attach_to_network(client: Any, network: str, acl: str) -> bool:
     return await _edit_network_acls(client, network, lambda acls: list(_unique([*acls, acl])))
 
 
+async def put_on_network(
+    client: Any, hub_id: str, isolation: Isolation, network: str, *, prefix: str = MANAGED_BY
+) -> str:
+    """Make this hub's ACL on the dedicated ``network`` say ``isolation``, and attach it;
+    its name. IsolationError (naming the network and the way out) if the daemon refuses."""
+    name = network_acl_name(hub_id, network, prefix=prefix)
+    # One spawn of a burst writes; the others then find it done. A write makes the daemon
+    # reload the network's firewall, which a server starting meanwhile could see half-done.
+    key = (id(asyncio.get_running_loop()), getattr(client, "where", ""), network)
+    lock = _network_locks.setdefault(key, asyncio.Lock())
+    try:
+        async with lock:
+            await ensure_acl(client, hub_id, isolation, network=network, prefix=prefix, name=name)
+            await attach_to_network(client, network, name)
+    except LxdError as e:
+        raise IsolationError(
+            f"network isolation: could not put this hub's ACL {name!r} on network {network!r}, "
+            f"which is dedicated to lxdspawner: {e.message}; let the hub's client manage "
+            f'network ACLs and that network, or set {SETTING} = "ports"'
+        ) from e
+    return name
+
+
+def other_acls(network: Mapping, hub_id: str, *, prefix: str = MANAGED_BY) -> list[str]:
+    """The ACLs on ``network`` (``GET /1.0/networks/<name>``) that are not this hub's."""
+    own = network_acl_name(hub_id, str(network.get("name", "")), prefix=prefix)
+    return [a for a in _acl_list(network) if a != own]
+
+
 async def release_network(
     client: Any, hub_id: str, network: str, *, prefix: str = MANAGED_BY
 ) -> bool:
@@ -840,21 +869,7 @@ async def prepare_nic(
     check_nic(base_nic, network, caps, device=device)
     assert base_nic is not None  # check_nic raised otherwise
     if caps.network_acls and is_dedicated(network):
-        name = network_acl_name(hub_id, on, prefix=prefix)
-        # One spawn of a burst writes; the others then find it done. A write makes the daemon
-        # reload the network's firewall, which a server starting meanwhile could see half-done.
-        key = (id(asyncio.get_running_loop()), getattr(client, "where", ""), on)
-        lock = _network_locks.setdefault(key, asyncio.Lock())
-        try:
-            async with lock:
-                await ensure_acl(client, hub_id, isolation, network=on, prefix=prefix, name=name)
-                await attach_to_network(client, on, name)
-        except LxdError as e:
-            raise IsolationError(
-                f"network isolation: could not put this hub's ACL {name!r} on network {on!r}, "
-                f"which is dedicated to lxdspawner: {e.message}; let the hub's client manage "
-                f'network ACLs and that network, or set {SETTING} = "ports"'
-            ) from e
+        name = await put_on_network(client, hub_id, isolation, on, prefix=prefix)
         nic = nic_device(
             base_nic, None, port_isolation=caps.port_isolation, ipv6_filtering=ipv6_filtering
         )
@@ -892,7 +907,9 @@ __all__ = [
     "network_acl_name",
     "nic_network",
     "prepare_nic",
+    "other_acls",
     "public_ranges",
+    "put_on_network",
     "release_network",
     "same_rules",
     "start_failure",

@@ -15,7 +15,7 @@ import pytest
 
 from lxdspawner.lxd import LxdClient
 from lxdspawner.network import network_acl_name
-from testbench.hubtools import INCUS_HUB_IP, LXD_HUB_IP, running_hub
+from testbench.hubtools import INCUS_HUB_IP, LXD_HUB_IP, forget_network_acls, running_hub
 
 from .conftest import BRIDGES, SOCKETS, remove_instances_named
 from .test_spawner import server_pid
@@ -123,6 +123,9 @@ c.LxdSpawner.process_limit = 300
 c.LxdSpawner.disk_limit = "1GiB"
 c.Spawner.start_timeout = 120
 """
+    # Earlier test hubs' ACLs stay on the bridge: this hub's is to be the only one, so that
+    # set to "ports" it takes it off (with others there, it keeps its servers' hub allowed).
+    await forget_network_acls(None)
     async with LxdClient(endpoint) as client:
         try:
             async with running_hub(tmp_path, config, hub_ip=hub_ip) as hub:

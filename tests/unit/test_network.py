@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lxdspawner import hardening
 from lxdspawner.lxd.dialect import Dialect
 from lxdspawner.lxd.errors import LxdError, NotFound, error_for_status
 from lxdspawner.network import (
@@ -700,6 +701,8 @@ class FakeDaemonWithNetworks(FakeDaemon):
     deletion. ``interloper`` changes a network's ACL list between a read and the write, as
     another hub would, ``times`` times."""
 
+    where = "the fake daemon"
+
     def __init__(self, networks, *, interloper=None, times=1):
         super().__init__()
         self.networks = {name: {**copy.deepcopy(n), "name": name} for name, n in networks.items()}
@@ -868,3 +871,44 @@ def test_lxd_on_a_bridge_not_dedicated_says_how_to_dedicate_it():
     (gap,) = LXD.gaps()
     assert "lxc network set <bridge> user.jupyterhub.managed-by=lxdspawner" in gap
     assert LXD.gaps(network="lxdspbr0") == ()
+
+
+# -- "ports" and "open" on a dedicated bridge (hardening) --------------------------------------
+
+
+def settings(mode: str, hub_id: str = "hub-1") -> hardening.Settings:
+    return hardening.Settings(
+        hub_id=hub_id,
+        profiles=("default",),
+        disk_limit="",
+        network_isolation=mode,
+        isolated_idmap=False,
+        guest_api=False,
+        hub_url=f"http://{HUB}:8081/hub/api",
+        hub_port=8081,
+        server_port=8888,
+    )
+
+
+@pytest.mark.parametrize("mode", ["ports", "open"])
+async def test_unfiltered_takes_the_hubs_acl_off_a_bridge_it_alone_filters(mode):
+    client = FakeDaemonWithNetworks({"lxdspbr0": DEDICATED})
+    await prepare_nic(client, LXD, "hub-1", isolation(), PROFILE_NIC)
+    await hardening._unfiltered_on_dedicated(client, settings(mode), client.networks["lxdspbr0"])
+    assert client.networks["lxdspbr0"]["config"]["security.acls"] == ""
+    assert client.acls == {}
+
+
+@pytest.mark.parametrize("mode", ["ports", "open"])
+async def test_unfiltered_keeps_its_servers_working_on_a_bridge_other_hubs_filter(mode, caplog):
+    """Other hubs' ACLs filter the whole bridge: what no ACL allows is rejected, so this hub's
+    ACL stays, allowing its hub's API and proxy (never more than "hub-only")."""
+    client = FakeDaemonWithNetworks({"lxdspbr0": DEDICATED})
+    await prepare_nic(client, LXD, "hub-2", isolation(hub_port=9000), PROFILE_NIC)
+    await prepare_nic(client, LXD, "hub-1", isolation(egress="internet"), PROFILE_NIC)
+    info = copy.deepcopy(client.networks["lxdspbr0"])
+    await hardening._unfiltered_on_dedicated(client, settings(mode), info)
+    mine = network_acl_name("hub-1", "lxdspbr0")
+    assert mine in client.networks["lxdspbr0"]["config"]["security.acls"].split(",")
+    assert same_rules(client.acls[mine], acl_body(mine, isolation(), hub_id="hub-1"))
+    assert "carries other hubs' ACLs" in caplog.text and mode in caplog.text
