@@ -148,6 +148,10 @@ class InstanceCache:
         since = self._member_down_since.get(member)
         return time.monotonic() - since if since is not None else 0.0
 
+    def note_member_up(self, member: str) -> None:
+        """``member`` answered (between two reads of the members' status)."""
+        self._member_down_since.pop(member, None)
+
     async def refresh_members(self) -> None:
         """Cluster members' status: one request for the whole hub, every member_interval."""
         members = await self.client.cluster_members()

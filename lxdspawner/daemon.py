@@ -754,6 +754,11 @@ class Daemon:
                 down_for = cache.member_down_for(cached.location)
                 if not down_for or down_for < member_grace:  # 0: its member is up
                     return None
+                if await self._member_answers(cached.location):
+                    # Back (the cache reads the members' status every few seconds only):
+                    # a server started there since must not be dropped.
+                    cache.note_member_up(cached.location)
+                    return None
                 # Its member stays offline: nobody can reach the server. Report it stopped,
                 # so the user can start again elsewhere; the container goes once it is back,
                 # unless it is kept (remove = False): then it waits there for its user.
@@ -785,6 +790,16 @@ class Daemon:
         if remove and may_remove:
             self.remove_when_torn_down(name, timeout)
         return 0
+
+    async def _member_answers(self, member: str) -> bool:
+        """Whether ``member`` is back: the daemon reports it Online (one request)."""
+        try:
+            members = await (await self.client()).cluster_members()
+        except LxdError:
+            return False
+        return any(
+            m.get("server_name") == member and m.get("status") == placement.ONLINE for m in members
+        )
 
     async def delete_forever(self, name: str, owner: ownership.Owner, timeout: float) -> bool:
         """Delete ``owner``'s container ``name``, kept or not (an admin deleted the server).

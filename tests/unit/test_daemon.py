@@ -447,6 +447,22 @@ async def test_a_server_whose_member_stays_offline_is_reported_stopped(
         assert cluster.instances[NAME].status == "Running"
 
 
+async def test_a_server_on_a_member_back_before_the_cache_saw_it_is_running(
+    on_cluster, cluster, clock, quick_sleeps
+):
+    """The cache reads the members' status every few seconds: a server started on a member
+    that just came back is not reported stopped for the member's old outage."""
+    quick_sleeps(members)
+    await server(on_cluster, cluster, target="m2")
+    cluster.members["m2"] = "Offline"
+    await (await on_cluster.cache()).refresh_members()
+    clock.ahead = 61
+    cluster.members["m2"] = "Online"  # back; the cache has not read it yet
+    assert await poll(on_cluster) is None
+    assert (await on_cluster.cache()).member_down_for("m2") == 0
+    assert cluster.instances[NAME].status == "Running"
+
+
 # -- the orphan reaper, delete_forever, cleanup_failed_start ------------------------------------
 
 
