@@ -274,12 +274,16 @@ c.Spawner.pre_spawn_hook = _no_image
         try:
             await log_in(page, shot, hub, "e2e-broken")
             # A spawn that fails within the hub's slow_spawn_timeout (10 s) gets the hub's
-            # error page at once; a slower failure shows on the progress page (red bar).
+            # error page at once, or its "Spawn failed" page when it failed before the
+            # pending page loaded; a slower failure shows on the progress page (red bar).
+            failed_page = "h1:has-text('Spawn failed')"
             await page.wait_for_selector(
-                "#progress-bar.bg-danger, div.error", timeout=SPAWN_TIMEOUT_MS
+                f"#progress-bar.bg-danger, div.error, {failed_page}", timeout=SPAWN_TIMEOUT_MS
             )
             if await page.locator("div.error").count():
                 message = (await page.inner_text("div.error")).strip()
+            elif await page.locator(failed_page).count():
+                message = (await page.inner_text("div.text-center")).strip()
             else:
                 message = (await page.inner_text("#progress-message")).strip()
             await shot("failed")
