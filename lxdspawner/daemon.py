@@ -25,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import ClassVar
 
-from . import bases, commands, metrics, objects, ownership, placement, sharing
+from . import bases, commands, metrics, network, objects, ownership, placement, sharing
 from .cache import InstanceCache
 from .lxd import (
     FileHelperFailed,
@@ -179,17 +179,17 @@ class Daemon:
     def where(self) -> str:
         return self._client.where if self._client else str(self.remote)
 
-    async def gateway(self, network: str) -> str:
+    async def gateway(self, name: str) -> str:
         """The IPv4 address of a managed bridge: this host as its containers see it."""
-        if network not in self._gateways:
-            info = await (await self.client()).network(network)
-            address = (info.get("config") or {}).get("ipv4.address", "")
-            if not address or address == "none":
+        if name not in self._gateways:
+            info = await (await self.client()).network(name)
+            try:
+                self._gateways[name] = network.gateway_of(info)
+            except network.IsolationError:
                 raise DaemonError(
-                    f"network {network!r} has no IPv4 address: set c.LxdSpawner.hub_connect_url"
-                )
-            self._gateways[network] = address.split("/")[0]
-        return self._gateways[network]
+                    f"network {name!r} has no IPv4 address: set c.LxdSpawner.hub_connect_url"
+                ) from None
+        return self._gateways[name]
 
     # -- placement ---------------------------------------------------------------------------
 

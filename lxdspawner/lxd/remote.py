@@ -12,20 +12,10 @@ are, never a secret.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .client import LxdClient
-
-#: The state keys a remote is recorded under (a server's JupyterHub state, since 0.1 for the
-#: first two).
-_STATE_KEYS = {
-    "endpoint": "endpoint",
-    "project": "project",
-    "client_cert": "client_cert",
-    "client_key": "client_key",
-    "server_cert": "server_cert",
-}
 
 
 @dataclass(frozen=True)
@@ -51,7 +41,7 @@ class Remote:
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Remote:
         """The remote a state recorded (missing keys: the defaults, as 0.1 wrote them)."""
-        return cls(**{field: str(state.get(key) or "") for field, key in _STATE_KEYS.items()})
+        return cls(**{f.name: str(state.get(f.name) or "") for f in fields(cls)})
 
     def _options(self, timeout: float) -> dict[str, Any]:
         return {

@@ -7,20 +7,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from traitlets.config import Config
+from test_spawner_config import spawner
 
-from lxdspawner import LxdSpawner
 from lxdspawner.daemon import Daemon
 from lxdspawner.lxd import Remote
 
 OLD = Remote("https://old:8443", "jupyter", "/etc/hub/c.crt", "/etc/hub/c.key", "/etc/hub/o.crt")
-
-
-def spawner(**settings) -> LxdSpawner:
-    config = Config()
-    for key, value in settings.items():
-        setattr(config.LxdSpawner, key, value)
-    return LxdSpawner(config=config)
 
 
 def test_a_remote_is_a_value_and_round_trips():
