@@ -51,6 +51,7 @@ from . import (
     placement,
     readiness,
 )
+from . import volumes as user_volumes
 from .daemon import Daemon, DaemonError, Source
 from .lxd import FileHelperFailed, LxdClient, LxdError, Remote, Unreachable
 from .progress import Progress
@@ -328,6 +329,46 @@ class LxdSpawner(Spawner):
         raw username. The server's root directory is `notebook_dir` if set, else this.
         """,
     )
+    # -- users' volumes (see volumes.py) -------------------------------------------------------
+
+    home_volume_size = AnyTrait(
+        "10GiB",
+        config=True,
+        help="""Each user's persistent home: a custom storage volume of this size (a quota),
+        mounted at `home_dir`, owned by the server's uid/gid (mode 0700), created at the first
+        spawn and kept afterwards: stops, culls, hub restarts and deleted containers leave it.
+        "" turns persistent homes off (the home is then in the container's root disk).""",
+    )
+    home_volume_pool = Unicode(
+        "", config=True, help="Storage pool of the home volumes (default: the root disk's)."
+    )
+    home_volume_per_server = Bool(
+        False,
+        config=True,
+        help="Give each named server a home volume of its own (default: they share the user's).",
+    )
+    home_volume_snapshots = Dict(
+        config=True,
+        help="""The daemon's scheduled snapshots of every home volume, e.g.
+        `{"schedule": "@daily", "expiry": "1w"}` (`snapshots.schedule`, `.expiry`, `.pattern`
+        of the volume); `lxdspawner volumes restore` gives one back.""",
+    )
+    volumes = Dict(
+        config=True,
+        help="""More volumes, keyed by a name template with `{username}` and `{servername}`:
+        `{"scratch-{username}": {"path": "/scratch", "size": "50GiB"},
+        "course-data": {"path": "/data", "read_only": True, "shared": True}}`. A `shared`
+        volume is one volume for every server; it is created when missing only if it has a
+        `size`. Keys: path, size, read_only, shared, pool.""",
+    )
+    delete_volumes_with_user = Bool(
+        False,
+        config=True,
+        help="""Delete a user's volumes (or a named server's own) when an admin deletes the
+        user (or the server with its storage). Off: they stay, and `lxdspawner volumes list`
+        shows them as belonging to no user.""",
+    )
+
     server_port = Int(8888, config=True, help="Port of the server inside the container.")
     post_hub_commands = List(
         Unicode(),
@@ -608,6 +649,16 @@ class LxdSpawner(Spawner):
             extra_devices=dict(self.extra_devices),
         )
 
+    def _volume_settings(self) -> user_volumes.Settings:
+        return user_volumes.settings(
+            hub=self.hub_id,
+            home_volume_size=self.home_volume_size,
+            home_volume_pool=self.home_volume_pool,
+            home_volume_per_server=self.home_volume_per_server,
+            home_volume_snapshots=self.home_volume_snapshots,
+            volumes=self.volumes,
+        )
+
     def _hardening(self, daemon: Daemon) -> hardening.Settings:
         parts = urlsplit(self.hub_connect_url or self.hub.api_url)
         return hardening.Settings(
@@ -679,8 +730,15 @@ class LxdSpawner(Spawner):
             files = await hostfiles.files_to_push(self.files_to_push, shared)
             mounts = hostfiles.mounts(self.filesystems_to_mount, self.user.name)
             home = names.home_path(self.home_dir, self.user.name)
+            plans = user_volumes.plans(
+                self._volume_settings(),
+                username=self.user.name,
+                server_name=self.name or "",
+                home=home,
+                prefix=self.name_prefix,
+            )
         except ValueError as e:
-            raise SpawnError(str(e)) from e
+            raise SpawnError(str(e), status_code=400) from e
         daemon = self._daemon_to_start_on()
         client = await daemon.client()
         cache = await daemon.cache()
@@ -702,17 +760,24 @@ class LxdSpawner(Spawner):
         spec = await hardening.harden(
             daemon, self._hardening(daemon), self._spec(uid, gid, home, mounts)
         )
+        data = await daemon.find_volumes(plans, tuple(self.profiles))
+        spec = dataclasses.replace(
+            spec,
+            volume_devices=data.devices(),
+            home_on_volume=any(p.kind == user_volumes.HOME for p in plans),
+        )
 
         if existing and self.remove:
             self._emit("Removing a leftover container of an earlier server", 8)
             await daemon.remove(name, self.stop_timeout + 10)
             existing = None
         elif existing:
+            await daemon.make_volumes(data, existing.get("location") or None, self._emit)
             await daemon.make_reusable(
                 spec, existing, self._source(None), stop_timeout=self.stop_timeout, say=self._emit
             )
 
-        created = False
+        created = started = False
         member = None
         try:
             if existing is None:
@@ -721,12 +786,15 @@ class LxdSpawner(Spawner):
                         user=self.user.name,
                         server_name=self.name or "",
                         require=self.target or None,
+                        data_member=data.member,
+                        data_volume=data.pinned_by,
                     ),
                     weights=self.host_weights,
                     policy=self.placement_policy,
                 )
                 where = f" on {member}" if member else ""
                 self._emit(f"Placing server {name}{where}", 5)
+                await daemon.make_volumes(data, member, self._emit)
                 self._emit(f"Creating container {name} from image {self.image}{where}", 10)
                 await self._step("create", daemon.create(spec, self._source(member), self._emit))
                 created = True
@@ -759,6 +827,7 @@ class LxdSpawner(Spawner):
                 if failure is None:
                     raise
                 raise SpawnError(str(failure)) from e
+            started = True
             cache.note_instance({**instance, "status": "Running"})
             self._emit("Waiting for the container's network address", 50)
             ip = await self._step("ipv4", daemon.wait_ipv4(name, self.start_timeout))
@@ -779,6 +848,8 @@ class LxdSpawner(Spawner):
             await daemon.cleanup_failed_start(
                 name, self.owner, delete=self.remove or created, timeout=self.stop_timeout + 10
             )
+            if not started:  # nothing can have been written to a volume made just now
+                await daemon.discard_volumes(data, member)
             failed = daemon.member_failed(member, name, e) if member else None
             if failed is not None:
                 raise failed from e
@@ -926,12 +997,21 @@ class LxdSpawner(Spawner):
 
     async def delete_forever(self) -> None:
         """The admin deleted the user or this named server: its kept container (remove =
-        False) goes too. The one place lxdspawner deletes a kept container."""
+        False) goes too, and, with `delete_volumes_with_user`, its volumes (the user's own
+        when this is the default server: JupyterHub deletes a user's servers one by one).
+        The one place lxdspawner deletes a kept container or a volume by itself."""
         name = self.instance_name
-        if not name:
-            return
-        if await self.daemon().delete_forever(name, self.owner, self.stop_timeout + 10):
+        daemon = self.daemon()
+        if name and await daemon.delete_forever(name, self.owner, self.stop_timeout + 10):
             self.log.info(
                 "%s: the server was deleted; deleted its container %s", self._log_name, name
             )
         self.instance_name = ""
+        try:
+            done = await daemon.delete_volumes(self.owner, delete=self.delete_volumes_with_user)
+        except (DaemonError, LxdError) as e:
+            self.log.error("%s: its volumes were not deleted: %s", self._log_name, e)
+            return
+        verb = "deleted" if self.delete_volumes_with_user else "kept (delete_volumes_with_user)"
+        if done:
+            self.log.info("%s: volumes %s: %s", self._log_name, verb, ", ".join(done))

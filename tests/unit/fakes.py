@@ -228,6 +228,9 @@ class FakeLxd:
         self.endpoint = "unix:///fake/unix.socket"
         self.instances: dict[str, FakeInstance] = {}
         self.volumes: dict[tuple[str, str, str], FakeVolume] = {}
+        #: The storage pool of the default profile's root disk, and its driver.
+        self.pool = DEFAULT_POOL
+        self.pool_driver = "btrfs"
         self.images: dict[str, FakeImage] = {}
         self.profiles: dict[str, dict] = {"default": copy.deepcopy(DEFAULT_PROFILE)}
         self.networks: dict[str, dict] = {
@@ -665,6 +668,11 @@ class FakeLxd:
         ``DELETE /1.0/instances/<name>/files?path=``, and an operation's wait; counted (and
         failed on demand) under the route, e.g. ``"PUT /1.0/instances/{name}"``."""
         parts = path.removeprefix("/1.0/").split("/")
+        if method == "GET" and parts[0] == "storage-pools" and len(parts) == 2:
+            await self._call("GET /1.0/storage-pools/{name}")
+            if parts[1] not in {self.pool, *(p for p, _, _ in self.volumes)}:
+                raise NotFound(f"Storage pool not found: {parts[1]}", status=404)
+            return {"name": parts[1], "driver": self.pool_driver}
         if method == "GET" and parts[0] == "images" and len(parts) == 2:
             await self._call("GET /1.0/images/{fingerprint}")
             return {"fingerprint": self._image({"fingerprint": parts[1]}).fingerprint}
@@ -757,6 +765,13 @@ class FakeLxd:
     # -- storage volumes --------------------------------------------------------------------
 
     def _volume(self, pool: str, name: str, target: str | None) -> FakeVolume:
+        if target is None and self.members:
+            # A clustered daemon finds a volume on whichever member holds it (asking that
+            # member: an offline one does not answer).
+            held = [v for (p, n, _), v in self.volumes.items() if (p, n) == (pool, name)]
+            if held:
+                self._location(held[0].location)
+                return held[0]
         volume = self.volumes.get((pool, name, self._location(target)))
         if volume is None:
             raise NotFound(f"Storage volume not found: {name}", status=404)
@@ -786,6 +801,13 @@ class FakeLxd:
         await self._call("update_volume_config")
         volume = self._volume(pool, name, target)
         volume.config = _clean({**volume.config, **config})
+
+    async def storage_pools(self) -> list[str]:
+        return sorted({pool for pool, _, _ in self.volumes} | {self.pool})
+
+    async def list_volumes(self, pool: str) -> list[dict]:
+        await self._call("list_volumes")
+        return [v.api() for (p, _, _), v in self.volumes.items() if p == pool]
 
     async def delete_volume(self, pool: str, name: str, *, target: str | None = None) -> None:
         await self._call("delete_volume")

@@ -1,0 +1,438 @@
+"""Users' volumes: the home volume, extra and shared volumes; names, bodies and rules.
+
+Every user gets a custom storage volume mounted at their home (``home_volume_size``; named
+servers share it unless ``home_volume_per_server``), plus any ``volumes`` the operator lists,
+DockerSpawner-style, keyed by a name template. A volume lxdspawner creates carries the keys
+of :mod:`ownership` (hub, user, server; no user for a ``shared`` one) and ``KEY_VOLUME``
+(what it is for): one holding a computed name without them is never used or deleted.
+
+Rules kept here, apart from the daemon's I/O (:class:`Volumes`, below):
+- nothing is deleted implicitly: only ``delete_forever`` with ``delete_volumes_with_user``,
+  the operator's ``lxdspawner volumes delete``, and a volume this very spawn created while
+  the server never started (nothing can have been written to it);
+- on a pool local to each cluster member, a user's volume lives on one member, and the
+  user's servers go there (:func:`data_member`, used by placement); on a remote pool (Ceph)
+  nothing is pinned.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from . import names
+from .lxd import LxdClient, LxdError, NotFound
+from .ownership import KEY_HUB, KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY, Owner, describe
+
+#: What a volume is for: "home", or the ``volumes`` template it was made from.
+KEY_VOLUME = "user.jupyterhub.volume"
+HOME = "home"
+#: Storage drivers whose volumes every member reaches (nothing to pin).
+REMOTE_DRIVERS = frozenset({"ceph", "cephfs", "cephobject"})
+#: The keys a ``volumes`` entry may have.
+VOLUME_KEYS = frozenset({"path", "size", "read_only", "shared", "pool"})
+SNAPSHOT_KEYS = frozenset({"schedule", "expiry", "pattern"})
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKMGTPE]?i?B?)?\s*")
+_UNITS = {
+    "": 1,
+    "B": 1,
+    **{f"{p}B": 1000 ** (i + 1) for i, p in enumerate("kMGTPE")},
+    **{f"{p}iB": 1024 ** (i + 1) for i, p in enumerate("KMGTPE")},
+    **{p: 1000 ** (i + 1) for i, p in enumerate("kMGTPE")},
+}
+_UNITS["KB"] = 1000
+_UNITS["K"] = 1000
+
+
+class VolumeError(Exception):
+    """A volume cannot be used: the message names the setting, the value and the volume."""
+
+    def __init__(self, message: str, *, status: int = 500) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def parse_size(value: object, setting: str) -> int:
+    """Bytes from ``"10GiB"``, ``"500MB"``, ``"1.5G"`` or a number of bytes; ValueError
+    naming ``setting`` otherwise (LXD's own units: k/M/G... are powers of 1000, Ki/Mi/Gi...
+    powers of 1024)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{setting} = {value!r} is not a size")
+    if isinstance(value, int | float) and value > 0:
+        return int(value)
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    unit = (match[2] or "") if match else ""
+    if not match or unit not in _UNITS or float(match[1]) <= 0:
+        raise ValueError(
+            f"{setting} = {value!r} is not a size: write it as 10GiB, 500MiB or 2GB (or a "
+            "number of bytes)"
+        )
+    return int(float(match[1]) * _UNITS[unit])
+
+
+def human(size: int) -> str:
+    """``10737418240`` → ``10 GiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"  # pragma: no cover
+
+
+def _path(path: object, setting: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or path.rstrip("/") == "":
+        raise ValueError(f"{setting} = {path!r}: the mount path must be an absolute path below /")
+    normal = posixpath.normpath(path)
+    if not all(names.is_safe_path_component(p) for p in normal.strip("/").split("/")):
+        raise ValueError(f"{setting} = {path!r}: the mount path must be plain directory names")
+    return normal
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The spawner's volume settings, checked (see :func:`settings`)."""
+
+    hub: str
+    home_size: int | None = None
+    home_pool: str = ""
+    per_server: bool = False
+    snapshots: Mapping[str, str] = field(default_factory=dict)
+    #: ``volumes``, checked: template → (path, size, read_only, shared, pool).
+    volumes: Mapping[str, tuple[str, int | None, bool, bool, str]] = field(default_factory=dict)
+
+
+def settings(
+    *,
+    hub: str,
+    home_volume_size: object,
+    home_volume_pool: str = "",
+    home_volume_per_server: bool = False,
+    home_volume_snapshots: Mapping | None = None,
+    volumes: Mapping | None = None,
+) -> Settings:
+    """Check the settings, raising ValueError naming the setting and the value."""
+    home_size = (
+        parse_size(home_volume_size, "home_volume_size")
+        if home_volume_size not in ("", None, 0)
+        else None
+    )
+    snapshots = dict(home_volume_snapshots or {})
+    unknown = set(snapshots) - SNAPSHOT_KEYS
+    if unknown:
+        raise ValueError(
+            f"home_volume_snapshots has unknown keys {sorted(unknown)}: use "
+            f"{sorted(SNAPSHOT_KEYS)} (e.g. {{'schedule': '@daily', 'expiry': '1w'}})"
+        )
+    checked: dict[str, tuple[str, int | None, bool, bool, str]] = {}
+    for template, entry in (volumes or {}).items():
+        setting = f"volumes[{template!r}]"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{setting} = {entry!r}: give a dict with at least 'path'")
+        unknown = set(entry) - VOLUME_KEYS
+        if unknown:
+            raise ValueError(
+                f"{setting} has unknown keys {sorted(unknown)}: use {sorted(VOLUME_KEYS)}"
+            )
+        shared = bool(entry.get("shared", False))
+        if shared and any(p in template for p in names.VOLUME_PLACEHOLDERS):
+            raise ValueError(f"{setting}: a shared volume's name cannot hold {{username}}")
+        names.volume_name(template, "user", "server")  # the template's own check
+        size = entry.get("size")
+        checked[template] = (
+            _path(entry.get("path"), f"{setting}['path']"),
+            parse_size(size, f"{setting}['size']") if size not in (None, "") else None,
+            bool(entry.get("read_only", False)),
+            shared,
+            str(entry.get("pool") or ""),
+        )
+    return Settings(
+        hub=hub,
+        home_size=home_size,
+        home_pool=home_volume_pool or "",
+        per_server=bool(home_volume_per_server),
+        snapshots={f"snapshots.{k}": str(v) for k, v in snapshots.items()},
+        volumes=checked,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One volume a server mounts."""
+
+    name: str
+    kind: str  # HOME or the ``volumes`` template
+    path: str
+    pool: str  # "" until resolved: the root disk's pool
+    size: int | None = None
+    read_only: bool = False
+    shared: bool = False
+    #: Whose it is (None for a shared volume, which is nobody's).
+    owner: Owner | None = None
+    snapshots: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return "your home volume" if self.kind == HOME else f"volume {self.name}"
+
+    @property
+    def setting(self) -> str:
+        return "home_volume_size" if self.kind == HOME else f"volumes[{self.kind!r}]"
+
+    def config(self, shifted: str = "") -> dict[str, str]:
+        """The body's config: size, snapshots, shifting, and the keys last."""
+        config: dict[str, str] = {}
+        if self.size:
+            config["size"] = str(self.size)
+        config.update(self.snapshots)
+        if shifted:
+            config["security.shifted"] = shifted
+        if self.owner is not None:
+            config.update(self.owner.keys())
+        else:
+            config.update({KEY_MANAGED: MANAGED_BY, KEY_HUB: ""})
+        config[KEY_VOLUME] = self.kind
+        return {k: v for k, v in config.items() if v != ""}
+
+    def device(self) -> dict[str, str]:
+        device = {"type": "disk", "pool": self.pool, "source": self.name, "path": self.path}
+        if self.read_only:
+            device["readonly"] = "true"
+        return device
+
+
+def plans(s: Settings, *, username: str, server_name: str, home: str, prefix: str) -> list[Plan]:
+    """The volumes of one server, home first. Raises ValueError naming the setting."""
+    out: list[Plan] = []
+    if s.home_size:
+        own = s.per_server and server_name
+        out.append(
+            Plan(
+                name=names.home_volume_name(username, server_name, prefix, s.per_server),
+                kind=HOME,
+                path=home,
+                pool=s.home_pool,
+                size=s.home_size,
+                owner=Owner(s.hub, username, server_name if own else ""),
+                snapshots=s.snapshots,
+            )
+        )
+    for template, (path, size, read_only, shared, pool) in s.volumes.items():
+        per_server = "{servername}" in template
+        out.append(
+            Plan(
+                name=names.volume_name(template, username, server_name),
+                kind=template,
+                path=path,
+                pool=pool,
+                size=size,
+                read_only=read_only,
+                shared=shared,
+                owner=None if shared else Owner(s.hub, username, server_name if per_server else ""),
+            )
+        )
+    paths = [p.path for p in out]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"two volumes are mounted at the same path: {paths}")
+    return out
+
+
+def owned(plan: Plan, config: Mapping[str, str] | None) -> bool:
+    """Whether an existing volume is the one ``plan`` means: its keys match (a shared
+    volume is the operator's: any will do)."""
+    if plan.owner is None:
+        return True
+    config = config or {}
+    return plan.owner.owns(config) and config.get(KEY_VOLUME) == plan.kind
+
+
+def data_member(volume: Mapping, driver: str) -> str | None:
+    """The member a user's existing volume pins their servers to: its ``location`` on a
+    pool local to each member; None on a remote pool (Ceph) or a standalone daemon."""
+    if driver in REMOTE_DRIVERS:
+        return None
+    location = volume.get("location") or ""
+    return None if location in ("", "none") else location
+
+
+def belongs_to(config: Mapping[str, str], hub: str, user: str, server: str | None) -> bool:
+    """Whether a volume is one of ``user``'s on ``hub`` (``server``: only that server's own;
+    None: any of the user's). For ``delete_forever``."""
+    return (
+        config.get(KEY_MANAGED) == MANAGED_BY
+        and config.get(KEY_HUB) == hub
+        and config.get(KEY_USER) == user
+        and KEY_VOLUME in config
+        and (server is None or config.get(KEY_SERVER, "") == server)
+    )
+
+
+# -- the daemon's side ------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """What :meth:`Volumes.prepare` found and made for one spawn."""
+
+    plans: list[Plan]
+    #: The existing volumes by name (None: missing).
+    found: dict[str, dict | None] = field(default_factory=dict)
+    #: The member holding the home (or another pinned) volume, if any.
+    member: str | None = None
+    pinned_by: str = ""
+    #: ``security.shifted`` for new volumes (see sharing.shifted).
+    shifted: str = ""
+    created: list[Plan] = field(default_factory=list)
+
+    def devices(self) -> dict[str, dict[str, str]]:
+        return {names.volume_device_name(p.path): p.device() for p in self.plans}
+
+
+class Volumes:
+    """One daemon's volume work: look up, check, create, and undo a failed first spawn."""
+
+    def __init__(self, client: LxdClient) -> None:
+        self.client = client
+
+    async def pool_driver(self, pool: str) -> str:
+        try:
+            return (await self.client.request("GET", f"/1.0/storage-pools/{pool}")).get(
+                "driver", ""
+            )
+        except NotFound:
+            raise VolumeError(
+                f"storage pool {pool!r} (home_volume_pool or a volume's 'pool') does not exist",
+                status=400,
+            ) from None
+
+    async def resolve_pools(self, plans: list[Plan], root_pool: str | None) -> list[Plan]:
+        out = []
+        for p in plans:
+            pool = p.pool or root_pool
+            if not pool:
+                raise VolumeError(
+                    f"{p.setting}: no storage pool for {p.name}: the profiles give no root "
+                    "disk pool; set home_volume_pool (or the volume's 'pool')"
+                )
+            out.append(Plan(**{**p.__dict__, "pool": pool}))
+        return out
+
+    async def find(self, plans: list[Plan]) -> dict[str, dict | None]:
+        """The existing volumes of ``plans`` (None: missing), checked to be theirs."""
+        found: dict[str, dict | None] = {}
+        for p in plans:
+            try:
+                volume = await self.client.get_volume(p.pool, p.name)
+            except NotFound:
+                found[p.name] = None
+                continue
+            except LxdError as e:
+                raise VolumeError(
+                    f"{p.label} {p.name} on pool {p.pool} cannot be read: {e.message}"
+                ) from e
+            if not owned(p, volume.get("config")):
+                raise VolumeError(
+                    f"the volume name {p.name} (pool {p.pool}) is held by a volume that is "
+                    f"not this server's ({describe(volume.get('config'))}); it is left "
+                    "untouched: an admin must rename or delete it",
+                    status=409,
+                )
+            found[p.name] = volume
+        return found
+
+    async def prepare(self, plans: list[Plan], *, shifted: str) -> Prepared:
+        """Look the volumes up; the pinned member comes from the first existing one on a
+        local pool. Nothing is created yet (that waits for placement: :meth:`create`)."""
+        found = await self.find(plans)
+        prepared = Prepared(plans=plans, found=found, shifted=shifted)
+        drivers: dict[str, str] = {}
+        for p in plans:
+            volume = found[p.name]
+            if volume is None:
+                if p.shared and not p.size:
+                    raise VolumeError(
+                        f"{p.setting}: the shared volume {p.name} does not exist on pool "
+                        f"{p.pool}; create it, or give it a 'size' so that it is created",
+                        status=400,
+                    )
+                continue
+            if p.pool not in drivers:
+                drivers[p.pool] = await self.pool_driver(p.pool)
+            member = data_member(volume, drivers[p.pool])
+            if member and prepared.member is None:
+                prepared.member, prepared.pinned_by = member, p.name
+            elif member and member != prepared.member:
+                raise VolumeError(
+                    f"{p.label} {p.name} is on member {member} but {prepared.pinned_by} is "
+                    f"on {prepared.member}: move one with `lxdspawner volumes move`"
+                )
+        return prepared
+
+    async def create(self, prepared: Prepared, member: str | None, say=lambda *a: None) -> None:
+        """Create the missing volumes on ``member``; bring existing ones' snapshot schedule
+        in line with the settings."""
+        for p in prepared.plans:
+            volume = prepared.found.get(p.name)
+            if volume is not None:
+                await self._update_schedule(p, volume)
+                continue
+            size = f" ({human(p.size)})" if p.size else ""
+            say(f"Creating {p.label}{size}", 12)
+            try:
+                await self.client.create_volume(
+                    p.pool, p.name, config=p.config(prepared.shifted), target=member
+                )
+            except LxdError as e:
+                raise VolumeError(
+                    f"{p.setting} = {human(p.size) if p.size else p.kind!r}: creating {p.name} "
+                    f"on pool {p.pool}{f' on {member}' if member else ''} failed: {e.message}"
+                ) from e
+            prepared.created.append(p)
+            prepared.found[p.name] = {"name": p.name, "config": p.config(prepared.shifted)}
+
+    async def _update_schedule(self, p: Plan, volume: Mapping) -> None:
+        config = volume.get("config") or {}
+        wanted = {k: v for k, v in p.snapshots.items()}
+        stale = {k: "" for k in config if k.startswith("snapshots.") and k not in wanted}
+        change = {k: v for k, v in {**stale, **wanted}.items() if config.get(k, "") != v}
+        if change and p.owner is not None:
+            await self.client.update_volume_config(
+                p.pool, p.name, change, target=volume.get("location") or None
+            )
+
+    async def discard(self, prepared: Prepared, member: str | None) -> None:
+        """Delete what this spawn created (the server never started: nothing is in them)."""
+        for p in prepared.created:
+            try:
+                await self.client.delete_volume(p.pool, p.name, target=member)
+            except LxdError:
+                pass  # left behind, empty: `lxdspawner volumes list` shows it
+        prepared.created.clear()
+
+    async def owned_by(self, hub: str, user: str, server: str | None) -> list[dict]:
+        """Every custom volume of ``user`` on ``hub`` (``server``: that server's own), in
+        every pool, each with its ``pool``."""
+        out = []
+        for pool in await self.client.storage_pools():
+            for volume in await self.client.list_volumes(pool):
+                if volume.get("type", "custom") == "custom" and belongs_to(
+                    volume.get("config") or {}, hub, user, server
+                ):
+                    out.append({**volume, "pool": pool})
+        return out
+
+    async def delete(self, volumes: Iterable[Mapping]) -> list[str]:
+        deleted = []
+        for v in volumes:
+            location = v.get("location") or ""
+            await self.client.delete_volume(
+                v["pool"], v["name"], target=None if location in ("", "none") else location
+            )
+            deleted.append(v["name"])
+        return deleted
