@@ -137,6 +137,7 @@ class Daemon:
         #: (settings) -> (when read, instance config, system devices): see the spawner.
         self.hardenings: dict[tuple, tuple[float, dict, dict]] = {}
         self._root_pools: dict[tuple[str, ...], str | None] = {}
+        self._pool_drivers: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"Daemon({self.remote})"
@@ -836,7 +837,7 @@ class Daemon:
             if profiles not in self._root_pools:
                 read = [await client.profile(p) for p in profiles]
                 self._root_pools[profiles] = sharing.root_pool(read)
-            keeper = volumes.Volumes(client)
+            keeper = volumes.Volumes(client, self._pool_drivers)
             plans = await keeper.resolve_pools(plans, self._root_pools[profiles])
             return await keeper.prepare(plans, shifted=sharing.shifted(client))
         except volumes.VolumeError as e:

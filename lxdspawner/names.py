@@ -230,11 +230,15 @@ def volume_name(template: str, username: str = "", server_name: str = "") -> str
     when it cannot give a safe name.
     """
     if not any(p in template for p in VOLUME_PLACEHOLDERS):
-        if not _is_plain_volume_name(template) or _ENDS_LIKE_HASH.search(template):
+        if (
+            not _is_plain_volume_name(template)
+            or _ENDS_LIKE_HASH.search(template)
+            or not template[0].isalpha()
+        ):
             raise ValueError(
-                f"volume name {template!r} is not usable: lower-case letters, digits and "
-                f"single hyphens, at most {MAX_LENGTH} characters, not ending in '-' and 8 or "
-                "more hex digits"
+                f"volume name {template!r} is not usable: a lower-case letter, then letters, "
+                f"digits and single hyphens, at most {MAX_LENGTH} characters, not ending in '-' "
+                "and 8 or more hex digits"
             )
         return template
     rest = template.replace("{username}", "").replace("{servername}", "")
@@ -245,7 +249,7 @@ def volume_name(template: str, username: str = "", server_name: str = "") -> str
         )
     if "{servername}" not in template and _is_kept_as_is(username, MAX_LENGTH):
         name = template.replace("{username}", username)
-        if _is_plain_volume_name(name) and not _ENDS_LIKE_HASH.search(name):
+        if _is_plain_volume_name(name) and not _ENDS_LIKE_HASH.search(name) and name[0].isalpha():
             return name
     slug = slugify(
         template.replace("{username}", slugify(username)[:24]).replace(
@@ -253,8 +257,10 @@ def volume_name(template: str, username: str = "", server_name: str = "") -> str
         )
     )
     digest = _digest("volume", template, username, server_name)
+    if not slug[:1].isalpha():
+        slug = f"v-{slug}"
     slug = slug[: MAX_LENGTH - len(digest) - 1].strip("-")
-    return f"{slug}-{digest}" if slug else f"v-{digest}"
+    return f"{slug}-{digest}"
 
 
 def home_volume_name(

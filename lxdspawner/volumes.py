@@ -21,6 +21,7 @@ import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from . import names
 from .lxd import LxdClient, LxdError, NotFound
@@ -297,19 +298,25 @@ class Prepared:
 class Volumes:
     """One daemon's volume work: look up, check, create, and undo a failed first spawn."""
 
-    def __init__(self, client: LxdClient) -> None:
+    def __init__(self, client: LxdClient, drivers: dict[str, str] | None = None) -> None:
         self.client = client
+        #: Storage pool → driver, kept by the caller across spawns (pools do not change
+        #: driver; one that is gone makes the volume requests fail, naming it).
+        self.drivers = drivers if drivers is not None else {}
 
-    async def pool_driver(self, pool: str) -> str:
-        try:
-            return (await self.client.request("GET", f"/1.0/storage-pools/{pool}")).get(
-                "driver", ""
-            )
-        except NotFound:
-            raise VolumeError(
-                f"storage pool {pool!r} (home_volume_pool or a volume's 'pool') does not exist",
-                status=400,
-            ) from None
+    async def pool_driver(self, plan: Plan) -> str:
+        pool = plan.pool
+        if pool not in self.drivers:
+            try:
+                found = await self.client.request("GET", f"/1.0/storage-pools/{quote(pool)}")
+            except NotFound:
+                setting = "home_volume_pool" if plan.kind == HOME else f"{plan.setting}['pool']"
+                raise VolumeError(
+                    f"storage pool {pool!r} ({setting}) does not exist on this daemon",
+                    status=400,
+                ) from None
+            self.drivers[pool] = found.get("driver", "")
+        return self.drivers[pool]
 
     async def resolve_pools(self, plans: list[Plan], root_pool: str | None) -> list[Plan]:
         out = []
@@ -349,9 +356,9 @@ class Volumes:
     async def prepare(self, plans: list[Plan], *, shifted: str) -> Prepared:
         """Look the volumes up; the pinned member comes from the first existing one on a
         local pool. Nothing is created yet (that waits for placement: :meth:`create`)."""
+        drivers = {p.pool: await self.pool_driver(p) for p in plans}
         found = await self.find(plans)
         prepared = Prepared(plans=plans, found=found, shifted=shifted)
-        drivers: dict[str, str] = {}
         for p in plans:
             volume = found[p.name]
             if volume is None:
@@ -362,8 +369,6 @@ class Volumes:
                         status=400,
                     )
                 continue
-            if p.pool not in drivers:
-                drivers[p.pool] = await self.pool_driver(p.pool)
             member = data_member(volume, drivers[p.pool])
             if member and prepared.member is None:
                 prepared.member, prepared.pinned_by = member, p.name

@@ -29,6 +29,7 @@ from testbench.hubtools import (
     REPO,
     chromium_missing,
     forget_network_acls,
+    forget_volumes,
 )
 
 OUTPUT_ROOT = Path(os.environ.get("LXDSPAWNER_TEST_OUTPUT", REPO / "test-output"))
@@ -67,12 +68,14 @@ def pytest_collection_finish(session):
     )
     if _uses_daemons:
         asyncio.run(forget_network_acls(None))
+        asyncio.run(forget_volumes(None))
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Nor from this run, once it is over."""
     if _uses_daemons:
         asyncio.run(forget_network_acls(None))
+        asyncio.run(forget_volumes(None))
 
 
 def _slug(text: str) -> str:
