@@ -141,8 +141,9 @@ async def log_in(page, shot, hub, username: str, next_path: str | None = None) -
     await page.click("#login_submit")
 
 
-async def watch_spawn(page, shot, server_path: str) -> None:
-    """From the spawn page (if we see it) into JupyterLab at ``server_path``."""
+async def watch_spawn(page, shot, server_path: str, ready: str = ".jp-LauncherCard") -> None:
+    """From the spawn page (if we see it) into JupyterLab at ``server_path``, until
+    ``ready`` shows (the launcher of a new user's JupyterLab)."""
     try:
         await page.wait_for_url(re.compile(r".*/hub/spawn-pending/.*"), timeout=15_000)
         await page.wait_for_selector("#progress-message:not(:empty)", timeout=15_000)
@@ -153,7 +154,7 @@ async def watch_spawn(page, shot, server_path: str) -> None:
     await page.wait_for_url(
         re.compile(".*" + re.escape(server_path) + "lab.*"), timeout=SPAWN_TIMEOUT_MS
     )
-    await page.wait_for_selector(".jp-LauncherCard", timeout=60_000)
+    await page.wait_for_selector(ready, timeout=60_000)
     await shot("lab")
 
 
@@ -188,7 +189,11 @@ async def wait_gone(hub, user: str, server_name: str = "", timeout: float = 60) 
         await asyncio.sleep(0.5)
 
 
-async def test_login_lab_notebook_and_stop(hub, browser, output_dir, mode):
+async def test_login_lab_notebook_stop_and_the_notebook_is_still_there(
+    hub, browser, output_dir, mode
+):
+    """Log in, write a notebook, stop the server from the control panel (its container is
+    deleted), start it again: the same notebook opens, with what was written in it."""
     user = "e2e-lab"
     context, page, shot = await new_page(browser, output_dir)
     try:
@@ -196,8 +201,10 @@ async def test_login_lab_notebook_and_stop(hub, browser, output_dir, mode):
         await watch_spawn(page, shot, f"/user/{user}/")
 
         hostname = await run_in_new_notebook(
-            page, shot, "import socket; print(socket.gethostname())"
+            page, shot, "import socket; print(socket.gethostname())  # kept-across-stops"
         )
+        await page.keyboard.press("Control+s")
+        await page.get_by_text("Saving completed").first.wait_for(timeout=30_000)
         if mode == "lxd":
             assert hostname.startswith("jupyter-") and user in hostname, hostname
             assert hostname in instance_names()
@@ -220,6 +227,18 @@ async def test_login_lab_notebook_and_stop(hub, browser, output_dir, mode):
             while hostname in instance_names():
                 assert time.monotonic() < deadline, "the container outlived its server"
                 await asyncio.sleep(0.5)
+
+        await page.click("#start")
+        # JupyterLab may open the notebook again by itself (its workspace is in the home).
+        await watch_spawn(page, shot, f"/user/{user}/", ".jp-LauncherCard, .jp-NotebookPanel")
+        await page.goto(hub.public_url + f"/user/{user}/lab/tree/Untitled.ipynb")
+        cell = page.locator(".jp-NotebookPanel:visible .jp-Cell .cm-content").first
+        await cell.wait_for(timeout=60_000)
+        assert "kept-across-stops" in await cell.inner_text()
+        output = page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output").first
+        assert (await output.inner_text()).strip() == hostname  # saved with its output
+        await shot("reopened")
+        await hub.stop_server(user)
     except BaseException:
         await shot.failure()
         raise
