@@ -736,6 +736,7 @@ class LxdSpawner(Spawner):
                 server_name=self.name or "",
                 home=home,
                 prefix=self.name_prefix,
+                host_mounts=[m.path for m in mounts],
             )
         except ValueError as e:
             raise SpawnError(str(e), status_code=400) from e

@@ -208,10 +208,20 @@ class Plan:
         return device
 
 
-def plans(s: Settings, *, username: str, server_name: str, home: str, prefix: str) -> list[Plan]:
-    """The volumes of one server, home first. Raises ValueError naming the setting."""
+def plans(
+    s: Settings,
+    *,
+    username: str,
+    server_name: str,
+    home: str,
+    prefix: str,
+    host_mounts: Iterable[str] = (),
+) -> list[Plan]:
+    """The volumes of one server, home first. A home that ``filesystems_to_mount`` already
+    mounts from the host (``host_mounts``: their paths; the original spawner's way of
+    keeping homes) gets no volume. Raises ValueError naming the setting."""
     out: list[Plan] = []
-    if s.home_size:
+    if s.home_size and home not in {posixpath.normpath(p) for p in host_mounts}:
         own = s.per_server and server_name
         out.append(
             Plan(
@@ -238,9 +248,11 @@ def plans(s: Settings, *, username: str, server_name: str, home: str, prefix: st
                 owner=None if shared else Owner(s.hub, username, server_name if per_server else ""),
             )
         )
-    paths = [p.path for p in out]
+    paths = [p.path for p in out] + [posixpath.normpath(p) for p in host_mounts]
     if len(set(paths)) != len(paths):
-        raise ValueError(f"two volumes are mounted at the same path: {paths}")
+        raise ValueError(
+            f"two volumes (or a volume and filesystems_to_mount) are mounted at one path: {paths}"
+        )
     return out
 
 

@@ -281,3 +281,17 @@ async def test_a_named_servers_deletion_takes_only_its_own_volume(fake: FakeLxd)
     await s.delete_forever()
     assert fake.volume("default", lab) is None
     assert fake.volume("default", HOME) is not None
+
+
+def test_a_home_mounted_from_the_host_gets_no_volume():
+    """The original spawner's configs mount host homes with filesystems_to_mount: they keep
+    working, their host directory stays the home."""
+    s = volumes.settings(hub="h", home_volume_size="1GiB", volumes={"s-{username}": "/s"})
+    planned = volumes.plans(
+        s, username="ana", server_name="", home="/home/ana", prefix="j", host_mounts=["/home/ana/"]
+    )
+    assert [p.path for p in planned] == ["/s"]
+    with pytest.raises(ValueError, match="filesystems_to_mount"):
+        volumes.plans(
+            s, username="ana", server_name="", home="/home/ana", prefix="j", host_mounts=["/s"]
+        )
