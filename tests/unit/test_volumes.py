@@ -112,7 +112,7 @@ def test_plans_home_first_with_the_keys_of_their_owner():
 
 def test_two_volumes_at_one_path_are_refused():
     s = volumes.settings(hub="h", home_volume_size="1GiB", volumes={"x": "/home/ana"})
-    with pytest.raises(ValueError, match="same path"):
+    with pytest.raises(ValueError, match="at one path"):
         volumes.plans(s, username="ana", server_name="", home="/home/ana", prefix="jupyter")
 
 
