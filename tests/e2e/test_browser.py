@@ -296,9 +296,16 @@ c.Spawner.pre_spawn_hook = _no_image
             # error page at once, or its "Spawn failed" page when it failed before the
             # pending page loaded; a slower failure shows on the progress page (red bar).
             failed_page = "h1:has-text('Spawn failed')"
-            await page.wait_for_selector(
-                f"#progress-bar.bg-danger, div.error, {failed_page}", timeout=SPAWN_TIMEOUT_MS
-            )
+            shown = f"#progress-bar.bg-danger, div.error, {failed_page}"
+            try:
+                await page.wait_for_selector(shown, timeout=20_000)
+            except Exception:
+                # A spawn that fails while the pending page opens its event stream can leave
+                # that page at "starting up" (JupyterHub's race, seen under load): a reload
+                # shows the failure, as it would for a person.
+                await shot("stale-pending-page")
+                await page.reload()
+                await page.wait_for_selector(shown, timeout=60_000)
             if await page.locator("div.error").count():
                 message = (await page.inner_text("div.error")).strip()
             elif await page.locator(failed_page).count():
