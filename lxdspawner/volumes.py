@@ -186,6 +186,17 @@ class Plan:
     def setting(self) -> str:
         return "home_volume_size" if self.kind == HOME else f"volumes[{self.kind!r}]"
 
+    def describe_settings(self) -> str:
+        """The settings that made this volume, for an error message."""
+        size = repr(human(self.size)) if self.size else "none"
+        if self.kind != HOME:
+            return f"{self.setting}: size {size}, pool {self.pool!r}"
+        snapshots = {k.removeprefix("snapshots."): v for k, v in self.snapshots.items()}
+        return (
+            f"home_volume_size = {size}, home_volume_pool = {self.pool!r}, "
+            f"home_volume_snapshots = {snapshots!r}"
+        )
+
     def config(self, shifted: str = "") -> dict[str, str]:
         """The body's config: size, snapshots, shifting, and the keys last."""
         config: dict[str, str] = {}
@@ -407,8 +418,9 @@ class Volumes:
                 )
             except LxdError as e:
                 raise VolumeError(
-                    f"{p.setting} = {human(p.size) if p.size else p.kind!r}: creating {p.name} "
-                    f"on pool {p.pool}{f' on {member}' if member else ''} failed: {e.message}"
+                    f"creating {p.label} {p.name} on pool {p.pool}"
+                    f"{f' on {member}' if member else ''} failed: {e.message} (settings: "
+                    f"{p.describe_settings()})"
                 ) from e
             prepared.created.append(p)
             prepared.found[p.name] = {"name": p.name, "config": p.config(prepared.shifted)}

@@ -63,7 +63,7 @@ async def test_the_home_outlives_its_server_holds_its_quota_and_is_snapshotted(
     user only, and the next spawn works; the daemon snapshots the home on schedule."""
     settings = {
         "home_volume_size": "64MiB",
-        "home_volume_snapshots": {"schedule": "* * * * *", "expiry": "1h"},
+        "home_volume_snapshots": {"schedule": "* * * * *", "expiry": "1H"},
     }
     hub_ip = LXD_HUB_IP if daemon == "lxd" else None
     kwargs = {"hub_ip": hub_ip} if hub_ip else {}

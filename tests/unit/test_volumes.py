@@ -295,3 +295,14 @@ def test_a_home_mounted_from_the_host_gets_no_volume():
         volumes.plans(
             s, username="ana", server_name="", home="/home/ana", prefix="j", host_mounts=["/s"]
         )
+
+
+@pytest.mark.usefixtures("hub_daemon", "server_answers")
+async def test_a_volume_the_daemon_refuses_names_the_settings(fake: FakeLxd):
+    from lxdspawner.lxd import LxdError
+
+    fake.fail("create_volume", LxdError('option "snapshots.expiry": Invalid expiry expression'))
+    error, _ = await fails(spawner(fake, home_volume_snapshots={"expiry": "1h"}))
+    assert "Invalid expiry expression" in str(error)
+    assert "home_volume_snapshots = {'expiry': '1h'}" in str(error)
+    assert not fake.instances
