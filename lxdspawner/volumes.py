@@ -279,10 +279,7 @@ def owned(plan: Plan, config: Mapping[str, str] | None) -> bool:
 def data_member(volume: Mapping, driver: str) -> str | None:
     """The member a user's existing volume pins their servers to: its ``location`` on a
     pool local to each member; None on a remote pool (Ceph) or a standalone daemon."""
-    if driver in REMOTE_DRIVERS:
-        return None
-    location = volume.get("location") or ""
-    return None if location in ("", "none") else location
+    return None if driver in REMOTE_DRIVERS else _where(volume)
 
 
 def belongs_to(config: Mapping[str, str], hub: str, user: str, server: str | None) -> bool:
@@ -298,6 +295,12 @@ def belongs_to(config: Mapping[str, str], hub: str, user: str, server: str | Non
 
 
 # -- the daemon's side ------------------------------------------------------------------------
+
+
+def _where(volume: Mapping) -> str | None:
+    """The ``target`` for a request about an existing volume: its member on a cluster."""
+    location = volume.get("location") or ""
+    return None if location in ("", "none") else location
 
 
 @dataclass
@@ -384,6 +387,8 @@ class Volumes:
         prepared = Prepared(plans=plans, found=found, shifted=shifted)
         for p in plans:
             volume = found[p.name]
+            if volume is not None and p.shared and shifted:
+                await self._shift_shared(p, volume)
             if volume is None:
                 if p.shared and not p.size:
                     raise VolumeError(
@@ -425,15 +430,32 @@ class Volumes:
             prepared.created.append(p)
             prepared.found[p.name] = {"name": p.name, "config": p.config(prepared.shifted)}
 
+    async def _shift_shared(self, p: Plan, volume: dict) -> None:
+        """A shared volume is mounted in containers that each have their own uid range: on
+        Incus it must be shifted (idmapped mounts). One the operator made without is set so
+        while nothing uses it; in use, the spawn fails saying what to run."""
+        config = volume.get("config") or {}
+        if config.get("security.shifted") == "true":
+            return
+        if volume.get("used_by"):
+            raise VolumeError(
+                f"{p.setting}: the shared volume {p.name} is mounted in containers with "
+                "different uid ranges and must be shifted: stop the servers using it and run "
+                f"`incus storage volume set {p.pool} {p.name} security.shifted=true`",
+                status=409,
+            )
+        await self.client.update_volume_config(
+            p.pool, p.name, {"security.shifted": "true"}, target=_where(volume)
+        )
+        volume["config"] = {**config, "security.shifted": "true"}
+
     async def _update_schedule(self, p: Plan, volume: Mapping) -> None:
         config = volume.get("config") or {}
         wanted = {k: v for k, v in p.snapshots.items()}
         stale = {k: "" for k in config if k.startswith("snapshots.") and k not in wanted}
         change = {k: v for k, v in {**stale, **wanted}.items() if config.get(k, "") != v}
         if change and p.owner is not None:
-            await self.client.update_volume_config(
-                p.pool, p.name, change, target=volume.get("location") or None
-            )
+            await self.client.update_volume_config(p.pool, p.name, change, target=_where(volume))
 
     async def discard(self, prepared: Prepared, member: str | None) -> None:
         """Delete what this spawn created (the server never started: nothing is in them)."""
@@ -459,9 +481,6 @@ class Volumes:
     async def delete(self, volumes: Iterable[Mapping]) -> list[str]:
         deleted = []
         for v in volumes:
-            location = v.get("location") or ""
-            await self.client.delete_volume(
-                v["pool"], v["name"], target=None if location in ("", "none") else location
-            )
+            await self.client.delete_volume(v["pool"], v["name"], target=_where(v))
             deleted.append(v["name"])
         return deleted

@@ -306,3 +306,21 @@ async def test_a_volume_the_daemon_refuses_names_the_settings(fake: FakeLxd):
     assert "Invalid expiry expression" in str(error)
     assert "home_volume_snapshots = {'expiry': '1h'}" in str(error)
     assert not fake.instances
+
+
+@pytest.mark.usefixtures("hub_daemon", "server_answers")
+async def test_an_existing_home_follows_the_snapshot_setting(fake: FakeLxd):
+    keys = {**owned("ana", hub=HUB), "user.jupyterhub.volume": "home"}
+    home = fake.add_volume("default", HOME, config={**keys, "snapshots.schedule": "@hourly"})
+    await start(spawner(fake, home_volume_snapshots={"schedule": "@daily", "expiry": "1w"}))
+    assert home.config["snapshots.schedule"] == "@daily"
+    assert home.config["snapshots.expiry"] == "1w"
+
+
+@pytest.mark.usefixtures("hub_daemon", "server_answers")
+async def test_an_operators_shared_volume_is_shifted_for_containers_with_their_own_uids(
+    fake: FakeLxd,
+):
+    course = fake.add_volume("default", "course", config={"user.note": "the operator's"})
+    await start(spawner(fake, volumes={"course": {"path": "/data", "shared": True}}))
+    assert course.config == {"user.note": "the operator's", "security.shifted": "true"}
