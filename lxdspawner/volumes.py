@@ -21,7 +21,7 @@ import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from . import names
 from .lxd import LxdClient, LxdError, NotFound
@@ -472,9 +472,7 @@ class Volumes:
         out = []
         for pool in await self.client.storage_pools():
             for volume in await self.client.list_volumes(pool):
-                if volume.get("type", "custom") == "custom" and belongs_to(
-                    volume.get("config") or {}, hub, user, server
-                ):
+                if is_volume(volume) and belongs_to(volume.get("config") or {}, hub, user, server):
                     out.append({**volume, "pool": pool})
         return out
 
@@ -484,3 +482,74 @@ class Volumes:
             await self.client.delete_volume(v["pool"], v["name"], target=_where(v))
             deleted.append(v["name"])
         return deleted
+
+    # -- the operator's work (``lxdspawner volumes``, see volumecli.py) ----------------------
+
+    async def ours(self) -> list[dict]:
+        """Every custom volume lxdspawner made (``KEY_VOLUME`` and managed-by lxdspawner), in
+        every pool, each with its ``pool``; a name alone never makes one ours."""
+        out = []
+        for pool in await self.client.storage_pools():
+            for volume in await self.client.list_volumes(pool):
+                config = volume.get("config") or {}
+                if (
+                    is_volume(volume)
+                    and config.get(KEY_MANAGED) == MANAGED_BY
+                    and KEY_VOLUME in config
+                ):
+                    out.append({**volume, "pool": pool})
+        return out
+
+    async def instances_using(self, volume: Mapping) -> list[dict]:
+        """The instances the daemon says use ``volume`` (its ``used_by``), each as
+        ``GET /1.0/instances/<name>`` answers (status, location); one deleted meanwhile is
+        left out."""
+        found = []
+        for url in volume.get("used_by") or []:
+            path = urlsplit(url).path
+            if not path.startswith("/1.0/instances/"):
+                continue  # a profile naming it: it is in use only through an instance
+            name = unquote(path.removeprefix("/1.0/instances/").split("/")[0])
+            try:
+                found.append(await self.client.get_instance(name))
+            except NotFound:
+                continue
+        return found
+
+    async def snapshot(self, volume: Mapping, snapshot: str) -> None:
+        await self.client.create_volume_snapshot(
+            volume["pool"], volume["name"], snapshot, target=target_of(volume)
+        )
+
+    async def snapshots(self, volume: Mapping) -> list[dict]:
+        return await self.client.volume_snapshots(
+            volume["pool"], volume["name"], target=target_of(volume)
+        )
+
+    async def restore(self, volume: Mapping, snapshot: str) -> None:
+        await self.client.restore_volume(
+            volume["pool"], volume["name"], snapshot, target=target_of(volume)
+        )
+
+    async def resize(self, volume: Mapping, size: int) -> None:
+        await self.client.update_volume_config(
+            volume["pool"], volume["name"], {"size": str(size)}, target=target_of(volume)
+        )
+
+    async def move(self, volume: Mapping, member: str) -> None:
+        """To ``member`` of the same cluster, in the same pool (see LxdClient.move_volume)."""
+        await self.client.move_volume(
+            volume["pool"], volume["name"], source=target_of(volume) or "", target=member
+        )
+
+
+def is_volume(volume: Mapping) -> bool:
+    """Whether an entry of a pool's volume list is a custom volume itself: the list holds its
+    snapshots too (``home/snap0``, of type custom, with the volume's config and keys)."""
+    return volume.get("type", "custom") == "custom" and "/" not in str(volume.get("name", ""))
+
+
+def target_of(volume: Mapping) -> str | None:
+    """The member to ask about ``volume``: its location; None on a standalone daemon."""
+    location = volume.get("location") or ""
+    return None if location in ("", "none") else location

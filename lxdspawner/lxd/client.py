@@ -873,6 +873,73 @@ class LxdClient:
             json_body={"config": dict(config)},
         )
 
+    async def volume_state(self, pool: str, name: str, *, target: str | None = None) -> dict:
+        """``GET …/state``: ``{"usage": {"used": bytes, "total": bytes}}`` (the usage may be
+        missing where the driver cannot tell)."""
+        return await self.request(
+            "GET",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}/state",
+            params={"target": target},
+        )
+
+    async def volume_snapshots(
+        self, pool: str, name: str, *, target: str | None = None
+    ) -> list[dict]:
+        """A custom volume's snapshots (``name`` is the snapshot's own, ``created_at``...)."""
+        return await self.request(
+            "GET",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}/snapshots",
+            params={"target": target, "recursion": 1},
+        )
+
+    async def create_volume_snapshot(
+        self, pool: str, name: str, snapshot: str, *, target: str | None = None
+    ) -> None:
+        await self.run(
+            "POST",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}/snapshots",
+            params={"target": target},
+            json_body={"name": snapshot},
+        )
+
+    async def restore_volume(
+        self, pool: str, name: str, snapshot: str, *, target: str | None = None
+    ) -> None:
+        """Give a custom volume the content of one of its snapshots: a PUT of
+        ``{"restore": snapshot}`` (without ``config``, nothing else changes). The daemons
+        refuse while a running instance uses the volume."""
+        result = await self.request(
+            "PUT",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}",
+            params={"target": target},
+            json_body={"restore": snapshot},
+        )
+        if isinstance(result, dict) and result.get("id") and result.get("class") == "task":
+            await self.wait(result)
+
+    async def move_volume(
+        self, pool: str, name: str, *, source: str, target: str, timeout: float = 3600.0
+    ) -> None:
+        """Move a custom volume (with its snapshots) from cluster member ``source`` to
+        ``target``, in the same pool, keeping its name and config: one request with the API
+        extension ``cluster_internal_custom_volume_copy`` (``POST …/volumes/custom/<name>
+        ?target=<target>`` with ``migration`` and the ``source`` location; the daemon copies
+        it over and deletes the source). Incus's ``storage volume move
+        --destination-target`` reaches the same server code."""
+        await self.run(
+            "POST",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}",
+            params={"target": target},
+            json_body={
+                "name": name,
+                "pool": pool,
+                "migration": True,
+                "volume_only": False,
+                "source": {"name": name, "pool": pool, "location": source},
+            },
+            timeout=timeout,
+        )
+
     async def list_images(self) -> list[dict]:
         return await self.request("GET", "/1.0/images", params={"recursion": 1})
 

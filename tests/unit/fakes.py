@@ -4,8 +4,11 @@
 and the bases call, with what Incus 6.0 answers: 404s (``NotFound``) for missing objects, a
 running instance refuses to be deleted ("Instance is running"), a stop of a stopped one fails
 with "The instance is already stopped", empty config values are dropped, a volume in use
-cannot be deleted. State changes emit the lifecycle events Incus emits, on an
-``events()`` stream that the cache subscribes to as it does to ``/1.0/events``.
+cannot be deleted. Volumes have snapshots (listed with the pool's volumes as
+``<volume>/<snapshot>``, as the daemons list them), a restore refused while a running instance
+uses the volume, ``used_by`` (instances whose devices, their profiles' included, name it), a
+usage, and a move between cluster members. State changes emit the lifecycle events Incus
+emits, on an ``events()`` stream that the cache subscribes to as it does to ``/1.0/events``.
 
 The composite methods (``shut_down``, ``remove_instance``, ``delete_stopped_instance``) are
 LxdClient's own, running on the fake's primitives: a test of a caller also tests them.
@@ -55,6 +58,7 @@ from lxdspawner.lxd import (
     LxdClient,
     LxdError,
     NotFound,
+    OperationFailed,
     Unreachable,
 )
 from lxdspawner.lxd.client import CONNECTED
@@ -113,6 +117,8 @@ class FakeInstance:
     ipv4: str = ""
     #: Its file helper fails every write (Incus 6.0.4's forkfile race that does not pass).
     file_helper_stuck: bool = False
+    #: Its last start (the daemon's zero time until it first starts).
+    last_used_at: str = "0001-01-01T00:00:00Z"
 
     def api(self, profiles: Mapping[str, dict] | None = None) -> dict:
         """As ``GET /1.0/instances/<name>``; with the daemon's ``profiles``, the expanded
@@ -140,6 +146,7 @@ class FakeInstance:
             "ephemeral": False,
             "stateful": False,
             "description": "",
+            "last_used_at": self.last_used_at,
         }
 
 
@@ -151,14 +158,20 @@ class FakeVolume:
     config: dict[str, str] = field(default_factory=dict)
     #: What was copied into it, for tests to look at (set by their exec handlers).
     content: set[str] = field(default_factory=set)
+    #: Its snapshots in the order taken: name -> the content they hold.
+    snapshots: dict[str, set[str]] = field(default_factory=dict)
+    #: Bytes in use, as ``GET …/state`` tells (``usage.used``).
+    used: int = 0
 
-    def api(self) -> dict:
+    def api(self, used_by: Iterable[str] = ()) -> dict:
         return {
             "name": self.name,
             "type": "custom",
             "config": dict(self.config),
             "location": self.location,
-            "used_by": [],
+            "used_by": list(used_by),
+            "content_type": "filesystem",
+            "description": "",
         }
 
 
@@ -222,7 +235,12 @@ class FakeLxd:
         timeout: float = 5.0,
     ) -> None:
         self.members: dict[str, str] = {m: "Online" for m in members}
-        self.dialect = Dialect(product=product, clustered=bool(self.members))
+        self.dialect = Dialect(
+            product=product,
+            clustered=bool(self.members),
+            # Both Incus 6 and LXD 5.0 move a custom volume between members in one request.
+            api_extensions=frozenset({"cluster_internal_custom_volume_copy"}),
+        )
         self.project = project
         self.timeout = timeout
         self.endpoint = "unix:///fake/unix.socket"
@@ -241,6 +259,8 @@ class FakeLxd:
                 "config": {"ipv4.address": "10.0.0.1/24", "ipv4.nat": "true"},
             }
         }
+        #: The time an instance's start records (``last_used_at``).
+        self.clock: Callable[[], str] = lambda: "2025-01-02T03:04:05.123456789Z"
         #: False: the bridge gives no address (no DHCP server answers).
         self.dhcp = True
         self._addresses = itertools.count(2)
@@ -583,6 +603,7 @@ class FakeLxd:
             raise LxdError("The instance is already running", status=400)
         instance.status = "Running"
         instance.tearing_down = False
+        instance.last_used_at = self.clock()
         if self.dhcp:
             instance.ipv4 = f"10.0.0.{next(self._addresses)}"
         self.emit("instance-started", name)
@@ -777,9 +798,88 @@ class FakeLxd:
             raise NotFound(f"Storage volume not found: {name}", status=404)
         return volume
 
+    def _users(self, volume: FakeVolume) -> list[FakeInstance]:
+        """The instances on the volume's member whose devices (their profiles' too) name it:
+        its ``used_by``."""
+        return [
+            i
+            for i in self.instances.values()
+            if i.location == volume.location
+            and any(
+                d.get("type") == "disk"
+                and d.get("pool") == volume.pool
+                and d.get("source") == volume.name
+                for d in i.api(self.profiles)["expanded_devices"].values()
+            )
+        ]
+
+    def _volume_api(self, volume: FakeVolume) -> dict:
+        return volume.api(f"/1.0/instances/{i.name}" for i in self._users(volume))
+
     async def get_volume(self, pool: str, name: str, *, target: str | None = None) -> dict:
         await self._call("get_volume")
-        return self._volume(pool, name, target).api()
+        return self._volume_api(self._volume(pool, name, target))
+
+    async def volume_state(self, pool: str, name: str, *, target: str | None = None) -> dict:
+        await self._call("volume_state")
+        volume = self._volume(pool, name, target)
+        usage = {"total": int(volume.config.get("size", "-1") or -1)}
+        if volume.used:  # Incus leaves a 0 out
+            usage["used"] = volume.used
+        return {"usage": usage}
+
+    async def volume_snapshots(
+        self, pool: str, name: str, *, target: str | None = None
+    ) -> list[dict]:
+        await self._call("volume_snapshots")
+        volume = self._volume(pool, name, target)
+        return [
+            {
+                "name": f"{name}/{snap}",  # the full name, as Incus 6 and LXD 5.0 give it
+                "config": dict(volume.config),
+                "content_type": "",
+                "description": "",
+                "expires_at": None,
+            }
+            for snap in volume.snapshots
+        ]
+
+    async def create_volume_snapshot(
+        self, pool: str, name: str, snapshot: str, *, target: str | None = None
+    ) -> None:
+        await self._call("create_volume_snapshot")
+        volume = self._volume(pool, name, target)
+        if snapshot in volume.snapshots:
+            raise OperationFailed("Snapshot by that name already exists")
+        volume.snapshots[snapshot] = set(volume.content)
+
+    async def restore_volume(
+        self, pool: str, name: str, snapshot: str, *, target: str | None = None
+    ) -> None:
+        """As Incus: refused while a running instance uses the volume."""
+        await self._call("restore_volume")
+        volume = self._volume(pool, name, target)
+        if snapshot not in volume.snapshots:
+            raise NotFound("Storage volume snapshot not found", status=404)
+        if any(i.status == "Running" for i in self._users(volume)):
+            raise LxdError("Cannot restore custom volume used by running instances", status=400)
+        volume.content = set(volume.snapshots[snapshot])
+
+    async def move_volume(
+        self, pool: str, name: str, *, source: str, target: str, timeout: float = 3600.0
+    ) -> None:
+        """Incus's move between members (cluster_internal_custom_volume_copy): the volume,
+        its config and its snapshots, under the same name."""
+        await self._call("move_volume")
+        volume = self._volume(pool, name, source or None)
+        destination = self._location(target)
+        if destination == volume.location:
+            raise OperationFailed("Target must be different than storage volumes' current location")
+        if (pool, name, destination) in self.volumes:
+            raise OperationFailed("Volume by that name already exists")
+        del self.volumes[(pool, name, volume.location)]
+        volume.location = destination
+        self.volumes[(pool, name, destination)] = volume
 
     async def create_volume(
         self,
@@ -807,21 +907,19 @@ class FakeLxd:
 
     async def list_volumes(self, pool: str) -> list[dict]:
         await self._call("list_volumes")
-        return [v.api() for (p, _, _), v in self.volumes.items() if p == pool]
+        listed = []
+        for (p, _, _), v in self.volumes.items():
+            if p == pool:
+                listed.append(self._volume_api(v))
+                # As the daemons list them: each snapshot too, a custom volume named
+                # "<volume>/<snapshot>" holding the volume's config.
+                listed += [{**v.api(), "name": f"{v.name}/{snap}"} for snap in v.snapshots]
+        return listed
 
     async def delete_volume(self, pool: str, name: str, *, target: str | None = None) -> None:
         await self._call("delete_volume")
         volume = self._volume(pool, name, target)
-        users = [
-            i.name
-            for i in self.instances.values()
-            if i.location == volume.location
-            and any(
-                d.get("type") == "disk" and d.get("pool") == pool and d.get("source") == name
-                for d in i.devices.values()
-            )
-        ]
-        if users:
+        if self._users(volume):
             raise LxdError("The storage volume is still in use", status=400)
         del self.volumes[(volume.pool, volume.name, volume.location)]
 
