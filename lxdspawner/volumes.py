@@ -186,6 +186,10 @@ class Plan:
     def setting(self) -> str:
         return "home_volume_size" if self.kind == HOME else f"volumes[{self.kind!r}]"
 
+    @property
+    def pool_setting(self) -> str:
+        return "home_volume_pool" if self.kind == HOME else f"{self.setting}['pool']"
+
     def describe_settings(self) -> str:
         """The settings that made this volume, for an error message."""
         size = repr(human(self.size)) if self.size else "none"
@@ -330,13 +334,12 @@ class Volumes:
         #: driver; one that is gone makes the volume requests fail, naming it).
         self.drivers = drivers if drivers is not None else {}
 
-    async def pool_driver(self, plan: Plan) -> str:
-        pool = plan.pool
+    async def pool_driver(self, pool: str, setting: str = "the volume's pool") -> str:
+        """The pool's storage driver; a missing pool is named with ``setting``."""
         if pool not in self.drivers:
             try:
                 found = await self.client.request("GET", f"/1.0/storage-pools/{quote(pool)}")
             except NotFound:
-                setting = "home_volume_pool" if plan.kind == HOME else f"{plan.setting}['pool']"
                 raise VolumeError(
                     f"storage pool {pool!r} ({setting}) does not exist on this daemon",
                     status=400,
@@ -382,7 +385,7 @@ class Volumes:
     async def prepare(self, plans: list[Plan], *, shifted: str) -> Prepared:
         """Look the volumes up; the pinned member comes from the first existing one on a
         local pool. Nothing is created yet (that waits for placement: :meth:`create`)."""
-        drivers = {p.pool: await self.pool_driver(p) for p in plans}
+        drivers = {p.pool: await self.pool_driver(p.pool, p.pool_setting) for p in plans}
         found = await self.find(plans)
         prepared = Prepared(plans=plans, found=found, shifted=shifted)
         for p in plans:
