@@ -13,8 +13,9 @@ PYTEST_ARGS ?=
 
 .PHONY: test demo setup venv daemons images tools lint unit integration e2e cluster cluster-down cluster-test
 
+# The cluster tier runs beside the rest (scripts/run-tests.sh): they share no daemon.
 test: setup lint
-	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" $(PY) -m pytest -ra --durations=20 $(PYTEST_ARGS)
+	LXDSPAWNER_TEST_DAEMONS="$(TEST_DAEMONS)" PYTHON=$(PY) scripts/run-tests.sh $(PYTEST_ARGS)
 
 demo: venv
 	scripts/setup-lxd.sh incus

@@ -52,8 +52,10 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append((f"diagnostics ({hub.workdir})", text))
 
 
-#: The tiers whose tests use a real daemon (and so its bridges).
-DAEMON_TIERS = ("integration", "e2e", "cluster")
+#: The tiers whose tests use the host's daemons (and so their bridges). The cluster tier has
+#: daemons of its own, and runs beside the others (scripts/run-tests.sh): it must not take
+#: their hubs' ACLs off.
+DAEMON_TIERS = ("integration", "e2e")
 _uses_daemons = False
 
 

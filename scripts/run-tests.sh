@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole suite in two pytest sessions side by side: the cluster tier (its own three
+# incusd in network namespaces, mostly waiting on heartbeats and timeouts) and everything
+# else (the unit tier, then the host's Incus and LXD daemons, the hubs and the browser).
+# They share no daemon, bridge or hub, so neither waits for the other; the cluster
+# session's report is printed after the other's. Exit status: the first failing session's.
+#
+#   scripts/run-tests.sh [PYTEST_ARGS...]      PYTHON= the interpreter (default: .venv's)
+#
+# With PYTEST_ARGS that select tests (a path, -k, -m), one session runs them as given.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+common=(-ra --durations=15)
+
+if [ $# -gt 0 ]; then
+    exec "$PYTHON" -m pytest "${common[@]}" "$@"
+fi
+
+log=$(mktemp /tmp/lxdspawner-cluster-tests.XXXXXX)
+trap 'rm -f "$log"' EXIT
+"$PYTHON" -m pytest "${common[@]}" -p no:cacheprovider -m cluster >"$log" 2>&1 &
+cluster=$!
+"$PYTHON" -m pytest "${common[@]}" -m "not cluster"
+rest=$?
+echo "== waiting for the cluster tier (pid $cluster) =="
+wait "$cluster"
+clustered=$?
+echo "== the cluster tier's session =="
+cat "$log"
+echo "== exit: cluster tier $clustered, the rest $rest =="
+[ "$rest" -ne 0 ] && exit "$rest"
+exit "$clustered"
