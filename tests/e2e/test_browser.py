@@ -182,6 +182,22 @@ async def run_in_new_notebook(page, shot, code: str) -> str:
     return text
 
 
+async def save_notebook(page, name: str) -> str:
+    """Save the open notebook (JupyterLab asks for a name at the first save); its name."""
+    await page.keyboard.press("Control+s")
+    rename = page.get_by_role("button", name="Rename and Save")
+    try:
+        await rename.wait_for(timeout=10_000)
+    except Exception:
+        name = "Untitled.ipynb"  # a JupyterLab that does not ask
+    else:
+        await page.locator(".jp-Dialog input").first.fill(name)
+        await rename.click()
+    await page.locator(".jp-DirListing-itemName", has_text=name).first.wait_for(timeout=30_000)
+    await page.locator(".lm-TabBar-tab.jp-mod-dirty").wait_for(state="detached", timeout=30_000)
+    return name
+
+
 async def wait_gone(hub, user: str, server_name: str = "", timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while await hub.server_model(user, server_name) is not None:
@@ -203,8 +219,7 @@ async def test_login_lab_notebook_stop_and_the_notebook_is_still_there(
         hostname = await run_in_new_notebook(
             page, shot, "import socket; print(socket.gethostname())  # kept-across-stops"
         )
-        await page.keyboard.press("Control+s")
-        await page.get_by_text("Saving completed").first.wait_for(timeout=30_000)
+        notebook = await save_notebook(page, "kept.ipynb")
         if mode == "lxd":
             assert hostname.startswith("jupyter-") and user in hostname, hostname
             assert hostname in instance_names()
@@ -231,7 +246,7 @@ async def test_login_lab_notebook_stop_and_the_notebook_is_still_there(
         await page.click("#start")
         # JupyterLab may open the notebook again by itself (its workspace is in the home).
         await watch_spawn(page, shot, f"/user/{user}/", ".jp-LauncherCard, .jp-NotebookPanel")
-        await page.goto(hub.public_url + f"/user/{user}/lab/tree/Untitled.ipynb")
+        await page.goto(hub.public_url + f"/user/{user}/lab/tree/{notebook}")
         cell = page.locator(".jp-NotebookPanel:visible .jp-Cell .cm-content").first
         await cell.wait_for(timeout=60_000)
         assert "kept-across-stops" in await cell.inner_text()

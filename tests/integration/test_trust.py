@@ -366,8 +366,16 @@ c.JupyterHub.authenticator_class = _AnyName
         assert home != "/home/.." and "/" not in home.removeprefix("/home/")
         assert (out / "pwd.txt").read_text().strip() == home
         assert (out / "owners.txt").read_text().split() == ["0", "0"]  # root keeps / and /home
-        async with hub.session.delete(url, headers=hub.auth_headers) as r:
-            assert r.status in (202, 204), await r.text()
+        # The preparation ran: the server may still be starting, and JupyterHub refuses to
+        # stop a pending spawn (500 "pending spawn"); ask again until it takes the stop.
+        deadline = time.monotonic() + 60
+        while True:
+            async with hub.session.delete(url, headers=hub.auth_headers) as r:
+                if r.status in (202, 204):
+                    break
+                text = await r.text()
+            assert time.monotonic() < deadline, f"the stop was refused: {r.status} {text}"
+            await asyncio.sleep(1)
         await wait_until(
             lambda: _instance_missing(incus, names.instance_name("..", "", prefix)),
             60,

@@ -4,16 +4,36 @@ what an admin's deletion does, through a real JupyterHub on real Incus and LXD d
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
 import time
 
 import pytest
 
 from lxdspawner.lxd import LxdClient, NotFound
-from testbench.hubtools import LXD_HUB_IP, SpawnFailed, q, running_hub
+from testbench.hubtools import LXD_HUB_IP, REPO, SpawnFailed, q, running_hub
 
 from .conftest import SOCKETS, test_daemons
 
+_demo = importlib.util.spec_from_file_location("demo_config", REPO / "scripts" / "demo_config.py")
+_demo_config = importlib.util.module_from_spec(_demo)
+_demo.loader.exec_module(_demo_config)
+RUN_CULLER_WITH_SIGINT = _demo_config.RUN_CULLER_WITH_SIGINT
+
 POOL = "lxdspawner"
+
+# The demo's idle culler (scripts/demo_config.py), culling after 2 s without activity.
+CULLER = """
+c.JupyterHub.services = [{{
+    "name": "idle-culler",
+    "command": [{python!r}, "-c", {run!r}, "--timeout=2", "--cull-every=2"],
+}}]
+c.JupyterHub.load_roles = [{{
+    "name": "idle-culler",
+    "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+    "services": ["idle-culler"],
+}}]
+"""
 
 CONFIG = """
 c.JupyterHub.spawner_class = "lxd"
@@ -69,9 +89,10 @@ async def volume(client: LxdClient, name: str) -> dict | None:
 async def test_the_home_outlives_its_server_holds_its_quota_and_is_snapshotted(
     daemon, tmp_path, prefix, leftovers
 ):
-    """A user's files survive a stop (the container is deleted) and the next start; the
-    home is theirs (uid, mode 0700); writing past home_volume_size fails inside for that
-    user only, and the next spawn works; the daemon snapshots the home on schedule."""
+    """A user's files survive a hub restart, the idle culler's stop (the container is
+    deleted) and the next start; the home is theirs (uid, mode 0700); writing past
+    home_volume_size fails inside for that user only, and the next spawn works; the daemon
+    snapshots the home on schedule."""
     settings = {
         "home_volume_size": "64MiB",
         "home_volume_snapshots": {"schedule": "* * * * *", "expiry": "1H"},
@@ -103,8 +124,16 @@ async def test_the_home_outlives_its_server_holds_its_quota_and_is_snapshotted(
         await ok(client, name, "echo root-fs-still-writable > /tmp/x", uid=uid)
         await ok(client, name, "rm -f /home/alice/big", uid=uid)
 
-        await hub.stop_server("alice")
-        await wait_gone(client, name)  # the container is deleted...
+        # The hub restarts (its server keeps running), and then its idle culler stops the
+        # server: the container is deleted...
+        hub.set_cleanup_servers(False)
+        hub.add_config(CULLER.format(python=sys.executable, run=RUN_CULLER_WITH_SIGINT))
+        await hub.restart()
+        deadline = time.monotonic() + 60
+        while await hub.server_model("alice") is not None:
+            assert time.monotonic() < deadline, "the culler did not stop the idle server"
+            await asyncio.sleep(1)
+        await wait_gone(client, name)
         assert await volume(client, home) is not None  # ...not the home
         assert hub.log().count("Creating your home volume (64 MiB)") == 1
         await hub.start_server("alice")
