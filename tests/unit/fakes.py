@@ -222,7 +222,11 @@ class FakeLxd:
         timeout: float = 5.0,
     ) -> None:
         self.members: dict[str, str] = {m: "Online" for m in members}
-        self.dialect = Dialect(product=product, clustered=bool(self.members))
+        # Of the API extensions, only those the callers ask about and the fake follows.
+        extensions = {"cluster_internal_custom_volume_copy"} if product == "incus" else set()
+        self.dialect = Dialect(
+            product=product, clustered=bool(self.members), api_extensions=frozenset(extensions)
+        )
         self.project = project
         self.timeout = timeout
         self.endpoint = "unix:///fake/unix.socket"
@@ -766,20 +770,71 @@ class FakeLxd:
 
     def _volume(self, pool: str, name: str, target: str | None) -> FakeVolume:
         if target is None and self.members:
-            # A clustered daemon finds a volume on whichever member holds it (asking that
-            # member: an offline one does not answer).
+            # A clustered daemon finds a volume on whichever member holds it, forwarding the
+            # request there. Incus 6.0 answers 500 "Server isn't ready yet" while that member
+            # is down (stopped or killed), and 500 when several members hold one of the name.
             held = [v for (p, n, _), v in self.volumes.items() if (p, n) == (pool, name)]
+            if len(held) > 1:
+                raise LxdError(
+                    f'More than one cluster member has a volume named "{name}". Please target '
+                    "a specific member",
+                    status=500,
+                )
             if held:
-                self._location(held[0].location)
+                if self.members.get(held[0].location) != "Online":
+                    raise LxdError("Server isn't ready yet", status=500)
                 return held[0]
         volume = self.volumes.get((pool, name, self._location(target)))
         if volume is None:
             raise NotFound(f"Storage volume not found: {name}", status=404)
         return volume
 
+    def _volume_users(self, volume: FakeVolume) -> list[str]:
+        """The instances whose disk devices name ``volume`` (on its member), stopped or not."""
+        return [
+            i.name
+            for i in self.instances.values()
+            if i.location == volume.location
+            and any(
+                d.get("type") == "disk"
+                and d.get("pool") == volume.pool
+                and d.get("source") == volume.name
+                for d in i.devices.values()
+            )
+        ]
+
+    def _volume_api(self, volume: FakeVolume) -> dict:
+        return {
+            **volume.api(),
+            "used_by": [f"/1.0/instances/{n}" for n in self._volume_users(volume)],
+        }
+
     async def get_volume(self, pool: str, name: str, *, target: str | None = None) -> dict:
         await self._call("get_volume")
-        return self._volume(pool, name, target).api()
+        return self._volume_api(self._volume(pool, name, target))
+
+    async def copy_volume_to_member(
+        self,
+        pool: str,
+        name: str,
+        *,
+        source_member: str,
+        target: str,
+        config: Mapping[str, str],
+        description: str = "",
+        content_type: str = "filesystem",
+        timeout: float = 3600.0,
+    ) -> None:
+        """Incus' cluster-internal copy: pulled from ``source_member`` (which must answer),
+        created on ``target`` with the config given, its content copied."""
+        await self._call("copy_volume_to_member")
+        source = self.volumes.get((pool, name, self._location(source_member)))
+        if source is None:
+            raise NotFound(f"Storage volume not found: {name}", status=404)
+        key = (pool, name, self._location(target))
+        if key in self.volumes:
+            raise Conflict("Volume by that name already exists", status=409)
+        self.volumes[key] = FakeVolume(pool, name, target, _clean(config), set(source.content))
 
     async def create_volume(
         self,
@@ -807,21 +862,12 @@ class FakeLxd:
 
     async def list_volumes(self, pool: str) -> list[dict]:
         await self._call("list_volumes")
-        return [v.api() for (p, _, _), v in self.volumes.items() if p == pool]
+        return [self._volume_api(v) for (p, _, _), v in self.volumes.items() if p == pool]
 
     async def delete_volume(self, pool: str, name: str, *, target: str | None = None) -> None:
         await self._call("delete_volume")
         volume = self._volume(pool, name, target)
-        users = [
-            i.name
-            for i in self.instances.values()
-            if i.location == volume.location
-            and any(
-                d.get("type") == "disk" and d.get("pool") == pool and d.get("source") == name
-                for d in i.devices.values()
-            )
-        ]
-        if users:
+        if self._volume_users(volume):
             raise LxdError("The storage volume is still in use", status=400)
         del self.volumes[(volume.pool, volume.name, volume.location)]
 
