@@ -240,8 +240,10 @@ class Daemon:
         LxdError, or one our own error was raised from) is behind it, the member itself may
         be failing, which LXD notices only after a heartbeat or two. Then it is left out of
         placement for a while, so a retry goes elsewhere, and this is the error to show."""
-        cause = error if isinstance(error, LxdError) else error.__cause__
-        if not isinstance(cause, LxdError):
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, LxdError):
+            cause = cause.__cause__  # e.g. creating the home volume there: ours, from a VolumeError
+        if cause is None:
             return None
         self.members.suspect(member)
         return MemberFailed(
@@ -839,9 +841,21 @@ class Daemon:
                 self._root_pools[profiles] = sharing.root_pool(read)
             keeper = volumes.Volumes(client, self._pool_drivers)
             plans = await keeper.resolve_pools(plans, self._root_pools[profiles])
-            return await keeper.prepare(plans, shifted=sharing.shifted(client))
+            prepared = await keeper.prepare(plans, shifted=sharing.shifted(client))
         except volumes.VolumeError as e:
             raise DaemonError(e.message, reason="volume", status=e.status) from e
+        if prepared.member and prepared.unreadable:
+            # Its member does not answer for it, whatever the cluster says of it yet (it calls
+            # a member offline only after missed heartbeats): placement, pinned there, fails
+            # at once naming the member and the volume.
+            log.warning(
+                "%s on %s cannot be read: %s",
+                prepared.pinned_by,
+                prepared.member,
+                prepared.unreadable,
+            )
+            self.members.suspect(prepared.member, f"reading {prepared.pinned_by} on it failed")
+        return prepared
 
     async def make_volumes(
         self, prepared: volumes.Prepared, member: str | None, say: Say = _quiet

@@ -21,18 +21,24 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import TextIO
 
 import aiohttp
 
 from .lxd import LxdError
 from .ownership import KEY_HUB, KEY_SERVER, KEY_USER
-from .volumes import HOME, KEY_VOLUME, REMOTE_DRIVERS, Volumes, human, parse_size, target_of
+from .volumes import (
+    HOME,
+    KEY_VOLUME,
+    REMOTE_DRIVERS,
+    VolumeError,
+    Volumes,
+    human,
+    parse_size,
+    target_of,
+)
 
-#: The API extension of a move between cluster members in one request (see
-#: LxdClient.move_volume).
-MOVE_EXTENSION = "cluster_internal_custom_volume_copy"
 HEADER = (
     "USER",
     "SERVER",
@@ -140,7 +146,7 @@ def where(volume: Mapping) -> str:
 
 def snapshot_name(now: datetime) -> str:
     """``manual-20250101T120000Z``: a manual snapshot, by its UTC time."""
-    return f"manual-{now.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+    return f"manual-{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}"
 
 
 # -- pure: the listing --------------------------------------------------------------------
@@ -390,7 +396,7 @@ async def snapshot(
 ) -> int:
     keeper = Volumes(client)
     volume = home(await keeper.ours(), user, server=server, hub=hub)
-    name = name or snapshot_name(now or datetime.now(UTC))
+    name = name or snapshot_name(now or datetime.now(timezone.utc))
     if "/" in name or not name.strip():
         raise Refused(f"--name {name!r}: a snapshot name cannot be empty or hold '/'")
     try:
@@ -522,13 +528,6 @@ async def move(
             moving.append(v)
     if not moving:
         return 0
-    if not dialect.has(MOVE_EXTENSION):
-        raise Failed(
-            f"the daemon at {client.where} lacks the API extension {MOVE_EXTENSION} (a move "
-            "between members in one request, as LXD 5.0 does): move each volume with its own "
-            "client, e.g. `lxc storage volume move POOL/NAME POOL/NAME --target FROM "
-            f"--destination-target {member}`"
-        )
     stopped = []
     for v in moving:
         using = await _running(keeper, v, "move")
@@ -541,7 +540,9 @@ async def move(
         )
     for v in moving:
         try:
-            await keeper.move(v, member)
+            await keeper.move(v["pool"], v["name"], member)
+        except VolumeError as e:
+            raise Failed(f"moving {where(v)} to {member}: {e.message}") from e
         except LxdError as e:
             raise Failed(f"moving {where(v)} to {member} failed: {e.message}") from e
         print(f"moved {v['name']} (pool {v['pool']}) from {target_of(v)} to {member}", file=out)

@@ -12,7 +12,10 @@ Rules kept here, apart from the daemon's I/O (:class:`Volumes`, below):
   the server never started (nothing can have been written to it);
 - on a pool local to each cluster member, a user's volume lives on one member, and the
   user's servers go there (:func:`data_member`, used by placement); on a remote pool (Ceph)
-  nothing is pinned.
+  nothing is pinned. A volume whose member does not answer is found in its pool's list
+  (:func:`locate`), so the spawn fails naming the member and the volume, never making a
+  fresh empty home elsewhere; :meth:`Volumes.move` moves one to another member
+  (:func:`move_source` says whether it can).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
 from . import names
-from .lxd import LxdClient, LxdError, NotFound
+from .lxd import Conflict, LxdClient, LxdError, NotFound
 from .ownership import KEY_HUB, KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY, Owner, describe
 
 #: What a volume is for: "home", or the ``volumes`` template it was made from.
@@ -32,6 +35,8 @@ KEY_VOLUME = "user.jupyterhub.volume"
 HOME = "home"
 #: Storage drivers whose volumes every member reaches (nothing to pin).
 REMOTE_DRIVERS = frozenset({"ceph", "cephfs", "cephobject"})
+#: The API extension of a volume's copy from one cluster member to another in one call.
+MEMBER_COPY = "cluster_internal_custom_volume_copy"
 #: The keys a ``volumes`` entry may have.
 VOLUME_KEYS = frozenset({"path", "size", "read_only", "shared", "pool"})
 SNAPSHOT_KEYS = frozenset({"schedule", "expiry", "pattern"})
@@ -286,6 +291,80 @@ def data_member(volume: Mapping, driver: str) -> str | None:
     return None if driver in REMOTE_DRIVERS else _where(volume)
 
 
+def locate(name: str, listing: Iterable[Mapping]) -> dict | None:
+    """Volume ``name`` in its pool's list (``GET .../volumes/custom?recursion=1``, which gives
+    each one's ``location``): for when the volume itself cannot be read. A clustered daemon
+    forwards a read of a volume on a local pool to the member holding it, and while that member
+    is down the answer says only "Server isn't ready yet" (Incus 6.0); the list comes from the
+    cluster's database and still says where it is. None: not there. Snapshots, listed as
+    ``name/snapshot``, are not it. Several members holding one of that name (an interrupted
+    move) is an error naming them: which one holds the user's files is an admin's call."""
+    held = [dict(v) for v in listing if v.get("name") == name]
+    if len(held) > 1:
+        where = ", ".join(sorted(str(v.get("location") or "?") for v in held))
+        raise VolumeError(
+            f"members {where} each hold a volume named {name}: an admin must keep one and "
+            "delete the others before its server can start",
+            status=409,
+        )
+    return held[0] if held else None
+
+
+def instances_using(volume: Mapping) -> list[str]:
+    """The instance names in a volume's ``used_by`` (``/1.0/instances/NAME?project=P``)."""
+    out = []
+    for url in volume.get("used_by") or ():
+        path = str(url).split("?", 1)[0]
+        if path.startswith("/1.0/instances/"):
+            out.append(path.removeprefix("/1.0/instances/"))
+        else:
+            out.append(path)
+    return out
+
+
+def move_source(
+    volume: Mapping, *, pool: str, driver: str, to: str, members: Iterable[Mapping]
+) -> str | None:
+    """The member to move ``volume`` (on ``pool``, whose driver is ``driver``) from, to cluster
+    member ``to``; None if it is there already. VolumeError saying why it cannot be moved: a
+    remote pool (every member reaches it), no cluster, no such member, an instance using it
+    (even a stopped one: its disk device would name a volume no longer on its member), or
+    either member not Online (the copy is pulled from the source member)."""
+    name = volume.get("name", "?")
+    if driver in REMOTE_DRIVERS:
+        raise VolumeError(
+            f"{name} is on pool {pool}, a {driver} pool every member reaches: nothing to move",
+            status=400,
+        )
+    status = {m.get("server_name"): m.get("status") or "Unknown" for m in members}
+    if not status:
+        raise VolumeError(f"the daemon is not a cluster: {name} cannot be moved", status=400)
+    if to not in status:
+        raise VolumeError(
+            f"no cluster member {to!r} (members: {', '.join(sorted(status))})", status=404
+        )
+    source = data_member(volume, driver)
+    if source is None:
+        raise VolumeError(f"{name} on pool {pool} has no member location: nothing to move")
+    if source == to:
+        return None
+    users = instances_using(volume)
+    if users:
+        raise VolumeError(
+            f"{name} is used by {', '.join(users)}: stop the server first (a kept container "
+            "holding it must be deleted: its disk would name a volume no longer on its member)",
+            status=409,
+        )
+    for member, what in ((to, "the member to move it to"), (source, "the member holding it")):
+        if status.get(member) != "Online":
+            raise VolumeError(
+                f"{name} cannot be moved from {source} to {to}: {member} ({what}) is "
+                f"{status.get(member, 'not in the cluster')}, not Online",
+                status=503,
+            )
+    return source
+
+
 def belongs_to(config: Mapping[str, str], hub: str, user: str, server: str | None) -> bool:
     """Whether a volume is one of ``user``'s on ``hub`` (``server``: only that server's own;
     None: any of the user's). For ``delete_forever``."""
@@ -317,6 +396,9 @@ class Prepared:
     #: The member holding the home (or another pinned) volume, if any.
     member: str | None = None
     pinned_by: str = ""
+    #: Why the volume pinning the server could not be read directly (its member does not
+    #: answer; it was found in the pool's list): "" when it could.
+    unreadable: str = ""
     #: ``security.shifted`` for new volumes (see sharing.shifted).
     shifted: str = ""
     created: list[Plan] = field(default_factory=list)
@@ -359,8 +441,23 @@ class Volumes:
             out.append(Plan(**{**p.__dict__, "pool": pool}))
         return out
 
-    async def find(self, plans: list[Plan]) -> dict[str, dict | None]:
-        """The existing volumes of ``plans`` (None: missing), checked to be theirs."""
+    async def _listed(self, pool: str, name: str, error: LxdError, what: str) -> dict | None:
+        """``name`` from its pool's list, after reading it failed with ``error``."""
+        try:
+            listing = await self.client.list_volumes(pool)
+        except LxdError as e:
+            raise VolumeError(
+                f"{what} {name} on pool {pool} cannot be read: {error.message} (nor the pool's "
+                f"volumes: {e.message})"
+            ) from error
+        return locate(name, listing)
+
+    async def find(
+        self, plans: list[Plan], unreadable: dict[str, str] | None = None
+    ) -> dict[str, dict | None]:
+        """The existing volumes of ``plans`` (None: missing), checked to be theirs. One that
+        cannot be read is looked up in its pool's list, which says where it is; the reason is
+        put in ``unreadable`` (its member does not answer: see :func:`locate`)."""
         found: dict[str, dict | None] = {}
         for p in plans:
             try:
@@ -369,9 +466,12 @@ class Volumes:
                 found[p.name] = None
                 continue
             except LxdError as e:
-                raise VolumeError(
-                    f"{p.label} {p.name} on pool {p.pool} cannot be read: {e.message}"
-                ) from e
+                volume = await self._listed(p.pool, p.name, e, p.label)
+                if volume is None:
+                    found[p.name] = None
+                    continue
+                if unreadable is not None:
+                    unreadable[p.name] = e.message
             if not owned(p, volume.get("config")):
                 raise VolumeError(
                     f"the volume name {p.name} (pool {p.pool}) is held by a volume that is "
@@ -386,7 +486,8 @@ class Volumes:
         """Look the volumes up; the pinned member comes from the first existing one on a
         local pool. Nothing is created yet (that waits for placement: :meth:`create`)."""
         drivers = {p.pool: await self.pool_driver(p.pool, p.pool_setting) for p in plans}
-        found = await self.find(plans)
+        unreadable: dict[str, str] = {}
+        found = await self.find(plans, unreadable)
         prepared = Prepared(plans=plans, found=found, shifted=shifted)
         for p in plans:
             volume = found[p.name]
@@ -403,6 +504,7 @@ class Volumes:
             member = data_member(volume, drivers[p.pool])
             if member and prepared.member is None:
                 prepared.member, prepared.pinned_by = member, p.name
+                prepared.unreadable = unreadable.get(p.name, "")
             elif member and member != prepared.member:
                 raise VolumeError(
                     f"{p.label} {p.name} is on member {member} but {prepared.pinned_by} is "
@@ -468,6 +570,77 @@ class Volumes:
             except LxdError:
                 pass  # left behind, empty: `lxdspawner volumes list` shows it
         prepared.created.clear()
+
+    async def move(self, pool: str, name: str, to: str) -> None:
+        """Move custom volume ``name`` of ``pool`` to cluster member ``to`` (same pool, same
+        name), snapshots and config with it, as ``incus storage volume move pool/name
+        pool/name --target SRC --destination-target DST`` does: the daemon copies it from
+        its member (``cluster_internal_custom_volume_copy``), then the original is deleted.
+        Nothing to do if it is there already. Refused while an instance uses it, and when
+        either member is not Online (see :func:`move_source`); VolumeError otherwise too,
+        saying what is left where."""
+        try:
+            volume = await self.client.get_volume(pool, name)
+        except NotFound:
+            await self.pool_driver(pool)  # the pool's own error if it is the pool that is missing
+            raise VolumeError(f"no volume {name} on pool {pool}", status=404) from None
+        except LxdError as e:
+            volume = await self._listed(pool, name, e, "volume")
+            if volume is None:
+                raise VolumeError(f"no volume {name} on pool {pool}", status=404) from e
+        driver = await self.pool_driver(pool)
+        source = move_source(
+            volume, pool=pool, driver=driver, to=to, members=await self.client.cluster_members()
+        )
+        if source is None:
+            return
+        dialect = self.client.dialect
+        if dialect is not None and not dialect.has(MEMBER_COPY):
+            raise VolumeError(
+                f"{self.client.where} lacks API extension {MEMBER_COPY} (LXD 5.0 lacks it):"
+                f" move {name} with `lxc storage volume move {pool}/{name} "
+                f"{pool}/{name} --target {source} --destination-target {to}`",
+                status=501,
+            )
+        try:
+            await self.client.get_volume(pool, name, target=to)
+        except NotFound:
+            pass
+        else:
+            raise VolumeError(
+                f"{to} already holds a volume named {name} (pool {pool}) besides the one on "
+                f"{source}: an admin must keep one and delete the other",
+                status=409,
+            )
+        try:
+            await self.client.copy_volume_to_member(
+                pool,
+                name,
+                source_member=source,
+                target=to,
+                config=volume.get("config") or {},
+                description=volume.get("description") or "",
+                content_type=volume.get("content_type") or "filesystem",
+            )
+        except LxdError as e:
+            if not isinstance(e, Conflict):  # (one made there meanwhile is not ours to delete)
+                try:  # a partial copy: the original stays the one
+                    await self.client.delete_volume(pool, name, target=to)
+                except LxdError:
+                    pass
+            raise VolumeError(
+                f"copying {name} (pool {pool}) from {source} to {to} failed: {e.message}; "
+                f"it stays on {source}"
+            ) from e
+        try:
+            await self.client.delete_volume(pool, name, target=source)
+        except LxdError as e:
+            raise VolumeError(
+                f"{name} (pool {pool}) was copied to {to}, but the original on {source} could "
+                f"not be deleted ({e.message}): the server cannot start while both exist; "
+                f"delete the one on {source} (`incus storage volume delete {pool} {name} "
+                f"--target {source}`) once the copy is checked"
+            ) from e
 
     async def owned_by(self, hub: str, user: str, server: str | None) -> list[dict]:
         """Every custom volume of ``user`` on ``hub`` (``server``: that server's own), in
@@ -537,12 +710,6 @@ class Volumes:
     async def resize(self, volume: Mapping, size: int) -> None:
         await self.client.update_volume_config(
             volume["pool"], volume["name"], {"size": str(size)}, target=target_of(volume)
-        )
-
-    async def move(self, volume: Mapping, member: str) -> None:
-        """To ``member`` of the same cluster, in the same pool (see LxdClient.move_volume)."""
-        await self.client.move_volume(
-            volume["pool"], volume["name"], source=target_of(volume) or "", target=member
         )
 
 

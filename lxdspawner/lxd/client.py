@@ -862,6 +862,41 @@ class LxdClient:
             params={"target": target},
         )
 
+    async def copy_volume_to_member(
+        self,
+        pool: str,
+        name: str,
+        *,
+        source_member: str,
+        target: str,
+        config: Mapping[str, str],
+        description: str = "",
+        content_type: str = "filesystem",
+        timeout: float = 3600.0,
+    ) -> None:
+        """Copy a custom volume, snapshots included, from one cluster member to another in the
+        same pool under the same name (API extension ``cluster_internal_custom_volume_copy``:
+        the daemon pulls it from ``source_member``), as ``incus storage volume move --target
+        SRC --destination-target DST`` does before deleting the original. The config is
+        passed on explicitly: Incus 6.0's one-call member-to-member move (a POST on the
+        volume with ``migration`` and ``source.location``) leaves the new volume with none."""
+        body = {
+            "name": name,
+            "type": "custom",
+            "config": dict(config),
+            "description": description,
+            "content_type": content_type or "filesystem",
+            "source": {"type": "copy", "name": name, "pool": pool, "location": source_member},
+        }
+        result = await self.request(
+            "POST",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom",
+            params={"target": target},
+            json_body=body,
+        )
+        if isinstance(result, dict) and result.get("id"):
+            await self.wait(result, timeout=timeout)
+
     async def update_volume_config(
         self, pool: str, name: str, config: Mapping[str, str], *, target: str | None = None
     ) -> None:
@@ -916,29 +951,6 @@ class LxdClient:
         )
         if isinstance(result, dict) and result.get("id") and result.get("class") == "task":
             await self.wait(result)
-
-    async def move_volume(
-        self, pool: str, name: str, *, source: str, target: str, timeout: float = 3600.0
-    ) -> None:
-        """Move a custom volume (with its snapshots) from cluster member ``source`` to
-        ``target``, in the same pool, keeping its name and config: one request with the API
-        extension ``cluster_internal_custom_volume_copy`` (``POST …/volumes/custom/<name>
-        ?target=<target>`` with ``migration`` and the ``source`` location; the daemon copies
-        it over and deletes the source). Incus's ``storage volume move
-        --destination-target`` reaches the same server code."""
-        await self.run(
-            "POST",
-            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}",
-            params={"target": target},
-            json_body={
-                "name": name,
-                "pool": pool,
-                "migration": True,
-                "volume_only": False,
-                "source": {"name": name, "pool": pool, "location": source},
-            },
-            timeout=timeout,
-        )
 
     async def list_images(self) -> list[dict]:
         return await self.request("GET", "/1.0/images", params={"recursion": 1})

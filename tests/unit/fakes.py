@@ -235,11 +235,10 @@ class FakeLxd:
         timeout: float = 5.0,
     ) -> None:
         self.members: dict[str, str] = {m: "Online" for m in members}
+        # Of the API extensions, only those the callers ask about and the fake follows.
+        extensions = {"cluster_internal_custom_volume_copy"} if product == "incus" else set()
         self.dialect = Dialect(
-            product=product,
-            clustered=bool(self.members),
-            # Both Incus 6 and LXD 5.0 move a custom volume between members in one request.
-            api_extensions=frozenset({"cluster_internal_custom_volume_copy"}),
+            product=product, clustered=bool(self.members), api_extensions=frozenset(extensions)
         )
         self.project = project
         self.timeout = timeout
@@ -787,11 +786,19 @@ class FakeLxd:
 
     def _volume(self, pool: str, name: str, target: str | None) -> FakeVolume:
         if target is None and self.members:
-            # A clustered daemon finds a volume on whichever member holds it (asking that
-            # member: an offline one does not answer).
+            # A clustered daemon finds a volume on whichever member holds it, forwarding the
+            # request there. Incus 6.0 answers 500 "Server isn't ready yet" while that member
+            # is down (stopped or killed), and 500 when several members hold one of the name.
             held = [v for (p, n, _), v in self.volumes.items() if (p, n) == (pool, name)]
+            if len(held) > 1:
+                raise LxdError(
+                    f'More than one cluster member has a volume named "{name}". Please target '
+                    "a specific member",
+                    status=500,
+                )
             if held:
-                self._location(held[0].location)
+                if self.members.get(held[0].location) != "Online":
+                    raise LxdError("Server isn't ready yet", status=500)
                 return held[0]
         volume = self.volumes.get((pool, name, self._location(target)))
         if volume is None:
@@ -865,21 +872,35 @@ class FakeLxd:
             raise LxdError("Cannot restore custom volume used by running instances", status=400)
         volume.content = set(volume.snapshots[snapshot])
 
-    async def move_volume(
-        self, pool: str, name: str, *, source: str, target: str, timeout: float = 3600.0
+    async def copy_volume_to_member(
+        self,
+        pool: str,
+        name: str,
+        *,
+        source_member: str,
+        target: str,
+        config: Mapping[str, str],
+        description: str = "",
+        content_type: str = "filesystem",
+        timeout: float = 3600.0,
     ) -> None:
-        """Incus's move between members (cluster_internal_custom_volume_copy): the volume,
-        its config and its snapshots, under the same name."""
-        await self._call("move_volume")
-        volume = self._volume(pool, name, source or None)
-        destination = self._location(target)
-        if destination == volume.location:
-            raise OperationFailed("Target must be different than storage volumes' current location")
-        if (pool, name, destination) in self.volumes:
-            raise OperationFailed("Volume by that name already exists")
-        del self.volumes[(pool, name, volume.location)]
-        volume.location = destination
-        self.volumes[(pool, name, destination)] = volume
+        """Incus' cluster-internal copy: pulled from ``source_member`` (which must answer),
+        created on ``target`` with the config given, its content copied."""
+        await self._call("copy_volume_to_member")
+        source = self.volumes.get((pool, name, self._location(source_member)))
+        if source is None:
+            raise NotFound(f"Storage volume not found: {name}", status=404)
+        key = (pool, name, self._location(target))
+        if key in self.volumes:
+            raise Conflict("Volume by that name already exists", status=409)
+        self.volumes[key] = FakeVolume(
+            pool,
+            name,
+            target,
+            _clean(config),
+            set(source.content),
+            {k: set(v) for k, v in source.snapshots.items()},
+        )
 
     async def create_volume(
         self,

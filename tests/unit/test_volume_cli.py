@@ -427,7 +427,7 @@ async def test_move_takes_the_users_volumes_with_snapshots_and_keys_to_the_membe
     code, out, _ = await volumes(fake, "move", "alice", "--to", "m2")
     assert code == 0
     assert out.splitlines()[0] == "jupyter-home-alice: on m2 already"
-    assert fake.requests["move_volume"] == 2
+    assert fake.requests["copy_volume_to_member"] == 2
 
 
 async def test_move_refuses_a_running_server_and_a_member_that_cannot_take_it():
@@ -446,7 +446,7 @@ async def test_move_refuses_a_running_server_and_a_member_that_cannot_take_it():
     code, _, err = await volumes(fake, "move", "alice", "--to", "m3")
     assert code == 2 and "the member is Offline, not Online" in err
     assert fake.volume("default", "jupyter-home-alice", "m1") is not None
-    assert fake.requests["move_volume"] == 0
+    assert fake.requests["copy_volume_to_member"] == 0
 
 
 async def test_move_on_a_remote_pool_has_nothing_to_do():
@@ -456,7 +456,7 @@ async def test_move_on_a_remote_pool_has_nothing_to_do():
     code, out, _ = await volumes(fake, "move", "alice", "--to", "m2")
     assert code == 0
     assert "reached from every member: nothing to move" in out
-    assert fake.requests["move_volume"] == 0
+    assert fake.requests["copy_volume_to_member"] == 0
 
 
 async def test_a_failed_move_is_one_line_and_status_1():
@@ -464,13 +464,15 @@ async def test_a_failed_move_is_one_line_and_status_1():
     add_volume(fake, "alice", location="m1")
     from lxdspawner.lxd import OperationFailed
 
-    fake.fail("move_volume", OperationFailed("Failed to connect to destination server"))
+    fake.fail("copy_volume_to_member", OperationFailed("Failed to connect to destination server"))
     code, _, err = await volumes(fake, "move", "alice", "--to", "m2")
     assert code == 1
     assert err == (
-        "lxdspawner volumes move: moving jupyter-home-alice (pool default on m1) to m2 failed: "
-        "Failed to connect to destination server\n"
+        "lxdspawner volumes move: moving jupyter-home-alice (pool default on m1) to m2: "
+        "copying jupyter-home-alice (pool default) from m1 to m2 failed: Failed to connect to "
+        "destination server; it stays on m1\n"
     )
+    assert fake.volume("default", "jupyter-home-alice", "m1") is not None
 
 
 # -- the command line ---------------------------------------------------------------------
