@@ -55,6 +55,7 @@ from . import volumes as user_volumes
 from .daemon import Daemon, DaemonError, Source
 from .lxd import FileHelperFailed, LxdClient, LxdError, Remote, Unreachable
 from .progress import Progress
+from .storage import StorageSettings
 
 #: 2: the whole remote is recorded (1: its endpoint and project only).
 STATE_VERSION = 2
@@ -122,7 +123,7 @@ def _attach_logs(hub_log: logging.Logger) -> None:
     ours.propagate = False
 
 
-class LxdSpawner(Spawner):
+class LxdSpawner(Spawner, StorageSettings):
     """Spawn single-user servers in Incus or LXD containers, through the REST API."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -329,46 +330,6 @@ class LxdSpawner(Spawner):
         raw username. The server's root directory is `notebook_dir` if set, else this.
         """,
     )
-    # -- users' volumes (see volumes.py) -------------------------------------------------------
-
-    home_volume_size = AnyTrait(
-        "10GiB",
-        config=True,
-        help="""Each user's persistent home: a custom storage volume of this size (a quota),
-        mounted at `home_dir`, owned by the server's uid/gid (mode 0700), created at the first
-        spawn and kept afterwards: stops, culls, hub restarts and deleted containers leave it.
-        "" turns persistent homes off (the home is then in the container's root disk).""",
-    )
-    home_volume_pool = Unicode(
-        "", config=True, help="Storage pool of the home volumes (default: the root disk's)."
-    )
-    home_volume_per_server = Bool(
-        False,
-        config=True,
-        help="Give each named server a home volume of its own (default: they share the user's).",
-    )
-    home_volume_snapshots = Dict(
-        config=True,
-        help="""The daemon's scheduled snapshots of every home volume, e.g.
-        `{"schedule": "@daily", "expiry": "1w"}` (`snapshots.schedule`, `.expiry`, `.pattern`
-        of the volume); `lxdspawner volumes restore` gives one back.""",
-    )
-    volumes = Dict(
-        config=True,
-        help="""More volumes, keyed by a name template with `{username}` and `{servername}`:
-        `{"scratch-{username}": {"path": "/scratch", "size": "50GiB"},
-        "course-data": {"path": "/data", "read_only": True, "shared": True}}`. A `shared`
-        volume is one volume for every server; it is created when missing only if it has a
-        `size`. Keys: path, size, read_only, shared, pool.""",
-    )
-    delete_volumes_with_user = Bool(
-        False,
-        config=True,
-        help="""Delete a user's volumes (or a named server's own) when an admin deletes the
-        user (or the server with its storage). Off: they stay, and `lxdspawner volumes list`
-        shows them as belonging to no user.""",
-    )
-
     server_port = Int(8888, config=True, help="Port of the server inside the container.")
     post_hub_commands = List(
         Unicode(),
@@ -647,16 +608,6 @@ class LxdSpawner(Spawner):
             privileged=self.privileged_containers,
             extra_config=dict(self.extra_instance_config),
             extra_devices=dict(self.extra_devices),
-        )
-
-    def _volume_settings(self) -> user_volumes.Settings:
-        return user_volumes.settings(
-            hub=self.hub_id,
-            home_volume_size=self.home_volume_size,
-            home_volume_pool=self.home_volume_pool,
-            home_volume_per_server=self.home_volume_per_server,
-            home_volume_snapshots=self.home_volume_snapshots,
-            volumes=self.volumes,
         )
 
     def _hardening(self, daemon: Daemon) -> hardening.Settings:
