@@ -66,7 +66,9 @@ def pytest_collection_finish(session):
     so it cannot take the ACLs off hubs that other runs have up meanwhile."""
     global _uses_daemons
     _uses_daemons = any(
-        Path(str(item.fspath)).parent.name in DAEMON_TIERS for item in session.items
+        Path(str(item.fspath)).parent.name in DAEMON_TIERS
+        and item.get_closest_marker("nodaemon") is None
+        for item in session.items
     )
     if _uses_daemons:
         asyncio.run(forget_network_acls(None))

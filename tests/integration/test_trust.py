@@ -245,14 +245,8 @@ c.Spawner.start_timeout = 20
         assert await sh(incus, name, "cat /home/kim/installed.txt") == "mine"
         await hub.stop_server("kim")
 
-        # A daemon that does not answer during the start: the spawn fails, the container stays.
-        spawn = asyncio.create_task(hub.start_server("kim", timeout=90))
-        await asyncio.sleep(0.3)
-        with _Frozen():
-            with pytest.raises(SpawnFailed):
-                await spawn
-        await asyncio.sleep(1)
-        assert (await incus.get_instance(name))["status"] in ("Stopped", "Running")
+        # (A daemon failing during its start leaves it as well: the in-process tier's
+        # test_a_kept_container_is_never_deleted_whatever_fails, for every kind of failure.)
 
         # A changed setting reaches the kept container: a mount added to the config.
         (host_dir / "data").mkdir()

