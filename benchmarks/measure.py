@@ -276,6 +276,19 @@ def cpu_delta(a: dict, b: dict) -> dict[str, float | None]:
     return {k: (b[k] - a[k]) if None not in (a[k], b.get(k)) else None for k in a}
 
 
+async def _spawn_or_note(setup: Setup, user: str, label: str) -> dict | None:
+    """One spawn's figures; a failed spawn is noted in the setup's failures (and its server
+    stopped), and gives None."""
+    try:
+        return await spawn(setup, user)
+    except Exception as e:
+        setup.add("failures", f"{label}: {e}")
+        say(f"{label} {setup.key:5s} {user}: SPAWN FAILED: {e}")
+        with contextlib.suppress(Exception):
+            await setup.hub.stop_server(user)
+        return None
+
+
 async def single_rep(setup: Setup, user: str, label: str) -> None:
     """One spawn, idle memory, one stop; the hub log segment is kept for the breakdown."""
     await setup.hub.ensure_user(user)
@@ -284,13 +297,8 @@ async def single_rep(setup: Setup, user: str, label: str) -> None:
     req0 = (await setup.api_requests())[0] if is_lxd else None
     load = os.getloadavg()[0]
     cpu0 = cpu_snapshot(setup)
-    try:
-        s = await spawn(setup, user)
-    except Exception as e:
-        setup.add("failures", f"{label}: {e}")
-        say(f"{label} {setup.key:5s} {user}: SPAWN FAILED: {e}")
-        with contextlib.suppress(Exception):
-            await setup.hub.stop_server(user)
+    s = await _spawn_or_note(setup, user, label)
+    if s is None:
         return
     cpu1 = cpu_snapshot(setup)
     req1 = (await setup.api_requests())[0] if is_lxd else None
@@ -382,13 +390,8 @@ async def volume_spawn(setup: Setup, user: str, kind: str, rep: int, label: str)
     expected_before = kind == "existing"
     offset = setup.log_offset()
     load = os.getloadavg()[0]
-    try:
-        s = await spawn(setup, user)
-    except Exception as e:
-        setup.add("failures", f"{label} {kind}: {e}")
-        say(f"{label} {setup.key:5s} {user} ({kind}): SPAWN FAILED: {e}")
-        with contextlib.suppress(Exception):
-            await setup.hub.stop_server(user)
+    s = await _spawn_or_note(setup, user, f"{label} {kind}")
+    if s is None:
         return
     after = await _home_volume(setup, user)
     st = await stop(setup, user)

@@ -399,12 +399,17 @@ async def snapshot(
     name = name or snapshot_name(now or datetime.now(timezone.utc))
     if "/" in name or not name.strip():
         raise Refused(f"--name {name!r}: a snapshot name cannot be empty or hold '/'")
-    try:
-        await keeper.snapshot(volume, name)
-    except LxdError as e:
-        raise Failed(f"snapshot {name} of {where(volume)} failed: {e.message}") from e
+    await _do(f"snapshot {name} of {where(volume)}", keeper.snapshot(volume, name))
     print(f"created snapshot {name} of {where(volume)}", file=out)
     return 0
+
+
+async def _do(action: str, work) -> None:
+    """Await the daemon's ``work``; its refusal is a failure saying what ``action`` was."""
+    try:
+        await work
+    except LxdError as e:
+        raise Failed(f"{action} failed: {e.message}") from e
 
 
 async def restore(
@@ -423,10 +428,7 @@ async def restore(
         listed = f"its snapshots: {', '.join(taken)}" if taken else "it has none"
         raise Refused(f"{where(volume)} has no snapshot {snapshot_!r} ({listed})")
     await _running(keeper, volume, "restore")
-    try:
-        await keeper.restore(volume, snapshot_)
-    except LxdError as e:
-        raise Failed(f"restoring {where(volume)} to {snapshot_} failed: {e.message}") from e
+    await _do(f"restoring {where(volume)} to {snapshot_}", keeper.restore(volume, snapshot_))
     print(f"restored {where(volume)} to snapshot {snapshot_}", file=out)
     return 0
 
@@ -447,10 +449,7 @@ async def resize(
     keeper = Volumes(client)
     volume = home(await keeper.ours(), user, server=server, hub=hub)
     before = _size(keys(volume).get("size"))
-    try:
-        await keeper.resize(volume, wanted)
-    except LxdError as e:
-        raise Failed(f"resizing {where(volume)} to {human(wanted)} failed: {e.message}") from e
+    await _do(f"resizing {where(volume)} to {human(wanted)}", keeper.resize(volume, wanted))
     was = human(before) if before is not None else "no quota"
     print(f"resized {where(volume)} from {was} to {human(wanted)}", file=out)
     return 0
@@ -481,10 +480,7 @@ async def delete(
                 "user's server first (nothing was deleted)"
             )
     for v in volumes:
-        try:
-            await keeper.delete([v])
-        except LxdError as e:
-            raise Failed(f"deleting {where(v)} failed: {e.message}") from e
+        await _do(f"deleting {where(v)}", keeper.delete([v]))
         print(f"deleted {where(v)}", file=out)
     return 0
 
