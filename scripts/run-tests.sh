@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole suite in two pytest sessions side by side: the cluster tier (its own three
-# incusd in network namespaces, mostly waiting on heartbeats and timeouts) with the hub
-# tests that need no daemon (marker nodaemon), and everything else (the unit tier, then the
-# host's Incus and LXD daemons, the hubs and the browser). They share no daemon, bridge or
+# incusd in network namespaces, mostly waiting on heartbeats and timeouts) with the tests
+# that need no daemon (marker nodaemon: the unit tier, the local hub tests), and everything
+# else (the host's Incus and LXD daemons, the hubs and the browser). They share no daemon, bridge or
 # hub, so neither waits for the other; the second session's report is printed after the
 # first's. Exit status: the first failing session's.
 #
