@@ -8,6 +8,8 @@
   container (``GET /1.0/instances/<name>/state``) vs the RSS of the local server's process tree;
 - burst: 10 users started at once, wall time until all are ready (same criterion), then the
   10 stopped at once;
+- lxd only, home volumes: a spawn without a volume (a ``novol-*`` user), a user's first spawn
+  (which creates the volume) and the same user's spawn after a stop (the volume exists);
 - lxd only: LXD API requests per poll cycle per server with 20 servers running (a counter
   read from the hub's ``/hub/metrics``), the hub's event-loop lag p99 during the bursts
   (JupyterHub's ``jupyterhub_event_loop_interval_seconds``), and where a spawn's time goes,
@@ -28,11 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from lxdspawner import names
-from lxdspawner.lxd import LxdClient, LxdError
+from lxdspawner.lxd import LxdClient, LxdError, NotFound
 from testbench import hubtools
 
 from . import benchlib as bl
-from .setups import LOOP_RESOLUTION, POLL_INTERVAL, PREFIX, Setup, say
+from .setups import (
+    LOOP_RESOLUTION,
+    NO_VOLUME_PREFIX,
+    POLL_INTERVAL,
+    PREFIX,
+    Setup,
+    our_volumes,
+    say,
+)
 
 try:
     import psutil
@@ -266,6 +276,19 @@ def cpu_delta(a: dict, b: dict) -> dict[str, float | None]:
     return {k: (b[k] - a[k]) if None not in (a[k], b.get(k)) else None for k in a}
 
 
+async def _spawn_or_note(setup: Setup, user: str, label: str) -> dict | None:
+    """One spawn's figures; a failed spawn is noted in the setup's failures (and its server
+    stopped), and gives None."""
+    try:
+        return await spawn(setup, user)
+    except Exception as e:
+        setup.add("failures", f"{label}: {e}")
+        say(f"{label} {setup.key:5s} {user}: SPAWN FAILED: {e}")
+        with contextlib.suppress(Exception):
+            await setup.hub.stop_server(user)
+        return None
+
+
 async def single_rep(setup: Setup, user: str, label: str) -> None:
     """One spawn, idle memory, one stop; the hub log segment is kept for the breakdown."""
     await setup.hub.ensure_user(user)
@@ -274,13 +297,8 @@ async def single_rep(setup: Setup, user: str, label: str) -> None:
     req0 = (await setup.api_requests())[0] if is_lxd else None
     load = os.getloadavg()[0]
     cpu0 = cpu_snapshot(setup)
-    try:
-        s = await spawn(setup, user)
-    except Exception as e:
-        setup.add("failures", f"{label}: {e}")
-        say(f"{label} {setup.key:5s} {user}: SPAWN FAILED: {e}")
-        with contextlib.suppress(Exception):
-            await setup.hub.stop_server(user)
+    s = await _spawn_or_note(setup, user, label)
+    if s is None:
         return
     cpu1 = cpu_snapshot(setup)
     req1 = (await setup.api_requests())[0] if is_lxd else None
@@ -328,6 +346,99 @@ async def single_rep(setup: Setup, user: str, label: str) -> None:
         f", idle memory {mib:.0f} MiB, server CPU {bl.fmt(server_cpu)} s, stop "
         f"{st['total_s']:.2f} s, load {load:.1f}"
     )
+
+
+# -- home volumes (lxd only) -----------------------------------------------------------------
+
+#: The three spawns of a volume repetition, in turns: each kind comes first, second and
+#: last once every three repetitions ("existing" always after "first": it is the same user).
+VOLUME_ORDERS = (
+    ("none", "first", "existing"),
+    ("first", "none", "existing"),
+    ("first", "existing", "none"),
+)
+VOLUME_SETTLE = 1.0
+
+
+async def _home_volume(setup: Setup, user: str) -> dict | None:
+    name = names.home_volume_name(user, "", PREFIX)
+    for pool, volume in await our_volumes(setup.lxd):
+        if volume["name"] == name:
+            return {**volume, "pool": pool}
+    return None
+
+
+async def _wait_gone(setup: Setup, user: str, timeout: float = 60) -> float:
+    """Wait until the stopped server's container is deleted (it goes in the background after
+    stop() returns; a new start of the same server would wait for it). Seconds waited."""
+    name = names.instance_name(user, "", PREFIX)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        try:
+            await setup.lxd.get_instance(name)
+        except NotFound:
+            break
+        await asyncio.sleep(0.1)
+    return time.perf_counter() - t0
+
+
+async def volume_spawn(setup: Setup, user: str, kind: str, rep: int, label: str) -> None:
+    """One spawn of the volume phase and its stop; then the container is let go entirely,
+    so that every spawn of the phase starts from the same state."""
+    await setup.hub.ensure_user(user)
+    before = await _home_volume(setup, user)
+    expected_before = kind == "existing"
+    offset = setup.log_offset()
+    load = os.getloadavg()[0]
+    s = await _spawn_or_note(setup, user, f"{label} {kind}")
+    if s is None:
+        return
+    after = await _home_volume(setup, user)
+    st = await stop(setup, user)
+    waited = await _wait_gone(setup, user)
+    segment = setup.log_since(offset)
+    record = {
+        "kind": kind,
+        "rep": rep,
+        "user": user,
+        "spawn_s": s["total_s"],
+        "ready_s": s["ready_s"],
+        "post_s": s["post_s"],
+        "wall0": s["wall0"],
+        "stop_s": st["total_s"],
+        "deleted_after_stop_s": waited,
+        "loadavg1": load,
+        "volume_before": before is not None,
+        "volume_after": after is not None,
+        "volume": (after or {}).get("name"),
+        "spawner": bl.spawn_timings(segment).get(user),
+    }
+    if (before is not None) != expected_before or (after is not None) != (kind != "none"):
+        problem = (
+            f"{label} {kind} {user}: home volume before/after the spawn: "
+            f"{before is not None}/{after is not None}"
+        )
+        setup.add("failures", problem)
+        say(f"UNEXPECTED: {problem}")
+    setup.add("volume", record)
+    say(
+        f"{label} {setup.key:5s} {user} ({kind}): spawn {s['total_s']:.2f} s "
+        f"(ready {s['ready_s']:.2f}), stop {st['total_s']:.2f} s, container gone "
+        f"{waited:.1f} s later, load {load:.1f}"
+    )
+    await asyncio.sleep(VOLUME_SETTLE)
+
+
+async def volume_rep(setup: Setup, index: int, label: str) -> None:
+    """A spawn without a volume, a first spawn (creates the volume) and a spawn with the
+    volume there (the same user after a stop), in the order of VOLUME_ORDERS[index % 3]."""
+    users = {
+        "none": f"{NO_VOLUME_PREFIX}v{index:02d}",
+        "first": f"vol-v{index:02d}",
+        "existing": f"vol-v{index:02d}",
+    }
+    for kind in VOLUME_ORDERS[index % len(VOLUME_ORDERS)]:
+        await volume_spawn(setup, users[kind], kind, index, label)
 
 
 async def loop_snapshot(setup: Setup) -> dict:

@@ -17,7 +17,16 @@ TARGETS = {
     "memory_ratio": ("<=", 1.3),
     "api_requests_per_poll_per_server": ("<=", 0.0),
     "loop_lag_p99_s": ("<", 0.050),
+    # Seconds, not a ratio: a spawn with an existing home volume against one without.
+    "volume_existing_extra_s": ("<=", 0.2),
 }
+
+#: The volume phase's spawns: key in the data → label in the report.
+VOLUME_KINDS = (
+    ("none", "spawn without a volume"),
+    ("first", "first spawn, creates the volume"),
+    ("existing", "spawn, the volume exists"),
+)
 
 # Names of the parts of a spawn, in order, as shown in the report and the plot.
 FLOOR_PARTS = (
@@ -95,6 +104,44 @@ def burst_steps(lxd: Setup) -> dict:
     return {k: bl.median(v) for k, v in steps.items()}
 
 
+def volume_analysis(lxd: Setup) -> dict:
+    """The volume phase: per kind of spawn, the summary and the parts of the spawns (medians);
+    the extra seconds of a first spawn and of one with an existing volume over a spawn
+    without: medians' and p95s' differences, and the median of the differences within each
+    repetition (whose three spawns ran back to back)."""
+    recs = lxd.data.get("volume", [])
+    by_kind = {k: [r for r in recs if r["kind"] == k] for k, _ in VOLUME_KINDS}
+    summary = {k: bl.summary([r["spawn_s"] for r in rs]) for k, rs in by_kind.items()}
+    stops = {k: bl.summary([r["stop_s"] for r in rs]) for k, rs in by_kind.items()}
+    parts: dict[str, dict[str, float | None]] = {}
+    for k, rs in by_kind.items():
+        values: dict[str, list] = {}
+        for r in rs:
+            for name, v in _parts_of("lxd", r)[0].items():
+                values.setdefault(name, []).append(v)
+        parts[k] = {name: bl.median(v) for name, v in values.items()}
+
+    def diff(kind: str, stat: str) -> float | None:
+        a, b = summary[kind][stat], summary["none"][stat]
+        return None if a is None or b is None else a - b
+
+    def paired(kind: str) -> float | None:
+        base = {r["rep"]: r["spawn_s"] for r in by_kind["none"]}
+        return bl.median([r["spawn_s"] - base[r["rep"]] for r in by_kind[kind] if r["rep"] in base])
+
+    return {
+        "summary": summary,
+        "stop_summary": stops,
+        "parts_median_s": parts,
+        "existing_extra_s": diff("existing", "median"),
+        "existing_extra_p95_s": diff("existing", "p95"),
+        "existing_extra_paired_s": paired("existing"),
+        "first_extra_s": diff("first", "median"),
+        "first_extra_p95_s": diff("first", "p95"),
+        "first_extra_paired_s": paired("first"),
+    }
+
+
 def analyse(floor: Setup, lxd: Setup, poll: dict | None, meta: dict) -> dict:
     def singles(s: Setup, key: str) -> list:
         return [r[key] for r in s.data.get("single", [])]
@@ -141,6 +188,7 @@ def analyse(floor: Setup, lxd: Setup, poll: dict | None, meta: dict) -> dict:
 
     lxd_p99, lxd_bound = loop_p99(lxd)
     floor_p99, floor_bound = loop_p99(floor)
+    volumes = volume_analysis(lxd)
     result = {
         "spawn_ratio": summary["spawn_s"]["ratio"],
         "burst_ratio": summary["burst_s"]["ratio"],
@@ -154,6 +202,9 @@ def analyse(floor: Setup, lxd: Setup, poll: dict | None, meta: dict) -> dict:
         "loop_lag_p99_is_upper_bound": lxd_bound,
         "loop_lag_p99_floor_s": floor_p99,
         "loop_lag_p99_floor_is_upper_bound": floor_bound,
+        "volume_existing_extra_s": volumes["existing_extra_s"],
+        "volume_first_extra_s": volumes["first_extra_s"],
+        "volumes": volumes,
         "summary": summary,
         "breakdown": breakdown(floor, lxd),
         "burst_steps_median_s": burst_steps(lxd),
@@ -223,6 +274,10 @@ def report(result: dict) -> str:
     header = ["metric", "floor med", "p95", "lxd med", "p95", "ratio", "target", "met", "n"]
     out = [bl.table(rows, header)]
 
+    volumes = result.get("volumes") or {}
+    if any(v["n"] for v in (volumes.get("summary") or {}).values()):
+        out.append("\n" + volume_report(result))
+
     out.append("\nwhat explains them (not targets):")
     rows = [
         row("memory, 10 running (MiB/server)", "memory_in_burst_bytes", "MiB", None),
@@ -289,6 +344,49 @@ def report(result: dict) -> str:
     for key in ("floor", "lxd"):
         for f in result["failures"][key]:
             out.append(f"  FAILURE ({key}): {f}")
+    return "\n".join(out)
+
+
+def volume_report(result: dict) -> str:
+    """The volume phase's table: each kind of spawn, and its extra over one without."""
+    v = result["volumes"]
+    s = v["summary"]
+    op, target = TARGETS["volume_existing_extra_s"]
+    mark = {True: "yes", False: "NO", None: "?"}[result["targets_met"]["volume_existing_extra_s"]]
+
+    def signed(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:+.2f}"
+
+    rows = []
+    for kind, label in VOLUME_KINDS:
+        extra = kind != "none"
+        rows.append([
+            f"{label} (s)",
+            bl.fmt(s[kind]["median"]), bl.fmt(s[kind]["p95"]),
+            signed(v[f"{kind}_extra_s"]) if extra else "",
+            signed(v[f"{kind}_extra_p95_s"]) if extra else "",
+            signed(v[f"{kind}_extra_paired_s"]) if extra else "",
+            f"{op} +{target} s" if kind == "existing" else "",
+            mark if kind == "existing" else "",
+            str(s[kind]["n"]),
+        ])  # fmt: skip
+    header = ["home volumes (lxd)", "median", "p95", "- none med", "p95", "paired", "target",
+              "met", "n"]  # fmt: skip
+    out = [bl.table(rows, header)]
+    out.append(
+        "  (- none: minus the spawn without a volume, medians and p95s; paired: median of\n"
+        "  the differences within each repetition, whose three spawns ran back to back)"
+    )
+    parts = v["parts_median_s"]
+    names = [n for n, _ in LXD_PARTS if any(n in parts[k] for k, _ in VOLUME_KINDS)]
+    for kind, _ in VOLUME_KINDS:
+        p = parts[kind]
+        out.append(
+            f"  {kind:8s}: "
+            + ", ".join(f"{n} {bl.fmt(p.get(n))}" for n in names)
+            + f"; stop {bl.fmt(v['stop_summary'][kind]['median'])}"
+        )
+    out.append("  (medians, s; the volume's lookup and creation are in 'hub', before 'create')")
     return "\n".join(out)
 
 

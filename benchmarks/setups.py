@@ -10,7 +10,11 @@ whole run.
 - **lxd**: the same hub with ``spawner_class = "lxd"``, image ``jupyter-base``, hub API on the
   Incus bridge (its address in scripts/topology.env). Containers are named ``lxdbench-*`` so
   that a run never touches anyone else's; leftovers of an interrupted run are removed at the
-  start and at the end (`remove_our_containers`, `final_sweep`).
+  start and at the end (`remove_our_containers`, `final_sweep`). The hub's id is
+  ``benchmark-lxdbench`` (``BENCH_HUB_ID``): the users' home volumes it creates carry it, and
+  those not in use are deleted at the start and at the end too (`remove_our_volumes`); a test
+  run's clean-up (``testbench-*`` hubs) leaves them alone, and ours leaves the tests' alone.
+  Users named ``novol-*`` spawn without a home volume (the volume phase's baseline).
 
 What is measured on them is in ``measure.py``; ``spawn.py`` drives the run.
 """
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lxdspawner.lxd import LxdClient, LxdError, NotFound
+from lxdspawner.ownership import KEY_HUB
 from testbench import hubtools, topology
 
 from . import benchlib as bl
@@ -44,6 +49,12 @@ IMAGE = "jupyter-base"
 IMAGE_CACHE = Path("/var/cache/lxdspawner/images")
 FLOOR_VENV = REPO / ".cache" / "floor-venv"
 PREFIX = "lxdbench"  # c.LxdSpawner.name_prefix: our containers only
+# c.LxdSpawner.hub_id: stable across runs, so that a run finds what an earlier one left (the
+# users' home volumes, which lxdspawner never deletes by itself), and not "testbench-*", whose
+# volumes a test run deletes when not in use, which ours are between two spawns.
+BENCH_HUB_ID = f"benchmark-{PREFIX}"
+# Users whose names start with this spawn without a home volume (home_volume_size = "").
+NO_VOLUME_PREFIX = "novol-"
 LXD_HUB_IP = topology.INCUS.gateway
 POLL_INTERVAL = 5.0
 # JupyterHub measures event-loop lag by sleeping this long and seeing how late it wakes; it
@@ -81,6 +92,16 @@ LXD_CONFIG = f"""
 c.JupyterHub.spawner_class = "lxd"
 c.LxdSpawner.image = {IMAGE!r}
 c.LxdSpawner.name_prefix = {PREFIX!r}
+c.LxdSpawner.hub_id = {BENCH_HUB_ID!r}
+
+
+def _bench_pre_spawn_hook(spawner):
+    # The volume phase's baseline: these users' homes are in the container's root disk.
+    if spawner.user.name.startswith({NO_VOLUME_PREFIX!r}):
+        spawner.home_volume_size = ""
+
+
+c.Spawner.pre_spawn_hook = _bench_pre_spawn_hook
 """
 
 # Exposed by lxdspawner (lxdspawner/metrics.py): LxdClient.request_count per endpoint.
@@ -249,6 +270,40 @@ async def remove_our_containers(client: LxdClient) -> list[str]:
     return removed
 
 
+async def our_volumes(client: LxdClient) -> list[tuple[str, dict]]:
+    """(pool, volume) of every custom volume carrying the benchmark hub's id."""
+    found = []
+    for pool in await client.storage_pools():
+        for volume in await client.list_volumes(pool):
+            if (volume.get("config") or {}).get(KEY_HUB) == BENCH_HUB_ID:
+                found.append((pool, volume))
+    return found
+
+
+async def remove_our_volumes(client: LxdClient) -> tuple[list[str], list[str]]:
+    """Delete the benchmark hub's volumes that no instance uses: (deleted, kept in use).
+
+    Run after `remove_our_containers`, which frees the ones our leftover containers held.
+    """
+    removed, in_use = [], []
+    for pool, volume in await our_volumes(client):
+        name = volume["name"]
+        if volume.get("used_by"):
+            in_use.append(f"{pool}/{name}")
+            continue
+        location = volume.get("location") or ""
+        try:
+            await client.delete_volume(
+                pool, name, target=None if location in ("", "none") else location
+            )
+            removed.append(f"{pool}/{name}")
+        except NotFound:
+            pass
+        except LxdError as e:
+            say(f"could not delete volume {pool}/{name}: {e}")
+    return removed, in_use
+
+
 def kill_floor_servers(homes: Path) -> list[int]:
     """Local servers of this run left behind (their cwd is under this run's homes)."""
     killed = []
@@ -272,8 +327,14 @@ async def final_sweep(homes: Path) -> None:
     client = await LxdClient.connect()
     try:
         removed = await remove_our_containers(client)
+        volumes, in_use = await remove_our_volumes(client)
     finally:
         await client.close()
     killed = kill_floor_servers(homes)
-    if removed or killed:
-        say(f"clean-up: removed containers {removed}, killed local servers {killed}")
+    if removed or killed or volumes:
+        say(
+            f"clean-up: removed containers {removed}, {len(volumes)} home volumes, killed "
+            f"local servers {killed}"
+        )
+    if in_use:
+        say(f"clean-up: volumes of the benchmark hub still in use, kept: {in_use}")

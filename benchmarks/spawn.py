@@ -13,7 +13,9 @@ own server as a local process) and **lxd** (``LxdSpawner`` with the ``jupyter-ba
 see ``setups.py``. Repetitions alternate between the two setups (and alternate which goes
 first) so that machine noise hits both. What is measured is in ``measure.py``; the figures,
 the report and the plot in ``report.py``. This module is the driver: the command line and
-the order of the phases.
+the order of the phases. Between the single spawns and the bursts, the volume phase (lxd
+only) spawns a user without a home volume, a user's first spawn (which creates it) and that
+user again with the volume there, in turns.
 
 Everything (servers, containers, hubs, proxies) is cleaned up at the end, also on Ctrl-C.
 The hubs' logs stay in ``.cache/bench/<timestamp>/`` for inspection.
@@ -35,9 +37,19 @@ from pathlib import Path
 
 from lxdspawner.lxd import LxdClient
 
-from .measure import BURST_SIZE, burst_rep, other_instances, poll_phase, single_rep, spawn, stop
+from .measure import (
+    BURST_SIZE,
+    burst_rep,
+    other_instances,
+    poll_phase,
+    single_rep,
+    spawn,
+    stop,
+    volume_rep,
+)
 from .report import analyse, plot, report
 from .setups import (
+    BENCH_HUB_ID,
     FLOOR_VENV,
     IMAGE,
     LOOP_RESOLUTION,
@@ -47,6 +59,7 @@ from .setups import (
     final_sweep,
     image_requirements,
     remove_our_containers,
+    remove_our_volumes,
     running_setups,
     say,
 )
@@ -67,12 +80,25 @@ def _git_head() -> str:
     return head + (" + uncommitted changes in lxdspawner/" if dirty else "")
 
 
+def _spawner_imported_from(workdir: Path) -> str:
+    """Where the hubs' Python imports lxdspawner from, run as hubtools runs the hub (same
+    interpreter and environment, another directory): an editable install of another checkout
+    would otherwise go unnoticed."""
+    return subprocess.run(
+        [sys.executable, "-c", "import lxdspawner; print(lxdspawner.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+    ).stdout.strip()
+
+
 def _python_version(python: Path) -> str:
     return subprocess.run([str(python), "-V"], capture_output=True, text=True).stdout.strip()
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict:
     reps = args.reps or (3 if args.quick else 10)
+    volume_reps = reps if args.volume_reps is None else args.volume_reps
     bursts = args.bursts or (1 if args.quick else 3)
     poll_cycles = 3 if args.quick else 6
     client = await LxdClient.connect()
@@ -80,6 +106,17 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         removed = await remove_our_containers(client)
         if removed:
             say(f"removed leftover containers of an earlier run: {removed}")
+        volumes, in_use = await remove_our_volumes(client)
+        if volumes:
+            say(f"removed {len(volumes)} home volumes of an earlier run (hub {BENCH_HUB_ID})")
+        if in_use:
+            say(f"warning: volumes of hub {BENCH_HUB_ID} in use by someone else, kept: {in_use}")
+        imported_from = _spawner_imported_from(workdir)
+        if not imported_from.startswith(str(REPO / "lxdspawner")):
+            say(
+                f"warning: the hub imports lxdspawner from {imported_from or '?'}, not from "
+                f"{REPO}: set PYTHONPATH={REPO}"
+            )
         requirements, fingerprint = await image_requirements(client)
         singleuser = ensure_floor_venv(requirements)
         info = await client.server_info()
@@ -93,6 +130,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
             "mode": "quick" if args.quick else "full",
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "reps": reps,
+            "volume_reps": volume_reps,
             "bursts": bursts,
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -111,9 +149,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
             "loop_resolution_s": LOOP_RESOLUTION,
             "lxd_config_extra": args.lxd_config,
             "lxdspawner_commit": _git_head(),
+            "lxdspawner_imported_from": imported_from,
+            "hub_id": BENCH_HUB_ID,
         }
         say(
-            f"{meta['mode']} run: {reps} single reps, {bursts} burst(s) of {BURST_SIZE}; "
+            f"{meta['mode']} run: {reps} single reps, {volume_reps} volume reps, {bursts} "
+            f"burst(s) of {BURST_SIZE}; "
             f"{meta['daemon']}, jupyterhub {meta['jupyterhub_singleuser']}, jupyterlab "
             f"{meta['jupyterlab']}; load {meta['loadavg_start'][0]:.1f}, "
             f"{meta['other_running_instances_start']} other running instances; spawner at "
@@ -134,6 +175,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
                 order = (floor, lxd) if i % 2 == 0 else (lxd, floor)
                 for s in order:
                     await single_rep(s, f"s{i:02d}", f"single {i + 1}/{reps}")
+            for i in range(volume_reps):
+                await volume_rep(lxd, i, f"volume {i + 1}/{volume_reps}")
             for b in range(bursts):
                 order = (floor, lxd) if b % 2 == 0 else (lxd, floor)
                 for s in order:
@@ -151,6 +194,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="3 reps, 1 burst: a few minutes")
     parser.add_argument("--reps", type=int, help="single spawn/stop repetitions per setup")
     parser.add_argument("--bursts", type=int, help="bursts of 10 per setup")
+    parser.add_argument(
+        "--volume-reps",
+        type=int,
+        help="home-volume repetitions (lxd: no volume, first spawn, existing volume); "
+        "default: as --reps, 0 skips them",
+    )
     parser.add_argument(
         "--lxd-config",
         default="",

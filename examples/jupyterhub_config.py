@@ -67,10 +67,20 @@ c.LxdSpawner.profiles = ["default"]
 # Cluster placement: relative weight per member (0: never place servers there).
 #     c.LxdSpawner.host_weights = {"node1": 2, "node2": 1, "node3": 0}
 
-# Homes: each user's host home directory, mounted in the container. The server runs with the
-# user's uid/gid from this host's passwd database (see LxdSpawner.get_uid_gid).
-c.LxdSpawner.filesystems_to_mount = [["home", "/home/{USERNAME}", "/home/{USERNAME}"]]
+# Homes: each user gets a persistent home volume (a custom storage volume with a quota),
+# created at the first spawn, kept across stops, culls, hub restarts and reboots, snapshotted
+# daily and kept a week; `lxdspawner volumes list` shows them (README: "Storage"). The server
+# runs with the user's uid/gid from this host's passwd database (LxdSpawner.get_uid_gid).
 c.LxdSpawner.home_dir = "/home/{username}"
+c.LxdSpawner.home_volume_size = "10GiB"
+c.LxdSpawner.home_volume_snapshots = {"schedule": "@daily", "expiry": "1w"}
+# An admin deleting a user keeps their volumes (listed as belonging to no user) unless:
+#     c.LxdSpawner.delete_volumes_with_user = True
+# Course material, one read-only volume for everyone (create it, or give it a "size"):
+#     c.LxdSpawner.volumes = {"course-data": {"path": "/data", "read_only": True, "shared": True}}
+# Or, as the original spawner did, each user's home directory on this host, mounted (a home
+# mounted this way gets no volume):
+#     c.LxdSpawner.filesystems_to_mount = [["home", "/home/{USERNAME}", "/home/{USERNAME}"]]
 
 # Delete a container when its server stops (the default). With False a stopped container is
 # kept and restarted next time (faster, keeps what the user installed with apt or pip).

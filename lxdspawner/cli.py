@@ -3,6 +3,7 @@
     lxdspawner prepull [--image jupyter-base] [--endpoint https://node1:8443 --cert ... ]
     lxdspawner gc [--delete] [--endpoint ...]
     lxdspawner list [--endpoint ...]
+    lxdspawner volumes list|snapshot|restore|resize|delete|move ... [--endpoint ...]
 
 ``prepull`` makes every Online cluster member hold the image unpacked in its storage pool, so
 the first spawn on a member is not slowed by copying and unpacking the image (LXD copies
@@ -17,6 +18,30 @@ image replaced by a new build), which no instance uses; with ``--delete`` it del
 
 ``list`` shows every server's container on the daemon or cluster: user, server name,
 container, status, member and IPv4 (see :mod:`lxdspawner.listing`).
+
+``volumes`` is the operators' work on users' persistent volumes (see
+:mod:`lxdspawner.volumes` and :mod:`lxdspawner.volumecli`); a user's volumes are those whose
+keys name the user (and the hub, with ``--hub-id``), never those that merely hold a name:
+
+    lxdspawner volumes list [--user alice] [--format json] [--hub-id H]
+                            [--hub-url https://hub.example.org [--hub-token T]]
+    lxdspawner volumes snapshot alice [--server lab] [--name NAME]
+    lxdspawner volumes restore alice manual-20250101T120000Z
+    lxdspawner volumes resize alice 20GiB
+    lxdspawner volumes delete alice [--server lab] --yes
+    lxdspawner volumes move alice --to member2
+
+``list`` shows user, server, volume, kind (home or the ``volumes`` template), pool, member,
+size, use, snapshots, when a container last attached it (the last start of a container
+using it; blank when none does) and, with ``--hub-url`` and an API token (``--hub-token``
+or ``JUPYTERHUB_API_TOKEN``, scope ``list:users``), whether its owner is still one of that
+hub's users. Shared volumes are listed with no user. ``snapshot`` snapshots the user's home
+volume (``--server``: a named server's own, with ``home_volume_per_server``) as
+``manual-<UTC time>``; ``restore`` gives it a snapshot's content, refused while a container
+using it runs; ``resize`` sets its quota; ``delete`` deletes the user's volumes (``--server``:
+the server's own) with their snapshots, only with ``--yes`` and while no container uses
+them; ``move`` moves them to another member of a cluster, in the same pool, refused while a
+container using them runs. Exit status 2: refused, nothing changed; 1: failed.
 """
 
 from __future__ import annotations
@@ -28,7 +53,7 @@ import sys
 import time
 import uuid
 
-from . import names, sharing
+from . import names, sharing, volumecli
 from .gc import stale
 from .listing import servers, table
 from .lxd import LxdClient, LxdError, image_source
@@ -126,7 +151,7 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project", default="", help="LXD project")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lxdspawner", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("prepull", help="unpack the image on every cluster member")
@@ -147,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     collect.add_argument("--delete", action="store_true", help="delete what is listed")
     _add_connection(collect)
     _add_connection(sub.add_parser("list", help="the servers' containers, as the daemon has them"))
-    args = parser.parse_args(argv)
+    volumecli.add_parser(sub, _add_connection)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     async def run() -> int:
@@ -163,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                     return await gc(client, delete=args.delete)
                 if args.command == "list":
                     return await list_servers(client)
+                if args.command == "volumes":
+                    return await volumecli.run(client, args, out=sys.stdout, err=sys.stderr)
                 return await prepull(
                     client,
                     args.image,
@@ -175,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lxdspawner: {e.message}", file=sys.stderr)
             return 1
 
-    return 1 if asyncio.run(run()) else 0
+    status = asyncio.run(run())
+    if args.command == "volumes":
+        return status  # 0 done, 1 failed, 2 refused
+    return 1 if status else 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import ClassVar
 
-from . import bases, commands, metrics, network, objects, ownership, placement, sharing
+from . import bases, commands, metrics, network, objects, ownership, placement, sharing, volumes
 from .cache import InstanceCache
 from .lxd import (
     FileHelperFailed,
@@ -136,6 +136,8 @@ class Daemon:
         self._gateways: dict[str, str] = {}
         #: (settings) -> (when read, instance config, system devices): see the spawner.
         self.hardenings: dict[tuple, tuple[float, dict, dict]] = {}
+        self._root_pools: dict[tuple[str, ...], str | None] = {}
+        self._pool_drivers: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"Daemon({self.remote})"
@@ -220,6 +222,12 @@ class Daemon:
             raise DaemonError(e.message, reason="placement", status=503) from e
         if chosen not in {m.name for m in snapshot}:
             raise DaemonError(f"placement_policy chose {chosen!r}, which is not a cluster member")
+        if request.data_member and chosen != request.data_member:
+            raise DaemonError(
+                f"placement_policy chose {chosen!r}, but {request.data_volume} of user "
+                f"{request.user!r} is on {request.data_member}: the server must go there",
+                reason="placement",
+            )
         self.members.placed(chosen)
         return chosen
 
@@ -232,8 +240,10 @@ class Daemon:
         LxdError, or one our own error was raised from) is behind it, the member itself may
         be failing, which LXD notices only after a heartbeat or two. Then it is left out of
         placement for a while, so a retry goes elsewhere, and this is the error to show."""
-        cause = error if isinstance(error, LxdError) else error.__cause__
-        if not isinstance(cause, LxdError):
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, LxdError):
+            cause = cause.__cause__  # e.g. creating the home volume there: ours, from a VolumeError
+        if cause is None:
             return None
         self.members.suspect(member)
         return MemberFailed(
@@ -814,6 +824,67 @@ class Daemon:
         await self.cache()
         await self.remove(name, timeout)
         return True
+
+    # -- users' volumes (see volumes.py) --------------------------------------------------------
+
+    async def find_volumes(
+        self, plans: list[volumes.Plan], profiles: tuple[str, ...]
+    ) -> volumes.Prepared:
+        """A server's volumes in their pools, the existing ones looked up and checked, and
+        the member the user's data pins the server to (on a pool local to each member)."""
+        if not plans:
+            return volumes.Prepared(plans=[])
+        client = await self.client()
+        try:
+            if profiles not in self._root_pools:
+                read = [await client.profile(p) for p in profiles]
+                self._root_pools[profiles] = sharing.root_pool(read)
+            keeper = volumes.Volumes(client, self._pool_drivers)
+            plans = await keeper.resolve_pools(plans, self._root_pools[profiles])
+            prepared = await keeper.prepare(plans, shifted=sharing.shifted(client))
+        except volumes.VolumeError as e:
+            raise DaemonError(e.message, reason="volume", status=e.status) from e
+        if prepared.member and prepared.unreadable:
+            # Its member does not answer for it, whatever the cluster says of it yet (it calls
+            # a member offline only after missed heartbeats): placement, pinned there, fails
+            # at once naming the member and the volume.
+            log.warning(
+                "%s on %s cannot be read: %s",
+                prepared.pinned_by,
+                prepared.member,
+                prepared.unreadable,
+            )
+            self.members.suspect(prepared.member, f"reading {prepared.pinned_by} on it failed")
+        return prepared
+
+    async def make_volumes(
+        self, prepared: volumes.Prepared, member: str | None, say: Say = _quiet
+    ) -> None:
+        """Create the missing ones on ``member`` (a failed start undoes it: discard_volumes)."""
+        if not prepared.plans:
+            return
+        client = await self.client()
+        member = member if self.clustered else None
+        try:
+            await volumes.Volumes(client).create(prepared, member, say)
+        except volumes.VolumeError as e:
+            raise DaemonError(e.message, reason="volume", status=e.status) from e
+
+    async def discard_volumes(self, prepared: volumes.Prepared, member: str | None) -> None:
+        if prepared.created:
+            names_ = [p.name for p in prepared.created]
+            log.info("deleting the volumes this failed spawn created, unused: %s", names_)
+            client = await self.client()
+            await volumes.Volumes(client).discard(prepared, member if self.clustered else None)
+
+    async def delete_volumes(self, owner: ownership.Owner, *, delete: bool) -> list[str]:
+        """``owner``'s volumes (a default server's: the user's too): deleted when ``delete``,
+        else only listed. Only those whose keys match: a name is not enough."""
+        keeper = volumes.Volumes(await self.client())
+        found = await keeper.owned_by(owner.hub, owner.user, owner.server)
+        if not delete:
+            return [v["name"] for v in found]
+        return await keeper.delete(found)
 
 
 def _not_ours(owner: ownership.Owner, name: str, instance: dict, doing: str) -> bool:

@@ -27,7 +27,7 @@ class MemberBook:
     def __init__(self, log: logging.Logger) -> None:
         self.log = log
         self.in_flight: Counter = Counter()
-        self._suspects: dict[str, float] = {}
+        self._suspects: dict[str, tuple[float, str]] = {}
         self._orphans: dict[str, Callable[[str], Awaitable[None]]] = {}
         self._reaper: asyncio.Task | None = None
 
@@ -38,17 +38,18 @@ class MemberBook:
         if member:
             self.in_flight[member] -= 1
 
-    def suspect(self, member: str) -> None:
-        self._suspects[member] = time.monotonic() + SUSPECT_FOR
+    def suspect(self, member: str, why: str = "a spawn on it failed") -> None:
+        self._suspects[member] = (time.monotonic() + SUSPECT_FOR, why)
 
     def mark_suspects(self, members: list[dict]) -> None:
-        """Report Online members a spawn just failed on as unreachable (in place)."""
+        """Report Online members a spawn just failed on (or a volume on them could not be
+        read) as unreachable (in place)."""
         now = time.monotonic()
         for m in members:
-            until = self._suspects.get(m.get("server_name"), 0)
+            until, why = self._suspects.get(m.get("server_name"), (0.0, ""))
             if until > now and m.get("status") == placement.ONLINE:
                 ago = SUSPECT_FOR - (until - now)
-                m["status"] = f"Unreachable (a spawn on it failed {ago:.0f} s ago)"
+                m["status"] = f"Unreachable ({why} {ago:.0f} s ago)"
 
     def is_orphan(self, name: str) -> bool:
         return name in self._orphans

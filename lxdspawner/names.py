@@ -206,3 +206,77 @@ def acl_name(prefix: str, *parts: str) -> str:
     daemons when the prefix is; see network.py)."""
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     return f"{prefix}-{digest[:8]}"
+
+
+# -- users' volumes ---------------------------------------------------------------------------
+
+#: The placeholders a volume name template may hold (``volumes`` keys).
+VOLUME_PLACEHOLDERS = ("{username}", "{servername}")
+
+
+def _is_plain_volume_name(name: str) -> bool:
+    return len(name) <= MAX_LENGTH and bool(_SAFE.fullmatch(name))
+
+
+def volume_name(template: str, username: str = "", server_name: str = "") -> str:
+    """A custom volume's name from a ``volumes`` key (``scratch-{username}``).
+
+    The instance names' rules: a template without placeholders (a shared volume the operator
+    names) must already be a safe name and is used as it is; ``{username}`` alone becomes the
+    username when it is safe and does not end like a hash (``scratch-alice``); anything else
+    (an unsafe username, any ``{servername}``) becomes a readable slug plus 16 hex digits of
+    the template, the raw username and the raw server name (``scratch-ana-maria-1a2b...``),
+    so two users, or two servers, never share a name. Raises ValueError naming the template
+    when it cannot give a safe name.
+    """
+    if not any(p in template for p in VOLUME_PLACEHOLDERS):
+        if (
+            not _is_plain_volume_name(template)
+            or _ENDS_LIKE_HASH.search(template)
+            or not template[0].isalpha()
+        ):
+            raise ValueError(
+                f"volume name {template!r} is not usable: a lower-case letter, then letters, "
+                f"digits and single hyphens, at most {MAX_LENGTH} characters, not ending in '-' "
+                "and 8 or more hex digits"
+            )
+        return template
+    rest = template.replace("{username}", "").replace("{servername}", "")
+    if "{" in rest or "}" in rest or (rest and not _SAFE.fullmatch(rest.strip("-"))):
+        raise ValueError(
+            f"volume name template {template!r} is not usable: besides {{username}} and "
+            "{servername} it may hold lower-case letters, digits and hyphens only"
+        )
+    if "{servername}" not in template and _is_kept_as_is(username, MAX_LENGTH):
+        name = template.replace("{username}", username)
+        if _is_plain_volume_name(name) and not _ENDS_LIKE_HASH.search(name) and name[0].isalpha():
+            return name
+    slug = slugify(
+        template.replace("{username}", slugify(username)[:24]).replace(
+            "{servername}", slugify(server_name)[:16]
+        )
+    )
+    digest = _digest("volume", template, username, server_name)
+    if not slug[:1].isalpha():
+        slug = f"v-{slug}"
+    slug = slug[: MAX_LENGTH - len(digest) - 1].strip("-")
+    return f"{slug}-{digest}"
+
+
+def home_volume_name(
+    username: str, server_name: str = "", prefix: str = DEFAULT_PREFIX, per_server: bool = False
+) -> str:
+    """A user's home volume: ``jupyter-home-alice``; with ``per_server``, a named server has
+    its own (``jupyter-home-alice-lab-<hash>``), the default server keeps the user's."""
+    validate_prefix(prefix)
+    if per_server and server_name:
+        return volume_name(f"{prefix}-home-{{username}}-{{servername}}", username, server_name)
+    return volume_name(f"{prefix}-home-{{username}}", username)
+
+
+#: The disk device of a user's volume in their server: ``lxdspawner-vol-<6 hex of the path>``.
+VOLUME_DEVICE = "lxdspawner-vol"
+
+
+def volume_device_name(path: str) -> str:
+    return f"{VOLUME_DEVICE}-{_path_digest(path)}"

@@ -60,6 +60,10 @@ class ServerSpec:
     #: Profile devices lxdspawner overrides (the root disk's size, the isolated NIC); the
     #: operator's extra_devices override these.
     system_devices: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: The users' volumes (see volumes.py); the operator's extra_devices override these.
+    volume_devices: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: The home is a volume's mount point: handed to the server's uid while still root's.
+    home_on_volume: bool = False
 
 
 # -- instance -----------------------------------------------------------------------------
@@ -101,6 +105,7 @@ def instance_devices(spec: ServerSpec) -> dict[str, dict[str, str]]:
     devices.update(
         {m.name: {"type": "disk", "source": m.source, "path": m.path} for m in spec.mounts}
     )
+    devices.update({k: dict(v) for k, v in spec.volume_devices.items()})
     devices.update({k: dict(v) for k, v in spec.extra_devices.items()})
     return devices
 
@@ -176,8 +181,16 @@ def make_home_command(spec: ServerSpec) -> list[str]:
     existing path is never touched, so a symlink the user left at their home's place, or a
     name such as ``..``, never makes root hand over a directory that is not the home. The
     path is an argument, never part of the script.
+
+    A home on a volume (its mount point, which the user cannot replace) still owned by root
+    is a new volume: it is handed to the server's uid/gid with mode 0700, once.
     """
     script = f'test -e "$1" || test -L "$1" || install -d -o {spec.uid} -g {spec.gid} -m 0755 "$1"'
+    if spec.home_on_volume and spec.uid != 0:
+        script += (
+            f'; if test -d "$1" && ! test -L "$1" && test "$(stat -c %u "$1")" = 0; then '
+            f'chown {spec.uid}:{spec.gid} "$1" && chmod 0700 "$1"; fi'
+        )
     return ["/bin/sh", "-c", script, "make-home", spec.home]
 
 

@@ -72,6 +72,10 @@ class PlacementRequest:
     user: str
     server_name: str = ""
     require: str | None = None
+    #: The member holding the user's volume (``data_volume``) on a pool local to each
+    #: member: the server must go there, whatever ``require`` and the weights say.
+    data_member: str | None = None
+    data_volume: str = ""
 
 
 class NoMemberAvailable(Exception):
@@ -113,6 +117,8 @@ def weighted_least_loaded(members: Sequence[Member], request: PlacementRequest) 
     same snapshot always gives the same answer. This is the original LXD spawner's rule
     ("fewest containers, weighted by host_weights"), plus the in-flight spawns.
     """
+    if request.data_member:
+        return pinned(members, request)
     best: Member | None = None
     best_score = 0.0
     require = request.require
@@ -125,6 +131,23 @@ def weighted_least_loaded(members: Sequence[Member], request: PlacementRequest) 
     if best is None:
         raise no_member_available(members, request)
     return best.name
+
+
+def pinned(members: Sequence[Member], request: PlacementRequest) -> str:
+    """The member holding the user's data, if it can take the server now; otherwise the
+    error naming the member and the volume. Never another member: a fresh empty home there
+    would look to the user like their files were lost."""
+    member = next((m for m in members if m.name == request.data_member), None)
+    if member is not None and member.status == ONLINE:
+        return member.name
+    state = "not in the cluster" if member is None else f"{member.status}, not Online"
+    raise NoMemberAvailable(
+        f"{request.data_volume or 'the volume'} of user {request.user!r} is on cluster member "
+        f"{request.data_member}, which is {state}: the server cannot start elsewhere without "
+        f"those files. Start again once {request.data_member} is back, or have an admin move "
+        f"the data with `lxdspawner volumes move {request.user} --to MEMBER`",
+        {request.data_member: state},
+    )
 
 
 def no_member_available(members: Sequence[Member], request: PlacementRequest) -> NoMemberAvailable:
@@ -229,6 +252,7 @@ __all__ = [
     "members_from_api",
     "members_from_counts",
     "no_member_available",
+    "pinned",
     "weighted_least_loaded",
     "why_unusable",
 ]

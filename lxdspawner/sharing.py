@@ -165,7 +165,7 @@ class SharedDirectory:
             self._retry_later(key)
             return
         config = (existing or {}).get("config") or {}
-        if config.get(KEY_READY) == "true" and config.get(SHIFTED, "") == _shifted(client):
+        if config.get(KEY_READY) == "true" and config.get(SHIFTED, "") == shifted(client):
             self._ready.add(key)
             return
         # A copy made before containers had their own uid ranges (not shifted) is made again.
@@ -194,8 +194,8 @@ class SharedDirectory:
             await _remove_helper(client, helper, fingerprint)
             if half_made:
                 await client.delete_volume(pool, volume, target=member)
-            shifted = {SHIFTED: "true"} if _shifted(client) else {}
-            await client.create_volume(pool, volume, config=shifted, target=member)
+            shift = {SHIFTED: "true"} if shifted(client) else {}
+            await client.create_volume(pool, volume, config=shift, target=member)
             await client.create_instance(
                 helper,
                 source={"type": "image", "fingerprint": fingerprint},
@@ -251,7 +251,7 @@ async def _read_profiles(client: LxdClient, profiles: tuple[str, ...]) -> list[d
     return [await client.profile(name) for name in profiles]
 
 
-def _shifted(client: LxdClient) -> str:
+def shifted(client: LxdClient) -> str:
     """ "true" where the copies are shifted: Incus, whose containers each have their own uid
     range (security.idmap.isolated) and mount them through idmapped mounts. LXD 5.0.2 refuses
     a shifted volume here ("idmapping abilities are required but aren't supported on system")

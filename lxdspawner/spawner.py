@@ -51,9 +51,11 @@ from . import (
     placement,
     readiness,
 )
+from . import volumes as user_volumes
 from .daemon import Daemon, DaemonError, Source
 from .lxd import FileHelperFailed, LxdClient, LxdError, Remote, Unreachable
 from .progress import Progress
+from .storage import StorageSettings
 
 #: 2: the whole remote is recorded (1: its endpoint and project only).
 STATE_VERSION = 2
@@ -121,7 +123,7 @@ def _attach_logs(hub_log: logging.Logger) -> None:
     ours.propagate = False
 
 
-class LxdSpawner(Spawner):
+class LxdSpawner(Spawner, StorageSettings):
     """Spawn single-user servers in Incus or LXD containers, through the REST API."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -679,8 +681,16 @@ class LxdSpawner(Spawner):
             files = await hostfiles.files_to_push(self.files_to_push, shared)
             mounts = hostfiles.mounts(self.filesystems_to_mount, self.user.name)
             home = names.home_path(self.home_dir, self.user.name)
+            plans = user_volumes.plans(
+                self._volume_settings(),
+                username=self.user.name,
+                server_name=self.name or "",
+                home=home,
+                prefix=self.name_prefix,
+                host_mounts=[m.path for m in mounts],
+            )
         except ValueError as e:
-            raise SpawnError(str(e)) from e
+            raise SpawnError(str(e), status_code=400) from e
         daemon = self._daemon_to_start_on()
         client = await daemon.client()
         cache = await daemon.cache()
@@ -702,17 +712,24 @@ class LxdSpawner(Spawner):
         spec = await hardening.harden(
             daemon, self._hardening(daemon), self._spec(uid, gid, home, mounts)
         )
+        data = await daemon.find_volumes(plans, tuple(self.profiles))
+        spec = dataclasses.replace(
+            spec,
+            volume_devices=data.devices(),
+            home_on_volume=any(p.kind == user_volumes.HOME for p in plans),
+        )
 
         if existing and self.remove:
             self._emit("Removing a leftover container of an earlier server", 8)
             await daemon.remove(name, self.stop_timeout + 10)
             existing = None
         elif existing:
+            await daemon.make_volumes(data, existing.get("location") or None, self._emit)
             await daemon.make_reusable(
                 spec, existing, self._source(None), stop_timeout=self.stop_timeout, say=self._emit
             )
 
-        created = False
+        created = started = False
         member = None
         try:
             if existing is None:
@@ -721,12 +738,15 @@ class LxdSpawner(Spawner):
                         user=self.user.name,
                         server_name=self.name or "",
                         require=self.target or None,
+                        data_member=data.member,
+                        data_volume=data.pinned_by,
                     ),
                     weights=self.host_weights,
                     policy=self.placement_policy,
                 )
                 where = f" on {member}" if member else ""
                 self._emit(f"Placing server {name}{where}", 5)
+                await daemon.make_volumes(data, member, self._emit)
                 self._emit(f"Creating container {name} from image {self.image}{where}", 10)
                 await self._step("create", daemon.create(spec, self._source(member), self._emit))
                 created = True
@@ -759,6 +779,7 @@ class LxdSpawner(Spawner):
                 if failure is None:
                     raise
                 raise SpawnError(str(failure)) from e
+            started = True
             cache.note_instance({**instance, "status": "Running"})
             self._emit("Waiting for the container's network address", 50)
             ip = await self._step("ipv4", daemon.wait_ipv4(name, self.start_timeout))
@@ -779,6 +800,8 @@ class LxdSpawner(Spawner):
             await daemon.cleanup_failed_start(
                 name, self.owner, delete=self.remove or created, timeout=self.stop_timeout + 10
             )
+            if not started:  # nothing can have been written to a volume made just now
+                await daemon.discard_volumes(data, member)
             failed = daemon.member_failed(member, name, e) if member else None
             if failed is not None:
                 raise failed from e
@@ -926,12 +949,21 @@ class LxdSpawner(Spawner):
 
     async def delete_forever(self) -> None:
         """The admin deleted the user or this named server: its kept container (remove =
-        False) goes too. The one place lxdspawner deletes a kept container."""
+        False) goes too, and, with `delete_volumes_with_user`, its volumes (the user's own
+        when this is the default server: JupyterHub deletes a user's servers one by one).
+        The one place lxdspawner deletes a kept container or a volume by itself."""
         name = self.instance_name
-        if not name:
-            return
-        if await self.daemon().delete_forever(name, self.owner, self.stop_timeout + 10):
+        daemon = self.daemon()
+        if name and await daemon.delete_forever(name, self.owner, self.stop_timeout + 10):
             self.log.info(
                 "%s: the server was deleted; deleted its container %s", self._log_name, name
             )
         self.instance_name = ""
+        try:
+            done = await daemon.delete_volumes(self.owner, delete=self.delete_volumes_with_user)
+        except (DaemonError, LxdError) as e:
+            self.log.error("%s: its volumes were not deleted: %s", self._log_name, e)
+            return
+        verb = "deleted" if self.delete_volumes_with_user else "kept (delete_volumes_with_user)"
+        if done:
+            self.log.info("%s: volumes %s: %s", self._log_name, verb, ", ".join(done))

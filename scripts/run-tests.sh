@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole suite in two pytest sessions side by side: the cluster tier (its own three
-# incusd in network namespaces, mostly waiting on heartbeats and timeouts) and everything
-# else (the unit tier, then the host's Incus and LXD daemons, the hubs and the browser).
-# They share no daemon, bridge or hub, so neither waits for the other; the cluster
-# session's report is printed after the other's. Exit status: the first failing session's.
+# incusd in network namespaces, mostly waiting on heartbeats and timeouts) with the tests
+# that need no daemon (marker nodaemon: the unit tier, the local hub tests), and everything
+# else (the host's Incus and LXD daemons, the hubs and the browser). They share no daemon, bridge or
+# hub, so neither waits for the other; the second session's report is printed after the
+# first's. Exit status: the first failing session's.
 #
 #   scripts/run-tests.sh [PYTEST_ARGS...]      PYTHON= the interpreter (default: .venv's)
 #
@@ -19,14 +20,14 @@ fi
 
 log=$(mktemp /tmp/lxdspawner-cluster-tests.XXXXXX)
 trap 'rm -f "$log"' EXIT
-"$PYTHON" -m pytest "${common[@]}" -p no:cacheprovider -m cluster >"$log" 2>&1 &
+"$PYTHON" -m pytest "${common[@]}" -p no:cacheprovider -m "cluster or nodaemon" >"$log" 2>&1 &
 cluster=$!
-"$PYTHON" -m pytest "${common[@]}" -m "not cluster"
+"$PYTHON" -m pytest "${common[@]}" -m "not cluster and not nodaemon"
 rest=$?
-echo "== waiting for the cluster tier (pid $cluster) =="
+echo "== waiting for the cluster tier and the daemonless hub tests (pid $cluster) =="
 wait "$cluster"
 clustered=$?
-echo "== the cluster tier's session =="
+echo "== the cluster tier's and daemonless hub tests' session =="
 cat "$log"
 echo "== exit: cluster tier $clustered, the rest $rest =="
 [ "$rest" -ne 0 ] && exit "$rest"

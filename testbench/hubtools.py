@@ -59,9 +59,9 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from lxdspawner.lxd import LxdClient
+from lxdspawner.lxd import LxdClient, LxdError
 from lxdspawner.network import forget_hub
-from lxdspawner.ownership import default_hub_id
+from lxdspawner.ownership import KEY_HUB, default_hub_id
 
 from . import topology
 
@@ -74,6 +74,27 @@ INCUS_HUB_IP = topology.INCUS.gateway
 LXD_HUB_IP = topology.LXD.gateway
 #: The test daemons' sockets, whose dedicated bridges carry the test hubs' network ACLs.
 DAEMON_SOCKETS = tuple(d.socket for d in topology.DAEMONS.values())
+
+
+#: The start of every test hub's id (see Hub.hub_id).
+TEST_HUB_PREFIX = "testbench-"
+
+
+async def forget_volumes(hub_id: str | None) -> None:
+    """Delete the custom volumes a test hub made (None: every test hub's), unless an
+    instance still uses one. Users' volumes outlive their servers by design; a test hub's
+    go when it closes, and at the start and the end of a run."""
+    for socket_path in DAEMON_SOCKETS:
+        with contextlib.suppress(Exception):  # a daemon not set up here: nothing to forget
+            async with LxdClient(f"unix://{socket_path}") as client:
+                for pool in await client.storage_pools():
+                    for volume in await client.list_volumes(pool):
+                        hub = (volume.get("config") or {}).get(KEY_HUB, "")
+                        if volume.get("used_by") or not hub.startswith(TEST_HUB_PREFIX):
+                            continue
+                        if hub_id is None or hub == hub_id:
+                            with contextlib.suppress(LxdError):
+                                await client.delete_volume(pool, volume["name"])
 
 
 async def forget_network_acls(hub_id: str | None) -> None:
@@ -173,6 +194,8 @@ c.JupyterHub.db_url = {db_url!r}
 c.JupyterHub.cookie_secret_file = {cookie_secret_file!r}
 c.JupyterHub.pid_file = {pid_file!r}
 c.JupyterHub.cleanup_servers = {cleanup_servers!r}
+# A test hub's id says it is one: what test hubs leave on a daemon (volumes, ACLs) is found.
+c.LxdSpawner.hub_id = {hub_id!r}
 
 # The proxy is started by the harness so that it outlives hub restarts.
 c.JupyterHub.proxy_class = "configurable-http-proxy"
@@ -299,6 +322,7 @@ class Hub:
             cookie_secret_file=str(self.workdir / "jupyterhub_cookie_secret"),
             pid_file=str(self.workdir / "jupyterhub.pid"),
             cleanup_servers=self.cleanup_servers,
+            hub_id=self.hub_id,
             proxy_api_url=self.proxy_api_url,
             proxy_token=self.proxy_token,
             password=self.password,
@@ -438,11 +462,14 @@ class Hub:
             if self._session is not None:
                 await self._session.close()
                 self._session = None
+            await forget_volumes(self.hub_id)
 
     @property
     def hub_id(self) -> str:
-        """The hub's id as lxdspawner derives it from the database (no test sets its own)."""
-        return default_hub_id(f"sqlite:///{self.workdir / 'jupyterhub.sqlite'}")
+        """The hub's id: ``testbench-`` and the id lxdspawner would derive from the database
+        (a test may set another in its configuration)."""
+        derived = default_hub_id(f"sqlite:///{self.workdir / 'jupyterhub.sqlite'}")
+        return TEST_HUB_PREFIX + derived.rsplit("-", 1)[-1]
 
     # -- logs -----------------------------------------------------------------------------
 

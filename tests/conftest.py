@@ -29,6 +29,7 @@ from testbench.hubtools import (
     REPO,
     chromium_missing,
     forget_network_acls,
+    forget_volumes,
 )
 
 OUTPUT_ROOT = Path(os.environ.get("LXDSPAWNER_TEST_OUTPUT", REPO / "test-output"))
@@ -65,16 +66,20 @@ def pytest_collection_finish(session):
     so it cannot take the ACLs off hubs that other runs have up meanwhile."""
     global _uses_daemons
     _uses_daemons = any(
-        Path(str(item.fspath)).parent.name in DAEMON_TIERS for item in session.items
+        Path(str(item.fspath)).parent.name in DAEMON_TIERS
+        and item.get_closest_marker("nodaemon") is None
+        for item in session.items
     )
     if _uses_daemons:
         asyncio.run(forget_network_acls(None))
+        asyncio.run(forget_volumes(None))
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Nor from this run, once it is over."""
     if _uses_daemons:
         asyncio.run(forget_network_acls(None))
+        asyncio.run(forget_volumes(None))
 
 
 def _slug(text: str) -> str:

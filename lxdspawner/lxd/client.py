@@ -862,6 +862,41 @@ class LxdClient:
             params={"target": target},
         )
 
+    async def copy_volume_to_member(
+        self,
+        pool: str,
+        name: str,
+        *,
+        source_member: str,
+        target: str,
+        config: Mapping[str, str],
+        description: str = "",
+        content_type: str = "filesystem",
+        timeout: float = 3600.0,
+    ) -> None:
+        """Copy a custom volume, snapshots included, from one cluster member to another in the
+        same pool under the same name (API extension ``cluster_internal_custom_volume_copy``:
+        the daemon pulls it from ``source_member``), as ``incus storage volume move --target
+        SRC --destination-target DST`` does before deleting the original. The config is
+        passed on explicitly: Incus 6.0's one-call member-to-member move (a POST on the
+        volume with ``migration`` and ``source.location``) leaves the new volume with none."""
+        body = {
+            "name": name,
+            "type": "custom",
+            "config": dict(config),
+            "description": description,
+            "content_type": content_type or "filesystem",
+            "source": {"type": "copy", "name": name, "pool": pool, "location": source_member},
+        }
+        result = await self.request(
+            "POST",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom",
+            params={"target": target},
+            json_body=body,
+        )
+        if isinstance(result, dict) and result.get("id"):
+            await self.wait(result, timeout=timeout)
+
     async def update_volume_config(
         self, pool: str, name: str, config: Mapping[str, str], *, target: str | None = None
     ) -> None:
@@ -872,6 +907,50 @@ class LxdClient:
             params={"target": target},
             json_body={"config": dict(config)},
         )
+
+    async def volume_state(self, pool: str, name: str, *, target: str | None = None) -> dict:
+        """``GET …/state``: ``{"usage": {"used": bytes, "total": bytes}}`` (the usage may be
+        missing where the driver cannot tell)."""
+        return await self.request(
+            "GET",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}/state",
+            params={"target": target},
+        )
+
+    async def volume_snapshots(
+        self, pool: str, name: str, *, target: str | None = None
+    ) -> list[dict]:
+        """A custom volume's snapshots (``name`` is the snapshot's own, ``created_at``...)."""
+        return await self.request(
+            "GET",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}/snapshots",
+            params={"target": target, "recursion": 1},
+        )
+
+    async def create_volume_snapshot(
+        self, pool: str, name: str, snapshot: str, *, target: str | None = None
+    ) -> None:
+        await self.run(
+            "POST",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}/snapshots",
+            params={"target": target},
+            json_body={"name": snapshot},
+        )
+
+    async def restore_volume(
+        self, pool: str, name: str, snapshot: str, *, target: str | None = None
+    ) -> None:
+        """Give a custom volume the content of one of its snapshots: a PUT of
+        ``{"restore": snapshot}`` (without ``config``, nothing else changes). The daemons
+        refuse while a running instance uses the volume."""
+        result = await self.request(
+            "PUT",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(name)}",
+            params={"target": target},
+            json_body={"restore": snapshot},
+        )
+        if isinstance(result, dict) and result.get("id") and result.get("class") == "task":
+            await self.wait(result)
 
     async def list_images(self) -> list[dict]:
         return await self.request("GET", "/1.0/images", params={"recursion": 1})

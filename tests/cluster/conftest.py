@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from lxdspawner.lxd import LxdClient, LxdError, ipv4_addresses
+from lxdspawner.volumes import KEY_VOLUME
 from testbench.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,6 +105,31 @@ def cluster() -> Cluster:
 async def cl(cluster):
     async with cluster.client() as client:
         yield client
+
+
+@pytest.fixture(autouse=True)
+async def no_users_volumes_left(cluster):
+    """Each test starts without users' volumes (home volumes pin their users' servers to a
+    member) and leaves none: with LXDSPAWNER_KEEP_CLUSTER=1 a test's second run would
+    otherwise place its users where the first run left their homes."""
+    async with cluster.client() as client:
+        await delete_users_volumes(client)
+    yield
+    async with cluster.client() as client:
+        await delete_users_volumes(client)
+
+
+async def delete_users_volumes(client: LxdClient) -> None:
+    """Delete the custom volumes lxdspawner made for users (KEY_VOLUME), on every member; one
+    still in use (a kept container of a test that failed) is left."""
+    for pool in await client.storage_pools():
+        for volume in await client.list_volumes(pool):
+            if KEY_VOLUME not in (volume.get("config") or {}) or "/" in volume["name"]:
+                continue
+            try:
+                await client.delete_volume(pool, volume["name"], target=volume.get("location"))
+            except LxdError as e:
+                print(f"left {pool}/{volume['name']} on {volume.get('location')}: {e.message}")
 
 
 @pytest.fixture

@@ -179,6 +179,9 @@ async def test_weight_zero_and_target_group(cluster, cl, tmp_path):
         await cl.request("DELETE", f"/1.0/cluster/groups/{group}")
 
 
+#: Servers without a persistent home volume (home in the container's root disk).
+NO_HOME_VOLUMES = 'c.LxdSpawner.home_volume_size = ""\n'
+
 #: "ck0" keeps its container (remove = False), on member3.
 KEEP_CK0 = """
 def _keep(spawner):
@@ -195,8 +198,14 @@ async def test_offline_member_is_skipped_and_the_hub_keeps_serving(cluster, cl, 
     loop = asyncio.get_running_loop()
     first = ["co0", "co1", "co2"]
     more = ["co3", "co4", "co5", "co6"]
-    # A short grace and poll interval keep the test short; the default grace is 60 s.
-    grace = "c.LxdSpawner.member_offline_grace = 5\nc.Spawner.poll_interval = 2\n" + KEEP_CK0
+    # A short grace and poll interval keep the test short; the default grace is 60 s. No home
+    # volumes: the stranded user starts again elsewhere, which a home on member3 forbids (see
+    # test_a_users_servers_follow_their_home_volume).
+    grace = (
+        "c.LxdSpawner.member_offline_grace = 5\nc.Spawner.poll_interval = 2\n"
+        + NO_HOME_VOLUMES
+        + KEEP_CK0
+    )
     async with running_hub(
         tmp_path, config=hub_config(cluster, grace), hub_ip=cluster.hub_ip
     ) as hub:
@@ -347,8 +356,10 @@ async def test_member_lost_during_a_spawn(cluster, cl, tmp_path):
     the spawn must fail within a bounded time, a retry must work, and once member3 is back
     nothing of the failed spawn may remain on it."""
     loop = asyncio.get_running_loop()
-    # A preparation step long enough to kill the member in the middle of it.
-    extra = POLICY + 'c.LxdSpawner.commands_to_prepare = ["sleep 8"]\n'
+    # A preparation step long enough to kill the member in the middle of it. No home volumes:
+    # the one this spawn made on member3 would stay there (its container had started) and
+    # pin the retry to member3 (see test_a_users_servers_follow_their_home_volume).
+    extra = POLICY + 'c.LxdSpawner.commands_to_prepare = ["sleep 8"]\n' + NO_HOME_VOLUMES
     async with running_hub(
         tmp_path, config=hub_config(cluster, extra), hub_ip=cluster.hub_ip
     ) as hub:
@@ -409,3 +420,100 @@ async def test_a_nic_the_daemon_cannot_isolate_is_refused_naming_the_setting(clu
         message = str(failed.value)
         assert "macvlan" in message and "network_isolation" in message, message
         assert "cmac" not in await locations(cl, ["cmac"])
+
+
+#: host_weights read at each spawn from a file the test writes (the hub keeps running).
+WEIGHTS_FROM_FILE = """
+import json
+
+def _weights(spawner):
+    with open({path!r}) as f:
+        spawner.host_weights = json.load(f)
+
+c.Spawner.pre_spawn_hook = _weights
+"""
+
+
+async def test_a_users_servers_follow_their_home_volume(cluster, cl, tmp_path):
+    """(a) The second spawn goes to the member holding the user's home volume, though the
+    weights say another; (b) that member stopped, the spawn fails at once naming the member
+    and the volume (and makes no empty home elsewhere), both before the cluster notices and
+    once it calls the member offline; (c) moved with Volumes.move, the home comes along and
+    the next server lands where it is now."""
+    from lxdspawner import volumes
+
+    loop = asyncio.get_running_loop()
+    user, home, pool = "cv0", "jupyter-home-cv0", "lxdspawner"
+    weights = tmp_path / "weights.json"
+    weights.write_text('{"member1": 0.01, "member2": 0.01, "member3": 1}')
+    extra = WEIGHTS_FROM_FILE.format(path=str(weights))
+    async with running_hub(
+        tmp_path, config=hub_config(cluster, extra), hub_ip=cluster.hub_ip
+    ) as hub:
+        with_diagnostics(hub, cluster, "jupyter-cv")
+        await hub.start_server(user, timeout=300)
+        assert await locations(cl, [user]) == {user: "member3"}
+        volume = await cl.get_volume(pool, home)
+        assert volume["location"] == "member3" and volume["config"]["size"] == str(10 * 2**30)
+        container = f"jupyter-{user}"
+        wrote = await cl.exec(container, ["/bin/sh", "-c", f"echo mine > /home/{user}/notes.txt"])
+        assert wrote.exit_code == 0, wrote.output
+        await hub.stop_server(user)
+
+        # (a) The weights now say member1; the home says member3.
+        weights.write_text('{"member1": 1, "member2": 0.01, "member3": 0.01}')
+        await hub.start_server(user, timeout=300)
+        assert await locations(cl, [user]) == {user: "member3"}
+        await hub.stop_server(user)
+        deadline = time.monotonic() + 60
+        while await locations(cl, [user]):  # its container goes in the background
+            assert time.monotonic() < deadline, "the stopped server's container stayed"
+            await asyncio.sleep(0.5)
+
+        # (b) member3 stops: the cluster calls it Online for a while yet, then Offline.
+        await loop.run_in_executor(None, stop_member, 3)
+        try:
+            for when in ("at once", "once the cluster calls it offline"):
+                if when != "at once":
+                    took = await wait_for_status(cl, "member3", want_online=False)
+                    print(f"member3 offline after {took:.1f} s")
+                t0 = time.monotonic()
+                with pytest.raises(SpawnFailed) as failed:
+                    await hub.start_server(user, timeout=120)
+                took = time.monotonic() - t0
+                message = failed.value.message
+                print(f"spawn with member3 down ({when}) failed in {took:.1f} s: {message}")
+                assert took < 15, took
+                assert "member3" in message and home in message, message
+                assert "volumes move" in message, message
+                assert user not in await locations(cl, [user])
+                held = [v for v in await cl.list_volumes(pool) if v["name"] == home]
+                assert [v["location"] for v in held] == ["member3"]  # no fresh home elsewhere
+        finally:
+            await loop.run_in_executor(None, start_member, 3)
+
+        # (c) Moved to member2, the home goes with it, and so does the next server. member2
+        # pulls the copy from member3, and for some seconds after member3 is back Online, until
+        # member2's event connection to it is up again, Incus answers "Server isn't ready yet"
+        # (a failed move leaves the volume where it was): an admin starts again, so does this.
+        t0 = time.monotonic()
+        while True:
+            try:
+                await volumes.Volumes(cl).move(pool, home, "member2")
+                break
+            except volumes.VolumeError as e:
+                assert "isn't ready yet" in e.message and "it stays on member3" in e.message, e
+                assert time.monotonic() - t0 < 60, e.message
+                await asyncio.sleep(1)
+        print(f"Volumes.move member3 -> member2: {time.monotonic() - t0:.1f} s")
+        moved = await cl.get_volume(pool, home)
+        assert moved["location"] == "member2" and moved["config"] == volume["config"]
+        server = await hub.start_server(user, timeout=300)
+        assert await locations(cl, [user]) == {user: "member2"}
+        status, _ = await hub.get_via_proxy(server["url"] + "api/status")
+        assert status == 200
+        assert await cl.read_file(container, f"/home/{user}/notes.txt") == b"mine\n"
+        # In use, it stays.
+        with pytest.raises(volumes.VolumeError, match="is used by"):
+            await volumes.Volumes(cl).move(pool, home, "member1")
+        await hub.stop_server(user)

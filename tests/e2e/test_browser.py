@@ -141,8 +141,9 @@ async def log_in(page, shot, hub, username: str, next_path: str | None = None) -
     await page.click("#login_submit")
 
 
-async def watch_spawn(page, shot, server_path: str) -> None:
-    """From the spawn page (if we see it) into JupyterLab at ``server_path``."""
+async def watch_spawn(page, shot, server_path: str, ready: str = ".jp-LauncherCard") -> None:
+    """From the spawn page (if we see it) into JupyterLab at ``server_path``, until
+    ``ready`` shows (the launcher of a new user's JupyterLab)."""
     try:
         await page.wait_for_url(re.compile(r".*/hub/spawn-pending/.*"), timeout=15_000)
         await page.wait_for_selector("#progress-message:not(:empty)", timeout=15_000)
@@ -153,7 +154,7 @@ async def watch_spawn(page, shot, server_path: str) -> None:
     await page.wait_for_url(
         re.compile(".*" + re.escape(server_path) + "lab.*"), timeout=SPAWN_TIMEOUT_MS
     )
-    await page.wait_for_selector(".jp-LauncherCard", timeout=60_000)
+    await page.wait_for_selector(ready, timeout=60_000)
     await shot("lab")
 
 
@@ -181,6 +182,22 @@ async def run_in_new_notebook(page, shot, code: str) -> str:
     return text
 
 
+async def save_notebook(page, name: str) -> str:
+    """Save the open notebook (JupyterLab asks for a name at the first save); its name."""
+    await page.keyboard.press("Control+s")
+    rename = page.get_by_role("button", name="Rename and Save")
+    try:
+        await rename.wait_for(timeout=10_000)
+    except Exception:
+        name = "Untitled.ipynb"  # a JupyterLab that does not ask
+    else:
+        await page.locator(".jp-Dialog input").first.fill(name)
+        await rename.click()
+    await page.locator(".jp-DirListing-itemName", has_text=name).first.wait_for(timeout=30_000)
+    await page.locator(".lm-TabBar-tab.jp-mod-dirty").wait_for(state="detached", timeout=30_000)
+    return name
+
+
 async def wait_gone(hub, user: str, server_name: str = "", timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while await hub.server_model(user, server_name) is not None:
@@ -188,7 +205,11 @@ async def wait_gone(hub, user: str, server_name: str = "", timeout: float = 60) 
         await asyncio.sleep(0.5)
 
 
-async def test_login_lab_notebook_and_stop(hub, browser, output_dir, mode):
+async def test_login_lab_notebook_stop_and_the_notebook_is_still_there(
+    hub, browser, output_dir, mode
+):
+    """Log in, write a notebook, stop the server from the control panel (its container is
+    deleted), start it again: the same notebook opens, with what was written in it."""
     user = "e2e-lab"
     context, page, shot = await new_page(browser, output_dir)
     try:
@@ -196,8 +217,9 @@ async def test_login_lab_notebook_and_stop(hub, browser, output_dir, mode):
         await watch_spawn(page, shot, f"/user/{user}/")
 
         hostname = await run_in_new_notebook(
-            page, shot, "import socket; print(socket.gethostname())"
+            page, shot, "import socket; print(socket.gethostname())  # kept-across-stops"
         )
+        notebook = await save_notebook(page, "kept.ipynb")
         if mode == "lxd":
             assert hostname.startswith("jupyter-") and user in hostname, hostname
             assert hostname in instance_names()
@@ -220,6 +242,21 @@ async def test_login_lab_notebook_and_stop(hub, browser, output_dir, mode):
             while hostname in instance_names():
                 assert time.monotonic() < deadline, "the container outlived its server"
                 await asyncio.sleep(0.5)
+
+        await page.click("#start")
+        # JupyterLab may open the notebook again by itself (its workspace is in the home).
+        await watch_spawn(page, shot, f"/user/{user}/", ".jp-LauncherCard, .jp-NotebookPanel")
+        await page.goto(hub.public_url + f"/user/{user}/lab/tree/{notebook}")
+        panel = page.locator(".jp-NotebookPanel:visible")
+        # The cell as it was written, and its output as it was saved.
+        await panel.locator(".jp-Cell .cm-content", has_text="kept-across-stops").first.wait_for(
+            timeout=90_000
+        )
+        await panel.locator(".jp-OutputArea-output", has_text=hostname).first.wait_for(
+            timeout=30_000
+        )
+        await shot("reopened")
+        await hub.stop_server(user)
     except BaseException:
         await shot.failure()
         raise
@@ -277,9 +314,16 @@ c.Spawner.pre_spawn_hook = _no_image
             # error page at once, or its "Spawn failed" page when it failed before the
             # pending page loaded; a slower failure shows on the progress page (red bar).
             failed_page = "h1:has-text('Spawn failed')"
-            await page.wait_for_selector(
-                f"#progress-bar.bg-danger, div.error, {failed_page}", timeout=SPAWN_TIMEOUT_MS
-            )
+            shown = f"#progress-bar.bg-danger, div.error, {failed_page}"
+            try:
+                await page.wait_for_selector(shown, timeout=20_000)
+            except Exception:
+                # A spawn that fails while the pending page opens its event stream can leave
+                # that page at "starting up" (JupyterHub's race, seen under load): a reload
+                # shows the failure, as it would for a person.
+                await shot("stale-pending-page")
+                await page.reload()
+                await page.wait_for_selector(shown, timeout=60_000)
             if await page.locator("div.error").count():
                 message = (await page.inner_text("div.error")).strip()
             elif await page.locator(failed_page).count():

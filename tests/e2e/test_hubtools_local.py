@@ -19,6 +19,8 @@ from testbench.hubtools import CHP, LOCAL_SPAWNER_CONFIG, VENV_BIN, SpawnFailed,
 
 pytestmark = [
     pytest.mark.e2e,
+    # No daemon: scripts/run-tests.sh runs these beside the daemon tiers.
+    pytest.mark.nodaemon,
     pytest.mark.skipif(not CHP.exists(), reason=f"{CHP} missing: run scripts/ensure-tools.sh"),
     pytest.mark.skipif(
         not (VENV_BIN / "jupyterhub-singleuser").exists()

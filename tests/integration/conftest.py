@@ -121,12 +121,21 @@ def bridge_ports(daemon: str = "incus") -> set[str]:
 
 async def leaked_interfaces(client: LxdClient, before: set[str], daemon: str = "incus") -> set:
     """Interfaces that came onto the bridge since ``before`` and belong to no running
-    container: what a container deleted before LXD had torn it down leaves behind."""
-    owned = set()
-    for instance in await client.list_instances(recursion=2):
-        network = (instance.get("state") or {}).get("network") or {}
-        owned |= {nic.get("host_name") for nic in network.values()}
-    return bridge_ports(daemon) - before - owned
+    container: what a container deleted before LXD had torn it down leaves behind. A leak
+    stays; a container of another session stopping just now takes its interface away within
+    a second or two, so only those still there after 3 s count."""
+    leaked = None
+    for _ in range(4):
+        owned = set()
+        for instance in await client.list_instances(recursion=2):
+            network = (instance.get("state") or {}).get("network") or {}
+            owned |= {nic.get("host_name") for nic in network.values()}
+        now = bridge_ports(daemon) - before - owned
+        leaked = now if leaked is None else leaked & now
+        if not leaked:
+            return set()
+        await asyncio.sleep(1)
+    return leaked
 
 
 @pytest.fixture

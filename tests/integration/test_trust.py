@@ -245,14 +245,8 @@ c.Spawner.start_timeout = 20
         assert await sh(incus, name, "cat /home/kim/installed.txt") == "mine"
         await hub.stop_server("kim")
 
-        # A daemon that does not answer during the start: the spawn fails, the container stays.
-        spawn = asyncio.create_task(hub.start_server("kim", timeout=90))
-        await asyncio.sleep(0.3)
-        with _Frozen():
-            with pytest.raises(SpawnFailed):
-                await spawn
-        await asyncio.sleep(1)
-        assert (await incus.get_instance(name))["status"] in ("Stopped", "Running")
+        # (A daemon failing during its start leaves it as well: the in-process tier's
+        # test_a_kept_container_is_never_deleted_whatever_fails, for every kind of failure.)
 
         # A changed setting reaches the kept container: a mount added to the config.
         (host_dir / "data").mkdir()
@@ -366,8 +360,16 @@ c.JupyterHub.authenticator_class = _AnyName
         assert home != "/home/.." and "/" not in home.removeprefix("/home/")
         assert (out / "pwd.txt").read_text().strip() == home
         assert (out / "owners.txt").read_text().split() == ["0", "0"]  # root keeps / and /home
-        async with hub.session.delete(url, headers=hub.auth_headers) as r:
-            assert r.status in (202, 204), await r.text()
+        # The preparation ran: the server may still be starting, and JupyterHub refuses to
+        # stop a pending spawn (500 "pending spawn"); ask again until it takes the stop.
+        deadline = time.monotonic() + 60
+        while True:
+            async with hub.session.delete(url, headers=hub.auth_headers) as r:
+                if r.status in (202, 204):
+                    break
+                text = await r.text()
+            assert time.monotonic() < deadline, f"the stop was refused: {r.status} {text}"
+            await asyncio.sleep(1)
         await wait_until(
             lambda: _instance_missing(incus, names.instance_name("..", "", prefix)),
             60,

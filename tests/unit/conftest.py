@@ -1,7 +1,8 @@
 """The unit tier runs in process: no daemon, no hub, no network, seconds in all.
 
 - Every test fails that reaches a daemon's local socket (the tier has fakes for that:
-  ``tests/unit/fakes.py``).
+  ``tests/unit/fakes.py``); every test carries the marker ``nodaemon``, so
+  ``scripts/run-tests.sh`` runs the tier beside the daemon tiers.
 - ``fake``: an in-memory Incus daemon (``FakeLxd``) with one image.
 - ``quick_sleeps(module)``: the module's ``asyncio.sleep`` returns at once, and records the
   delays asked for (retry loops and backoffs are tested without waiting them out).
@@ -27,6 +28,12 @@ from lxdspawner import removals  # noqa: E402
 from lxdspawner.cache import InstanceCache  # noqa: E402
 from lxdspawner.daemon import Daemon  # noqa: E402
 from lxdspawner.lxd import Remote  # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if f"{Path(__file__).parent}" in str(item.fspath):
+            item.add_marker(pytest.mark.nodaemon)
 
 
 @pytest.fixture(autouse=True)

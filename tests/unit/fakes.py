@@ -4,8 +4,11 @@
 and the bases call, with what Incus 6.0 answers: 404s (``NotFound``) for missing objects, a
 running instance refuses to be deleted ("Instance is running"), a stop of a stopped one fails
 with "The instance is already stopped", empty config values are dropped, a volume in use
-cannot be deleted. State changes emit the lifecycle events Incus emits, on an
-``events()`` stream that the cache subscribes to as it does to ``/1.0/events``.
+cannot be deleted. Volumes have snapshots (listed with the pool's volumes as
+``<volume>/<snapshot>``, as the daemons list them), a restore refused while a running instance
+uses the volume, ``used_by`` (instances whose devices, their profiles' included, name it), a
+usage, and a move between cluster members. State changes emit the lifecycle events Incus
+emits, on an ``events()`` stream that the cache subscribes to as it does to ``/1.0/events``.
 
 The composite methods (``shut_down``, ``remove_instance``, ``delete_stopped_instance``) are
 LxdClient's own, running on the fake's primitives: a test of a caller also tests them.
@@ -55,6 +58,7 @@ from lxdspawner.lxd import (
     LxdClient,
     LxdError,
     NotFound,
+    OperationFailed,
     Unreachable,
 )
 from lxdspawner.lxd.client import CONNECTED
@@ -113,6 +117,8 @@ class FakeInstance:
     ipv4: str = ""
     #: Its file helper fails every write (Incus 6.0.4's forkfile race that does not pass).
     file_helper_stuck: bool = False
+    #: Its last start (the daemon's zero time until it first starts).
+    last_used_at: str = "0001-01-01T00:00:00Z"
 
     def api(self, profiles: Mapping[str, dict] | None = None) -> dict:
         """As ``GET /1.0/instances/<name>``; with the daemon's ``profiles``, the expanded
@@ -140,6 +146,7 @@ class FakeInstance:
             "ephemeral": False,
             "stateful": False,
             "description": "",
+            "last_used_at": self.last_used_at,
         }
 
 
@@ -151,14 +158,20 @@ class FakeVolume:
     config: dict[str, str] = field(default_factory=dict)
     #: What was copied into it, for tests to look at (set by their exec handlers).
     content: set[str] = field(default_factory=set)
+    #: Its snapshots in the order taken: name -> the content they hold.
+    snapshots: dict[str, set[str]] = field(default_factory=dict)
+    #: Bytes in use, as ``GET …/state`` tells (``usage.used``).
+    used: int = 0
 
-    def api(self) -> dict:
+    def api(self, used_by: Iterable[str] = ()) -> dict:
         return {
             "name": self.name,
             "type": "custom",
             "config": dict(self.config),
             "location": self.location,
-            "used_by": [],
+            "used_by": list(used_by),
+            "content_type": "filesystem",
+            "description": "",
         }
 
 
@@ -222,12 +235,19 @@ class FakeLxd:
         timeout: float = 5.0,
     ) -> None:
         self.members: dict[str, str] = {m: "Online" for m in members}
-        self.dialect = Dialect(product=product, clustered=bool(self.members))
+        # Of the API extensions, only those the callers ask about and the fake follows.
+        extensions = {"cluster_internal_custom_volume_copy"} if product == "incus" else set()
+        self.dialect = Dialect(
+            product=product, clustered=bool(self.members), api_extensions=frozenset(extensions)
+        )
         self.project = project
         self.timeout = timeout
         self.endpoint = "unix:///fake/unix.socket"
         self.instances: dict[str, FakeInstance] = {}
         self.volumes: dict[tuple[str, str, str], FakeVolume] = {}
+        #: The storage pool of the default profile's root disk, and its driver.
+        self.pool = DEFAULT_POOL
+        self.pool_driver = "btrfs"
         self.images: dict[str, FakeImage] = {}
         self.profiles: dict[str, dict] = {"default": copy.deepcopy(DEFAULT_PROFILE)}
         self.networks: dict[str, dict] = {
@@ -238,6 +258,8 @@ class FakeLxd:
                 "config": {"ipv4.address": "10.0.0.1/24", "ipv4.nat": "true"},
             }
         }
+        #: The time an instance's start records (``last_used_at``).
+        self.clock: Callable[[], str] = lambda: "2025-01-02T03:04:05.123456789Z"
         #: False: the bridge gives no address (no DHCP server answers).
         self.dhcp = True
         self._addresses = itertools.count(2)
@@ -580,6 +602,7 @@ class FakeLxd:
             raise LxdError("The instance is already running", status=400)
         instance.status = "Running"
         instance.tearing_down = False
+        instance.last_used_at = self.clock()
         if self.dhcp:
             instance.ipv4 = f"10.0.0.{next(self._addresses)}"
         self.emit("instance-started", name)
@@ -665,6 +688,11 @@ class FakeLxd:
         ``DELETE /1.0/instances/<name>/files?path=``, and an operation's wait; counted (and
         failed on demand) under the route, e.g. ``"PUT /1.0/instances/{name}"``."""
         parts = path.removeprefix("/1.0/").split("/")
+        if method == "GET" and parts[0] == "storage-pools" and len(parts) == 2:
+            await self._call("GET /1.0/storage-pools/{name}")
+            if parts[1] not in {self.pool, *(p for p, _, _ in self.volumes)}:
+                raise NotFound(f"Storage pool not found: {parts[1]}", status=404)
+            return {"name": parts[1], "driver": self.pool_driver}
         if method == "GET" and parts[0] == "images" and len(parts) == 2:
             await self._call("GET /1.0/images/{fingerprint}")
             return {"fingerprint": self._image({"fingerprint": parts[1]}).fingerprint}
@@ -757,14 +785,122 @@ class FakeLxd:
     # -- storage volumes --------------------------------------------------------------------
 
     def _volume(self, pool: str, name: str, target: str | None) -> FakeVolume:
+        if target is None and self.members:
+            # A clustered daemon finds a volume on whichever member holds it, forwarding the
+            # request there. Incus 6.0 answers 500 "Server isn't ready yet" while that member
+            # is down (stopped or killed), and 500 when several members hold one of the name.
+            held = [v for (p, n, _), v in self.volumes.items() if (p, n) == (pool, name)]
+            if len(held) > 1:
+                raise LxdError(
+                    f'More than one cluster member has a volume named "{name}". Please target '
+                    "a specific member",
+                    status=500,
+                )
+            if held:
+                if self.members.get(held[0].location) != "Online":
+                    raise LxdError("Server isn't ready yet", status=500)
+                return held[0]
         volume = self.volumes.get((pool, name, self._location(target)))
         if volume is None:
             raise NotFound(f"Storage volume not found: {name}", status=404)
         return volume
 
+    def _users(self, volume: FakeVolume) -> list[FakeInstance]:
+        """The instances on the volume's member whose devices (their profiles' too) name it:
+        its ``used_by``."""
+        return [
+            i
+            for i in self.instances.values()
+            if i.location == volume.location
+            and any(
+                d.get("type") == "disk"
+                and d.get("pool") == volume.pool
+                and d.get("source") == volume.name
+                for d in i.api(self.profiles)["expanded_devices"].values()
+            )
+        ]
+
+    def _volume_api(self, volume: FakeVolume) -> dict:
+        return volume.api(f"/1.0/instances/{i.name}" for i in self._users(volume))
+
     async def get_volume(self, pool: str, name: str, *, target: str | None = None) -> dict:
         await self._call("get_volume")
-        return self._volume(pool, name, target).api()
+        return self._volume_api(self._volume(pool, name, target))
+
+    async def volume_state(self, pool: str, name: str, *, target: str | None = None) -> dict:
+        await self._call("volume_state")
+        volume = self._volume(pool, name, target)
+        usage = {"total": int(volume.config.get("size", "-1") or -1)}
+        if volume.used:  # Incus leaves a 0 out
+            usage["used"] = volume.used
+        return {"usage": usage}
+
+    async def volume_snapshots(
+        self, pool: str, name: str, *, target: str | None = None
+    ) -> list[dict]:
+        await self._call("volume_snapshots")
+        volume = self._volume(pool, name, target)
+        return [
+            {
+                "name": f"{name}/{snap}",  # the full name, as Incus 6 and LXD 5.0 give it
+                "config": dict(volume.config),
+                "content_type": "",
+                "description": "",
+                "expires_at": None,
+            }
+            for snap in volume.snapshots
+        ]
+
+    async def create_volume_snapshot(
+        self, pool: str, name: str, snapshot: str, *, target: str | None = None
+    ) -> None:
+        await self._call("create_volume_snapshot")
+        volume = self._volume(pool, name, target)
+        if snapshot in volume.snapshots:
+            raise OperationFailed("Snapshot by that name already exists")
+        volume.snapshots[snapshot] = set(volume.content)
+
+    async def restore_volume(
+        self, pool: str, name: str, snapshot: str, *, target: str | None = None
+    ) -> None:
+        """As Incus: refused while a running instance uses the volume."""
+        await self._call("restore_volume")
+        volume = self._volume(pool, name, target)
+        if snapshot not in volume.snapshots:
+            raise NotFound("Storage volume snapshot not found", status=404)
+        if any(i.status == "Running" for i in self._users(volume)):
+            raise LxdError("Cannot restore custom volume used by running instances", status=400)
+        volume.content = set(volume.snapshots[snapshot])
+
+    async def copy_volume_to_member(
+        self,
+        pool: str,
+        name: str,
+        *,
+        source_member: str,
+        target: str,
+        config: Mapping[str, str],
+        description: str = "",
+        content_type: str = "filesystem",
+        timeout: float = 3600.0,
+    ) -> None:
+        """Incus' cluster-internal copy: pulled from ``source_member`` (which must answer),
+        created on ``target`` with the config given, its content copied."""
+        await self._call("copy_volume_to_member")
+        source = self.volumes.get((pool, name, self._location(source_member)))
+        if source is None:
+            raise NotFound(f"Storage volume not found: {name}", status=404)
+        key = (pool, name, self._location(target))
+        if key in self.volumes:
+            raise Conflict("Volume by that name already exists", status=409)
+        self.volumes[key] = FakeVolume(
+            pool,
+            name,
+            target,
+            _clean(config),
+            set(source.content),
+            {k: set(v) for k, v in source.snapshots.items()},
+        )
 
     async def create_volume(
         self,
@@ -787,19 +923,24 @@ class FakeLxd:
         volume = self._volume(pool, name, target)
         volume.config = _clean({**volume.config, **config})
 
+    async def storage_pools(self) -> list[str]:
+        return sorted({pool for pool, _, _ in self.volumes} | {self.pool})
+
+    async def list_volumes(self, pool: str) -> list[dict]:
+        await self._call("list_volumes")
+        listed = []
+        for (p, _, _), v in self.volumes.items():
+            if p == pool:
+                listed.append(self._volume_api(v))
+                # As the daemons list them: each snapshot too, a custom volume named
+                # "<volume>/<snapshot>" holding the volume's config.
+                listed += [{**v.api(), "name": f"{v.name}/{snap}"} for snap in v.snapshots]
+        return listed
+
     async def delete_volume(self, pool: str, name: str, *, target: str | None = None) -> None:
         await self._call("delete_volume")
         volume = self._volume(pool, name, target)
-        users = [
-            i.name
-            for i in self.instances.values()
-            if i.location == volume.location
-            and any(
-                d.get("type") == "disk" and d.get("pool") == pool and d.get("source") == name
-                for d in i.devices.values()
-            )
-        ]
-        if users:
+        if self._users(volume):
             raise LxdError("The storage volume is still in use", status=400)
         del self.volumes[(volume.pool, volume.name, volume.location)]
 

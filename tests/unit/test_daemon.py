@@ -24,6 +24,7 @@ from lxdspawner.lxd import ExecResult, LxdError, NotFound, Unreachable
 from lxdspawner.members import SUSPECT_FOR
 from lxdspawner.ownership import KEY_HUB, Owner
 from lxdspawner.placement import ONLINE, PlacementRequest
+from lxdspawner.volumes import VolumeError
 
 HUB = "hub-1"
 ANA = Owner(HUB, "ana")
@@ -144,6 +145,16 @@ async def test_only_a_failure_the_daemon_answered_blames_the_member(on_cluster):
         raise DaemonError("could not create") from LxdError("member m1: I/O error")
     except DaemonError as e:
         assert on_cluster.member_failed("m1", NAME, e).message.endswith("start again.")
+    # Creating the home volume there: the daemon's answer is two causes down.
+    try:
+        try:
+            raise VolumeError("creating jupyter-home-ana failed") from LxdError("not ready")
+        except VolumeError as e:
+            raise DaemonError(e.message, reason="volume") from e
+    except DaemonError as e:
+        failed = on_cluster.member_failed("m1", NAME, e)
+        assert failed.message.startswith(f"cluster member m1 failed during the spawn of {NAME}:")
+        assert "not ready. It is left out of placement" in failed.message
 
 
 async def test_no_usable_member_is_a_503_naming_each_member(on_cluster, cluster):

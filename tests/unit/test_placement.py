@@ -374,3 +374,48 @@ async def test_a_member_counts_as_down_only_while_it_stays_down():
     cluster.status = "Online"
     await cache.refresh_members()
     assert cache.member_down_for("m1") == 0
+
+
+# -- pinned by the user's data (a volume on a pool local to each member) --------------------
+
+
+PINNED = PlacementRequest("alice", data_member="m3", data_volume="jupyter-home-alice")
+
+
+def test_a_user_with_data_goes_to_its_member_whatever_the_weights():
+    members = [member("m1"), member("m2"), member("m3", instances=9, weight=0.5)]
+    assert weighted_least_loaded(members, PINNED) == "m3"
+    # ...and whatever ``require`` says: the data decides.
+    assert weighted_least_loaded(members, dataclass_replace(PINNED, require="m1")) == "m3"
+
+
+@pytest.mark.parametrize(
+    "status, state",
+    [
+        ("Offline", "Offline, not Online"),
+        ("Evacuated", "Evacuated, not Online"),
+        (
+            "Unreachable (reading jupyter-home-alice on it failed 0 s ago)",
+            "Unreachable (reading jupyter-home-alice on it failed 0 s ago), not Online",
+        ),
+        (None, "not in the cluster"),
+    ],
+)
+def test_a_member_holding_the_data_that_cannot_take_the_server_is_named_with_the_volume(
+    status, state
+):
+    members = [member("m1"), member("m2")] + ([member("m3", status=status)] if status else [])
+    with pytest.raises(NoMemberAvailable) as e:
+        weighted_least_loaded(members, PINNED)
+    assert e.value.message == (
+        f"jupyter-home-alice of user 'alice' is on cluster member m3, which is {state}: the "
+        "server cannot start elsewhere without those files. Start again once m3 is back, or "
+        "have an admin move the data with `lxdspawner volumes move alice --to MEMBER`"
+    )
+    assert e.value.reasons == {"m3": state}
+
+
+def dataclass_replace(request, **changes):
+    import dataclasses
+
+    return dataclasses.replace(request, **changes)

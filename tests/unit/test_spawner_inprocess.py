@@ -570,3 +570,62 @@ def test_lxdspawners_log_goes_to_the_hubs_and_a_spawner_outside_a_hub_leaves_it_
     LxdSpawner(log=hub_log)
     assert ours.handlers == [handler] and not ours.propagate
     assert ours.level == logging.INFO
+
+
+# -- a user's home volume on a cluster ------------------------------------------------------
+
+
+async def test_a_users_servers_follow_their_home_volume_and_its_member_down_is_said_at_once(
+    make_daemon, monkeypatch
+):
+    """The second spawn goes to the member holding the home volume, whatever the load says;
+    that member not answering (the cluster still calling it Online, or Offline) fails the
+    spawn at once naming it and the volume, and nothing is made elsewhere; moved with
+    Volumes.move, the home follows."""
+    from lxdspawner import volumes
+
+    home = "jupyter-home-ana"
+    cluster = FakeLxd(members=["m1", "m2", "m3"])
+    cluster.add_image(IMAGE, "jupyter-base")
+    cluster.exec_handler = server_unit(cluster, teardown=True)
+    daemon = make_daemon(cluster)
+    monkeypatch.setitem(Daemon._all, daemon.remote, daemon)
+    s = spawner(cluster)
+    await s.start()
+    assert s.member == "m1" and cluster.volume("default", home, "m1") is not None
+    await s.stop()
+    cluster.volume("default", home, "m1").content.add("notes.txt")
+    for i in range(3):  # m1 is now the busiest member
+        x = f"x{i}"
+        cluster.add_instance(f"jupyter-{x}", status="Running", config=owned(x), location="m1")
+    s = spawner(cluster)
+    await s.start()
+    assert s.member == "m1"
+    await s.stop()
+
+    # m1 stops answering before the cluster notices: the volume is found in the pool's list.
+    cluster.fail("get_volume", LxdError("Server isn't ready yet", status=500))
+    error, _ = await fails(spawner(cluster))
+    assert (error.status_code, error.reason) == (503, "placement")
+    assert str(error) == (
+        f"{home} of user 'ana' is on cluster member m1, which is Unreachable (reading {home} on "
+        "it failed 0 s ago), not Online: the server cannot start elsewhere without those "
+        "files. Start again once m1 is back, or have an admin move the data with `lxdspawner "
+        "volumes move ana --to MEMBER`"
+    )
+    daemon.members._suspects.clear()
+    cluster.members["m1"] = "Offline"
+    error, _ = await fails(spawner(cluster))
+    assert str(error).startswith(f"{home} of user 'ana' is on cluster member m1, which is Offline")
+    assert NAME not in cluster.instances
+    assert [key for key in cluster.volumes if key[1] == home] == [("default", home, "m1")]
+
+    cluster.members["m1"] = "Online"
+    await volumes.Volumes(await daemon.client()).move("default", home, "m3")
+    s = spawner(cluster)
+    await s.start()
+    assert s.member == "m3"
+    assert cluster.volume("default", home, "m3").content == {"notes.txt"}
+    with pytest.raises(volumes.VolumeError, match=f"used by {NAME}"):
+        await volumes.Volumes(await daemon.client()).move("default", home, "m2")
+    await s.stop()
