@@ -14,14 +14,12 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from jupyterhub.spawner import Spawner
-from tornado import web
 from traitlets import (
     Any as AnyTrait,
 )
@@ -53,37 +51,13 @@ from . import (
 )
 from . import volumes as user_volumes
 from .daemon import Daemon, DaemonError, Source
-from .lxd import FileHelperFailed, LxdClient, LxdError, Remote, Unreachable
+from .failures import SpawnError, attach_logs, spawn_error
+from .lxd import FileHelperFailed, LxdClient, LxdError, Remote
 from .progress import Progress
 from .storage import StorageSettings
 
 #: 2: the whole remote is recorded (1: its endpoint and project only).
 STATE_VERSION = 2
-
-
-try:
-    from jupyterhub.spawner import SpawnException as _SpawnFailure  # JupyterHub >= 6
-except ImportError:  # JupyterHub 5
-    _SpawnFailure = None
-
-
-class SpawnError(_SpawnFailure or web.HTTPError):
-    """A spawn failed for a reason we can explain.
-
-    JupyterHub shows the message on the user's spawn page (and in the progress stream, via
-    ``jupyterhub_message``) and logs it without a traceback.
-    """
-
-    def __init__(self, message: str, *, reason: str = "lxd", status_code: int = 500):
-        if _SpawnFailure is not None:
-            super().__init__(message, reason=reason, status_code=status_code)
-        else:
-            super().__init__(status_code, reason=reason)
-            self.message = message
-        self.jupyterhub_message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @contextlib.contextmanager
@@ -95,40 +69,12 @@ def _as_trait_error():
         raise TraitError(str(e)) from e
 
 
-def _spawn_error(e: SpawnError | DaemonError | LxdError) -> SpawnError:
-    """What the user's spawn page says for a failure (their own message, never a traceback)."""
-    if isinstance(e, SpawnError):
-        return e
-    if isinstance(e, DaemonError):
-        return SpawnError(e.message, reason=e.reason, status_code=e.status)
-    if isinstance(e, Unreachable):
-        return SpawnError(f"the container daemon is not reachable: {e.message}")
-    return SpawnError(e.message)
-
-
-def _attach_logs(hub_log: logging.Logger) -> None:
-    """Send the messages of lxdspawner's modules (its client, cache, removals) to the hub's
-    log, in its format and at its level. Without this they go to Python's root logger, which
-    JupyterHub leaves without a handler: INFO lines vanish, warnings print bare."""
-    ours = logging.getLogger("lxdspawner")
-    # A spawner made outside a hub logs to traitlets' logger, which has a NullHandler only:
-    # taking that would silence lxdspawner's messages for the whole process.
-    handlers = [h for h in hub_log.handlers if not isinstance(h, logging.NullHandler)]
-    if hub_log is ours or not handlers:
-        return
-    for handler in handlers:
-        if handler not in ours.handlers:
-            ours.addHandler(handler)
-    ours.setLevel(hub_log.getEffectiveLevel())
-    ours.propagate = False
-
-
 class LxdSpawner(Spawner, StorageSettings):
     """Spawn single-user servers in Incus or LXD containers, through the REST API."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _attach_logs(self.log)
+        attach_logs(self.log)
 
     # -- where: the daemon --------------------------------------------------------------------
 
@@ -652,7 +598,7 @@ class LxdSpawner(Spawner, StorageSettings):
         try:
             return await self._start()
         except (SpawnError, DaemonError, LxdError) as e:
-            error = _spawn_error(e)
+            error = spawn_error(e)
             self.log.error("Spawn of %s failed: %s", self._log_name, error.message)
             if error is e:
                 raise
