@@ -288,7 +288,7 @@ def owned(plan: Plan, config: Mapping[str, str] | None) -> bool:
 def data_member(volume: Mapping, driver: str) -> str | None:
     """The member a user's existing volume pins their servers to: its ``location`` on a
     pool local to each member; None on a remote pool (Ceph) or a standalone daemon."""
-    return None if driver in REMOTE_DRIVERS else _where(volume)
+    return None if driver in REMOTE_DRIVERS else target_of(volume)
 
 
 def locate(name: str, listing: Iterable[Mapping]) -> dict | None:
@@ -378,12 +378,6 @@ def belongs_to(config: Mapping[str, str], hub: str, user: str, server: str | Non
 
 
 # -- the daemon's side ------------------------------------------------------------------------
-
-
-def _where(volume: Mapping) -> str | None:
-    """The ``target`` for a request about an existing volume: its member on a cluster."""
-    location = volume.get("location") or ""
-    return None if location in ("", "none") else location
 
 
 @dataclass
@@ -550,7 +544,7 @@ class Volumes:
                 status=409,
             )
         await self.client.update_volume_config(
-            p.pool, p.name, {"security.shifted": "true"}, target=_where(volume)
+            p.pool, p.name, {"security.shifted": "true"}, target=target_of(volume)
         )
         volume["config"] = {**config, "security.shifted": "true"}
 
@@ -560,7 +554,7 @@ class Volumes:
         stale = {k: "" for k in config if k.startswith("snapshots.") and k not in wanted}
         change = {k: v for k, v in {**stale, **wanted}.items() if config.get(k, "") != v}
         if change and p.owner is not None:
-            await self.client.update_volume_config(p.pool, p.name, change, target=_where(volume))
+            await self.client.update_volume_config(p.pool, p.name, change, target=target_of(volume))
 
     async def discard(self, prepared: Prepared, member: str | None) -> None:
         """Delete what this spawn created (the server never started: nothing is in them)."""
@@ -645,17 +639,13 @@ class Volumes:
     async def owned_by(self, hub: str, user: str, server: str | None) -> list[dict]:
         """Every custom volume of ``user`` on ``hub`` (``server``: that server's own), in
         every pool, each with its ``pool``."""
-        out = []
-        for pool in await self.client.storage_pools():
-            for volume in await self.client.list_volumes(pool):
-                if is_volume(volume) and belongs_to(volume.get("config") or {}, hub, user, server):
-                    out.append({**volume, "pool": pool})
-        return out
+        ours = await self.ours()
+        return [v for v in ours if belongs_to(v.get("config") or {}, hub, user, server)]
 
     async def delete(self, volumes: Iterable[Mapping]) -> list[str]:
         deleted = []
         for v in volumes:
-            await self.client.delete_volume(v["pool"], v["name"], target=_where(v))
+            await self.client.delete_volume(v["pool"], v["name"], target=target_of(v))
             deleted.append(v["name"])
         return deleted
 
