@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
+from . import capacity
 from .lxd import LxdClient, LxdError, NotFound
 from .lxd.client import CONNECTED
 from .ownership import KEY_HUB, KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY
@@ -65,6 +66,8 @@ class CachedInstance:
     server: str
     #: Its ownership keys as LXD has them (see ownership.Owner.owns).
     keys: tuple[tuple[str, str], ...] = ()
+    #: The guarantees and GPUs its keys record (capacity.py).
+    usage: capacity.Usage = capacity.NOTHING
 
     @property
     def config(self) -> dict[str, str]:
@@ -80,6 +83,7 @@ def _from_api(instance: dict) -> CachedInstance:
         user=config.get(KEY_USER, ""),
         server=config.get(KEY_SERVER, ""),
         keys=tuple((k, config[k]) for k in _OWNERSHIP_KEYS if k in config),
+        usage=capacity.usage_of(config),
     )
 
 
@@ -130,6 +134,16 @@ class InstanceCache:
     def count_by_location(self) -> Counter:
         """Our instances per cluster member (a copy)."""
         return +self._counts
+
+    def usage_by_location(self) -> dict[str, capacity.Usage]:
+        """What our servers are guaranteed and hold, per member: those not Stopped (a kept,
+        stopped container holds no memory, CPU or GPU). One pass over our instances, made
+        only for a spawn that asks for guarantees or GPUs."""
+        usage: dict[str, capacity.Usage] = {}
+        for i in self._instances.values():
+            if i.status != "Stopped" and i.usage != capacity.NOTHING:
+                usage[i.location] = usage.get(i.location, capacity.NOTHING) + i.usage
+        return usage
 
     def _put(self, entry: CachedInstance) -> None:
         self._drop(entry.name)

@@ -22,10 +22,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import ClassVar
 
-from . import bases, commands, metrics, network, objects, ownership, placement, sharing, volumes
+from . import (
+    bases,
+    capacity,
+    commands,
+    metrics,
+    network,
+    objects,
+    ownership,
+    placement,
+    sharing,
+    volumes,
+)
 from .cache import InstanceCache
 from .lxd import (
     FileHelperFailed,
@@ -37,13 +49,19 @@ from .lxd import (
     image_source,
     ipv4_addresses,
 )
-from .members import SUSPECT_FOR, MemberBook
+from .members import SUSPECT_FOR, MemberBook, Reservation
 from .removals import PendingStops, Removals, remove_once_torn_down
 
 #: Instance statuses in which a server counts as running.
 RUNNING_STATES = ("Running", "Starting", "Freezing", "Frozen", "Thawed")
 
 log = logging.getLogger("lxdspawner.daemon")
+
+#: Seconds a member's ``/1.0/resources`` answer is used (memory, CPUs and GPUs change with
+#: hardware only; a change of the cluster's membership reads them again at once).
+RESOURCES_FOR = 600.0
+#: Seconds a member whose resources could not be read is left out before they are read again.
+RESOURCES_RETRY = 10.0
 
 Say = Callable[[str, int], None]
 
@@ -138,6 +156,9 @@ class Daemon:
         self.hardenings: dict[tuple, tuple[float, dict, dict]] = {}
         self._root_pools: dict[tuple[str, ...], str | None] = {}
         self._pool_drivers: dict[str, str] = {}
+        #: member (None: standalone) -> (read again after, its resources or why unreadable)
+        self._resources: dict[str | None, tuple[float, capacity.Resources | str]] = {}
+        self._resources_of: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"Daemon({self.remote})"
@@ -204,23 +225,46 @@ class Daemon:
     ) -> str | None:
         """The cluster member for a new server (None on a standalone daemon). Counted as in
         flight until :meth:`landed`, so a burst spreads."""
+        return (await self.reserve(request, weights=weights, policy=policy)).member
+
+    async def reserve(
+        self,
+        request: placement.PlacementRequest,
+        *,
+        weights: dict[str, float],
+        policy: Callable | None = None,
+        instance: str = "",
+    ) -> Reservation:
+        """Place a new server (``instance``): the member (None on a standalone daemon) and,
+        when the request needs capacity (``request.need``), its guarantees and the GPUs it
+        gets there, held for it until :meth:`landed` (then its instance's keys hold them)."""
         client = await self.client()
         cache = await self.cache()
+        need = request.need
         if not self.clustered:
             if request.require:
                 log.warning("target %r ignored: %s is not a cluster", request.require, self.where)
-            return None
+            if not need:
+                return Reservation(None)
+            return self._reserve_standalone(request, await self.resources([None]), instance)
         members = await client.cluster_members()
         self.members.mark_suspects(members)
+        resources: dict[str | None, capacity.Resources | str] = {}
+        if need:
+            online = [m["server_name"] for m in members if m.get("status") == placement.ONLINE]
+            resources = await self.resources(online, every=[m["server_name"] for m in members])
         # From here to placed() there is no await: concurrent spawns see each other.
         snapshot = placement.members_from_counts(
             members, cache.count_by_location(), self.members.in_flight, weights
         )
+        if need:
+            snapshot = self._with_capacity(snapshot, resources, cache)
         try:
             chosen = (policy or placement.weighted_least_loaded)(snapshot, request)
         except placement.NoMemberAvailable as e:
             raise DaemonError(e.message, reason="placement", status=503) from e
-        if chosen not in {m.name for m in snapshot}:
+        member = next((m for m in snapshot if m.name == chosen), None)
+        if member is None:
             raise DaemonError(f"placement_policy chose {chosen!r}, which is not a cluster member")
         if request.data_member and chosen != request.data_member:
             raise DaemonError(
@@ -228,12 +272,124 @@ class Daemon:
                 f"{request.user!r} is on {request.data_member}: the server must go there",
                 reason="placement",
             )
-        self.members.placed(chosen)
-        return chosen
+        reservation = Reservation(chosen, instance)
+        if need:
+            full = placement.why_full(member, request)
+            if full is not None:
+                raise DaemonError(
+                    f"placement_policy chose {chosen!r}, which has no room: {full}",
+                    reason="placement",
+                    status=503,
+                )
+            reservation = self._held(reservation, member, need)
+        self.members.placed(chosen, reservation)
+        return reservation
 
-    def landed(self, member: str | None) -> None:
-        """The spawn placed on ``member`` has ended, well or not."""
-        self.members.landed(member)
+    def _with_capacity(
+        self,
+        snapshot: list[placement.Member],
+        resources: dict[str | None, capacity.Resources | str],
+        cache: InstanceCache,
+    ) -> list[placement.Member]:
+        """The members with what they have and what our servers and spawns hold there."""
+        usage = cache.usage_by_location()
+        counted = {i.name for i in cache.instances() if i.status != "Stopped"}
+        reserved = self.members.reserved(counted)
+        out = []
+        for m in snapshot:
+            have = resources.get(m.name, "not read: the member is not Online")
+            held = usage.get(m.name, capacity.NOTHING) + reserved.get(m.name, capacity.NOTHING)
+            out.append(
+                dataclasses.replace(
+                    m,
+                    resources=have if isinstance(have, capacity.Resources) else None,
+                    resources_error=have if isinstance(have, str) else "",
+                    usage=held,
+                )
+            )
+        return out
+
+    @staticmethod
+    def _held(
+        reservation: Reservation, member: placement.Member, need: capacity.Need
+    ) -> Reservation:
+        gpus: tuple[str, ...] = ()
+        if need.gpu is not None and member.resources is not None:
+            chosen = capacity.choose_gpus(member.resources, member.usage, need.gpu)
+            gpus = chosen if isinstance(chosen, tuple) else ()
+        return dataclasses.replace(reservation, usage=capacity.usage_of_need(need, gpus))
+
+    def _reserve_standalone(
+        self,
+        request: placement.PlacementRequest,
+        resources: dict[str | None, capacity.Resources | str],
+        instance: str,
+    ) -> Reservation:
+        """A standalone daemon is one member: the same check, without placement."""
+        assert self._cache is not None
+        have = resources.get(None)
+        usage = capacity.NOTHING
+        for held in self._cache.usage_by_location().values():
+            usage += held
+        counted = {i.name for i in self._cache.instances() if i.status != "Stopped"}
+        usage += self.members.reserved(counted).get(None, capacity.NOTHING)
+        member = placement.Member(
+            name=self.where,
+            status=placement.ONLINE,
+            groups=(),
+            instances=0,
+            in_flight=0,
+            resources=have if isinstance(have, capacity.Resources) else None,
+            resources_error=have if isinstance(have, str) else "",
+            usage=usage,
+        )
+        full = placement.why_full(member, request)
+        if full is not None:
+            what = f"server {request.server_name!r}" if request.server_name else "the server"
+            raise DaemonError(
+                f"{self.where} has no room for {what} of user {request.user!r}: {full}",
+                reason="placement",
+                status=503,
+            )
+        reservation = self._held(Reservation(None, instance), member, request.need)
+        self.members.placed(None, reservation)
+        return reservation
+
+    async def resources(
+        self, members: Sequence[str | None], every: Sequence[str] = ()
+    ) -> dict[str | None, capacity.Resources | str]:
+        """``/1.0/resources`` of ``members`` (None: a standalone daemon's), or why it could
+        not be read. Kept for RESOURCES_FOR seconds (an error for RESOURCES_RETRY) and read
+        again when the cluster's membership (``every``) changes; the stale ones are read
+        concurrently, one request each."""
+        if frozenset(every) != self._resources_of:
+            self._resources.clear()
+            self._resources_of = frozenset(every)
+        now = time.monotonic()
+        stale = [m for m in members if self._resources.get(m, (0.0, ""))[0] <= now]
+        if stale:
+            client = await self.client()
+
+            async def read(member: str | None) -> capacity.Resources | str:
+                try:
+                    return capacity.resources_from_api(await client.resources(member))
+                except (LxdError, asyncio.TimeoutError) as e:
+                    log.warning("resources of %s: %s", member or self.where, e)
+                    return getattr(e, "message", None) or str(e) or type(e).__name__
+
+            answers = await asyncio.gather(*(read(m) for m in stale))
+            now = time.monotonic()
+            for m, answer in zip(stale, answers, strict=True):
+                keep = RESOURCES_FOR if isinstance(answer, capacity.Resources) else RESOURCES_RETRY
+                self._resources[m] = (now + keep, answer)
+        return {m: self._resources[m][1] for m in members}
+
+    def landed(self, placed: str | Reservation | None) -> None:
+        """The spawn placed on a member (or reserved: ``reserve``) has ended, well or not."""
+        if isinstance(placed, Reservation):
+            self.members.landed(placed.member, placed)
+        else:
+            self.members.landed(placed)
 
     def member_failed(self, member: str, name: str, error: BaseException) -> MemberFailed | None:
         """For a spawn on ``member`` that failed with ``error``: if the daemon's answer (an
@@ -904,4 +1060,4 @@ async def _get(client: LxdClient, name: str) -> dict | None:
         return None
 
 
-__all__ = ["RUNNING_STATES", "Daemon", "DaemonError", "MemberFailed", "Source"]
+__all__ = ["RUNNING_STATES", "Daemon", "DaemonError", "MemberFailed", "Reservation", "Source"]

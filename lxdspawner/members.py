@@ -6,6 +6,8 @@
   heartbeats, so a retry would go straight back to the failing member.
 - Containers that could not be deleted because their member was down: they are deleted
   once it answers again.
+- What the spawns in flight are guaranteed and the GPUs they took (capacity.py), until
+  their instance is in the cache with its keys, or the spawn has ended.
 """
 
 from __future__ import annotations
@@ -14,13 +16,27 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
+from dataclasses import dataclass
 
-from . import placement
+from . import capacity, placement
 from .lxd import LxdError
 
 #: Seconds a member a spawn failed on is left out of placement.
 SUSPECT_FOR = 30.0
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Where a spawn was placed (None: a standalone daemon) and what it took there."""
+
+    member: str | None
+    instance: str = ""
+    usage: capacity.Usage = capacity.NOTHING
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        return tuple(sorted(self.usage.gpus))
 
 
 class MemberBook:
@@ -30,13 +46,30 @@ class MemberBook:
         self._suspects: dict[str, tuple[float, str]] = {}
         self._orphans: dict[str, Callable[[str], Awaitable[None]]] = {}
         self._reaper: asyncio.Task | None = None
+        self._reserved: list[Reservation] = []
 
-    def placed(self, member: str) -> None:
-        self.in_flight[member] += 1
+    def placed(self, member: str | None, reservation: Reservation | None = None) -> None:
+        if member:
+            self.in_flight[member] += 1
+        if reservation is not None and reservation.usage != capacity.NOTHING:
+            self._reserved.append(reservation)
 
-    def landed(self, member: str | None) -> None:
+    def landed(self, member: str | None, reservation: Reservation | None = None) -> None:
         if member:
             self.in_flight[member] -= 1
+            if self.in_flight[member] <= 0:
+                del self.in_flight[member]
+        if reservation is not None and reservation in self._reserved:
+            self._reserved.remove(reservation)
+
+    def reserved(self, counted: Container[str] = ()) -> dict[str | None, capacity.Usage]:
+        """What the spawns in flight took, per member; those whose instance is in
+        ``counted`` (the cache counts it from its keys already) are left out."""
+        usage: dict[str | None, capacity.Usage] = {}
+        for r in self._reserved:
+            if r.instance not in counted:
+                usage[r.member] = usage.get(r.member, capacity.NOTHING) + r.usage
+        return usage
 
     def suspect(self, member: str, why: str = "a spawn on it failed") -> None:
         self._suspects[member] = (time.monotonic() + SUSPECT_FOR, why)

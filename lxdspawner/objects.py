@@ -64,6 +64,10 @@ class ServerSpec:
     volume_devices: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     #: The home is a volume's mount point: handed to the server's uid while still root's.
     home_on_volume: bool = False
+    #: The GPUs placement chose (capacity.gpu_devices); the operator's extra_devices override.
+    gpu_devices: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: The keys recording its guarantees and GPUs (capacity.instance_keys), after extra_config.
+    capacity_config: Mapping[str, str] = field(default_factory=dict)
 
 
 # -- instance -----------------------------------------------------------------------------
@@ -96,6 +100,7 @@ def instance_config(spec: ServerSpec) -> dict[str, str]:
         config["security.privileged"] = "true"
     config.update(spec.hardening)
     config.update(spec.extra_config)
+    config.update(spec.capacity_config)  # placement counts these: what it chose stands
     config.update(owner(spec).keys())  # last: no other setting may change whose it is
     return config
 
@@ -106,6 +111,7 @@ def instance_devices(spec: ServerSpec) -> dict[str, dict[str, str]]:
         {m.name: {"type": "disk", "source": m.source, "path": m.path} for m in spec.mounts}
     )
     devices.update({k: dict(v) for k, v in spec.volume_devices.items()})
+    devices.update({k: dict(v) for k, v in spec.gpu_devices.items()})
     devices.update({k: dict(v) for k, v in spec.extra_devices.items()})
     return devices
 

@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from . import capacity
 from .objects import KEY_MANAGED, MANAGED_BY
 
 #: The only status in which LXD accepts new instances on a member. Others seen in
@@ -53,6 +54,12 @@ class Member:
     instances: int
     in_flight: int
     weight: float = 1.0
+    #: Only when the request needs capacity (guarantees, GPUs; see capacity.py): what
+    #: ``/1.0/resources`` says the member has (None: not read, ``resources_error`` says why),
+    #: and what our servers on it and the spawns in flight to it are guaranteed and hold.
+    resources: capacity.Resources | None = None
+    resources_error: str = ""
+    usage: capacity.Usage = capacity.NOTHING
 
     @property
     def load(self) -> int:
@@ -76,6 +83,8 @@ class PlacementRequest:
     #: member: the server must go there, whatever ``require`` and the weights say.
     data_member: str | None = None
     data_volume: str = ""
+    #: The server's guarantees and GPUs (see capacity.py): empty, placement counts only.
+    need: capacity.Need = capacity.Need()
 
 
 class NoMemberAvailable(Exception):
@@ -109,6 +118,16 @@ def why_unusable(member: Member, require: str | None = None) -> str | None:
     return None
 
 
+def why_full(member: Member, request: PlacementRequest) -> str | None:
+    """Why ``member`` has no room for the request's guarantees and GPUs, or None."""
+    return capacity.why_full(member.resources, member.usage, request.need, member.resources_error)
+
+
+def why_not(member: Member, request: PlacementRequest) -> str | None:
+    """Why ``member`` cannot take the request's server: unusable, or full; None if it can."""
+    return why_unusable(member, request.require) or why_full(member, request)
+
+
 def weighted_least_loaded(members: Sequence[Member], request: PlacementRequest) -> str:
     """The default policy: among usable members, the highest weight / (load + 1).
 
@@ -125,6 +144,8 @@ def weighted_least_loaded(members: Sequence[Member], request: PlacementRequest) 
     for member in members:
         if why_unusable(member, require) is not None:
             continue
+        if request.need and why_full(member, request) is not None:
+            continue
         score = member.weight / (member.instances + member.in_flight + 1)
         if best is None or score > best_score or (score == best_score and member.name < best.name):
             best, best_score = member, score
@@ -138,13 +159,20 @@ def pinned(members: Sequence[Member], request: PlacementRequest) -> str:
     error naming the member and the volume. Never another member: a fresh empty home there
     would look to the user like their files were lost."""
     member = next((m for m in members if m.name == request.data_member), None)
+    full = None
     if member is not None and member.status == ONLINE:
-        return member.name
-    state = "not in the cluster" if member is None else f"{member.status}, not Online"
+        full = why_full(member, request)
+        if full is None:
+            return member.name
+    if full is not None:
+        state, when = f"full ({full})", "once servers there have stopped"
+    else:
+        state = "not in the cluster" if member is None else f"{member.status}, not Online"
+        when = f"once {request.data_member} is back"
     raise NoMemberAvailable(
         f"{request.data_volume or 'the volume'} of user {request.user!r} is on cluster member "
         f"{request.data_member}, which is {state}: the server cannot start elsewhere without "
-        f"those files. Start again once {request.data_member} is back, or have an admin move "
+        f"those files. Start again {when}, or have an admin move "
         f"the data with `lxdspawner volumes move {request.user} --to MEMBER`",
         {request.data_member: state},
     )
@@ -167,7 +195,7 @@ def no_member_available(members: Sequence[Member], request: PlacementRequest) ->
         return NoMemberAvailable(
             f"no cluster member can take {what}{where}: the cluster reports no members"
         )
-    reasons = {m.name: why_unusable(m, request.require) or "usable" for m in members}
+    reasons = {m.name: why_not(m, request) or "usable" for m in members}
     if request.require and not request.require.startswith("@"):
         if request.require not in reasons:
             return NoMemberAvailable(
@@ -254,5 +282,7 @@ __all__ = [
     "no_member_available",
     "pinned",
     "weighted_least_loaded",
+    "why_full",
+    "why_not",
     "why_unusable",
 ]

@@ -52,6 +52,7 @@ from . import (
 from . import volumes as user_volumes
 from .daemon import Daemon, DaemonError, Source
 from .failures import SpawnError, attach_logs, spawn_error
+from .guarantees import CapacitySettings
 from .lxd import FileHelperFailed, LxdClient, LxdError, Remote
 from .progress import Progress
 from .storage import StorageSettings
@@ -69,7 +70,7 @@ def _as_trait_error():
         raise TraitError(str(e)) from e
 
 
-class LxdSpawner(Spawner, StorageSettings):
+class LxdSpawner(Spawner, StorageSettings, CapacitySettings):
     """Spawn single-user servers in Incus or LXD containers, through the REST API."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -635,6 +636,7 @@ class LxdSpawner(Spawner, StorageSettings):
                 prefix=self.name_prefix,
                 host_mounts=[m.path for m in mounts],
             )
+            need = self._need()
         except ValueError as e:
             raise SpawnError(str(e), status_code=400) from e
         daemon = self._daemon_to_start_on()
@@ -676,20 +678,24 @@ class LxdSpawner(Spawner, StorageSettings):
             )
 
         created = started = False
-        member = None
+        member = reservation = None
         try:
             if existing is None:
-                member = await daemon.place(
+                reservation = await daemon.reserve(
                     placement.PlacementRequest(
                         user=self.user.name,
                         server_name=self.name or "",
                         require=self.target or None,
                         data_member=data.member,
                         data_volume=data.pinned_by,
+                        need=need,
                     ),
                     weights=self.host_weights,
                     policy=self.placement_policy,
+                    instance=name,
                 )
+                member = reservation.member
+                spec = self._with_capacity(spec, need, reservation)
                 where = f" on {member}" if member else ""
                 self._emit(f"Placing server {name}{where}", 5)
                 await daemon.make_volumes(data, member, self._emit)
@@ -753,7 +759,7 @@ class LxdSpawner(Spawner, StorageSettings):
                 raise failed from e
             raise
         finally:
-            daemon.landed(member)
+            daemon.landed(reservation)
         if self.post_hub_commands:
             asyncio.ensure_future(
                 commands.run_post_hub_commands(

@@ -270,6 +270,14 @@ class FakeLxd:
         self.exec_handler: ExecHandler = lambda instance, command: 0
         #: Every lifecycle event sent, in order: (action, instance name).
         self.lifecycle: list[tuple[str, str]] = []
+        #: ``GET /1.0/resources`` per member (STANDALONE: a standalone daemon's); a member not
+        #: here answers ``default_resources``: 24 GiB, 2 CPU threads, no GPU.
+        self.resources_of: dict[str, dict] = {}
+        self.default_resources: dict = {
+            "cpu": {"architecture": "x86_64", "total": 2},
+            "memory": {"total": 24 * 2**30, "used": 2 * 2**30},
+            "gpu": {"cards": [], "total": 0},
+        }
         #: True: nothing answers (a daemon that is down or cut off).
         self.down = False
         self.request_count = 0
@@ -488,6 +496,11 @@ class FakeLxd:
             {"server_name": name, "status": status, "url": f"https://{name}:8443"}
             for name, status in self.members.items()
         ]
+
+    async def resources(self, target: str | None = None) -> dict:
+        await self._call("resources")
+        location = self._location(target) if target is not None else STANDALONE
+        return copy.deepcopy(self.resources_of.get(location, self.default_resources))
 
     async def network(self, name: str) -> dict:
         await self._call("network")
