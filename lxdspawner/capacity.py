@@ -55,7 +55,7 @@ GPU_KEYS = frozenset(
 )
 _HEX4 = re.compile(r"[0-9a-f]{4}")
 _PCI = re.compile(r"(?:([0-9a-f]{4}):)?([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])")
-_MIG_UUID = re.compile(r"(?:MIG-)?[0-9A-Za-z-]{8,80}")
+_MIG_UUID = re.compile(r"(?:MIG-)?[0-9A-Za-z./-]{8,80}")  # no commas: KEY_GPUS joins by them
 
 
 # -- what a member has ----------------------------------------------------------------------
@@ -180,12 +180,6 @@ def gpu_request(value: object) -> GpuRequest | None:
             f"gpu = {value!r}: must be a number of GPUs or a dict such as "
             '{"vendor": "nvidia", "count": 1}'
         )
-    unknown = sorted(str(k) for k in value if k not in GPU_KEYS)
-    if unknown:
-        raise ValueError(
-            f"gpu = {dict(value)!r}: unknown key {', '.join(unknown)} (known: "
-            f"{', '.join(sorted(GPU_KEYS))})"
-        )
 
     def bad(key: str, why: str) -> ValueError:
         return ValueError(f"gpu[{key!r}] = {value[key]!r}: {why}")
@@ -195,6 +189,12 @@ def gpu_request(value: object) -> GpuRequest | None:
         raise bad("gputype", "that GPU type is for virtual machines; lxdspawner makes containers")
     if gputype not in ("physical", "mig"):
         raise bad("gputype", 'must be "physical" or "mig"')
+    unknown = sorted(str(k) for k in value if k not in GPU_KEYS)
+    if unknown:
+        raise ValueError(
+            f"gpu = {dict(value)!r}: unknown key {', '.join(unknown)} (known: "
+            f"{', '.join(sorted(GPU_KEYS))})"
+        )
     vendor = ""
     for key in ("vendor", "vendorid"):
         if key in value:
