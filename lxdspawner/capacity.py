@@ -342,10 +342,6 @@ def usage_of(config: Mapping[str, str]) -> Usage:
     return Usage(mem, cpu, gpus)
 
 
-def usage_of_need(need: Need, gpus: Iterable[str]) -> Usage:
-    return Usage(need.mem, need.cpu, frozenset(gpus))
-
-
 # -- the decision ---------------------------------------------------------------------------
 
 

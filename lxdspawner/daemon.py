@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import ClassVar
 
@@ -56,12 +55,6 @@ from .removals import PendingStops, Removals, remove_once_torn_down
 RUNNING_STATES = ("Running", "Starting", "Freezing", "Frozen", "Thawed")
 
 log = logging.getLogger("lxdspawner.daemon")
-
-#: Seconds a member's ``/1.0/resources`` answer is used (memory, CPUs and GPUs change with
-#: hardware only; a change of the cluster's membership reads them again at once).
-RESOURCES_FOR = 600.0
-#: Seconds a member whose resources could not be read is left out before they are read again.
-RESOURCES_RETRY = 10.0
 
 Say = Callable[[str, int], None]
 
@@ -156,9 +149,6 @@ class Daemon:
         self.hardenings: dict[tuple, tuple[float, dict, dict]] = {}
         self._root_pools: dict[tuple[str, ...], str | None] = {}
         self._pool_drivers: dict[str, str] = {}
-        #: member (None: standalone) -> (read again after, its resources or why unreadable)
-        self._resources: dict[str | None, tuple[float, capacity.Resources | str]] = {}
-        self._resources_of: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"Daemon({self.remote})"
@@ -240,25 +230,22 @@ class Daemon:
         gets there, held for it until :meth:`landed` (then its instance's keys hold them)."""
         client = await self.client()
         cache = await self.cache()
-        need = request.need
         if not self.clustered:
             if request.require:
                 log.warning("target %r ignored: %s is not a cluster", request.require, self.where)
-            if not need:
-                return Reservation(None)
-            return self._reserve_standalone(request, await self.resources([None]), instance)
+            return await self.reserve_on(None, request, instance)
         members = await client.cluster_members()
         self.members.mark_suspects(members)
-        resources: dict[str | None, capacity.Resources | str] = {}
-        if need:
+        if request.need:
+            names = [m["server_name"] for m in members]
             online = [m["server_name"] for m in members if m.get("status") == placement.ONLINE]
-            resources = await self.resources(online, every=[m["server_name"] for m in members])
+            have = await self.members.resources(client, online, every=names)
         # From here to placed() there is no await: concurrent spawns see each other.
         snapshot = placement.members_from_counts(
             members, cache.count_by_location(), self.members.in_flight, weights
         )
-        if need:
-            snapshot = self._with_capacity(snapshot, resources, cache)
+        if request.need:
+            snapshot = placement.with_capacity(snapshot, have, self._usage(cache))
         try:
             chosen = (policy or placement.weighted_least_loaded)(snapshot, request)
         except placement.NoMemberAvailable as e:
@@ -272,117 +259,58 @@ class Daemon:
                 f"{request.user!r} is on {request.data_member}: the server must go there",
                 reason="placement",
             )
-        reservation = Reservation(chosen, instance)
-        if need:
-            full = placement.why_full(member, request)
-            if full is not None:
-                raise DaemonError(
-                    f"placement_policy chose {chosen!r}, which has no room: {full}",
-                    reason="placement",
-                    status=503,
-                )
-            reservation = self._held(reservation, member, need)
-        self.members.placed(chosen, reservation)
-        return reservation
-
-    def _with_capacity(
-        self,
-        snapshot: list[placement.Member],
-        resources: dict[str | None, capacity.Resources | str],
-        cache: InstanceCache,
-    ) -> list[placement.Member]:
-        """The members with what they have and what our servers and spawns hold there."""
-        usage = cache.usage_by_location()
-        counted = {i.name for i in cache.instances() if i.status != "Stopped"}
-        reserved = self.members.reserved(counted)
-        out = []
-        for m in snapshot:
-            have = resources.get(m.name, "not read: the member is not Online")
-            held = usage.get(m.name, capacity.NOTHING) + reserved.get(m.name, capacity.NOTHING)
-            out.append(
-                dataclasses.replace(
-                    m,
-                    resources=have if isinstance(have, capacity.Resources) else None,
-                    resources_error=have if isinstance(have, str) else "",
-                    usage=held,
-                )
-            )
-        return out
-
-    @staticmethod
-    def _held(
-        reservation: Reservation, member: placement.Member, need: capacity.Need
-    ) -> Reservation:
-        gpus: tuple[str, ...] = ()
-        if need.gpu is not None and member.resources is not None:
-            chosen = capacity.choose_gpus(member.resources, member.usage, need.gpu)
-            gpus = chosen if isinstance(chosen, tuple) else ()
-        return dataclasses.replace(reservation, usage=capacity.usage_of_need(need, gpus))
-
-    def _reserve_standalone(
-        self,
-        request: placement.PlacementRequest,
-        resources: dict[str | None, capacity.Resources | str],
-        instance: str,
-    ) -> Reservation:
-        """A standalone daemon is one member: the same check, without placement."""
-        assert self._cache is not None
-        have = resources.get(None)
-        usage = capacity.NOTHING
-        for held in self._cache.usage_by_location().values():
-            usage += held
-        counted = {i.name for i in self._cache.instances() if i.status != "Stopped"}
-        usage += self.members.reserved(counted).get(None, capacity.NOTHING)
-        member = placement.Member(
-            name=self.where,
-            status=placement.ONLINE,
-            groups=(),
-            instances=0,
-            in_flight=0,
-            resources=have if isinstance(have, capacity.Resources) else None,
-            resources_error=have if isinstance(have, str) else "",
-            usage=usage,
-        )
         full = placement.why_full(member, request)
         if full is not None:
-            what = f"server {request.server_name!r}" if request.server_name else "the server"
             raise DaemonError(
-                f"{self.where} has no room for {what} of user {request.user!r}: {full}",
+                f"placement_policy chose {chosen!r}, which has no room: {full}",
                 reason="placement",
                 status=503,
             )
-        reservation = self._held(Reservation(None, instance), member, request.need)
-        self.members.placed(None, reservation)
+        reservation = Reservation(chosen, instance, placement.held(member, request))
+        self.members.placed(chosen, reservation)
         return reservation
 
-    async def resources(
-        self, members: Sequence[str | None], every: Sequence[str] = ()
-    ) -> dict[str | None, capacity.Resources | str]:
-        """``/1.0/resources`` of ``members`` (None: a standalone daemon's), or why it could
-        not be read. Kept for RESOURCES_FOR seconds (an error for RESOURCES_RETRY) and read
-        again when the cluster's membership (``every``) changes; the stale ones are read
-        concurrently, one request each."""
-        if frozenset(every) != self._resources_of:
-            self._resources.clear()
-            self._resources_of = frozenset(every)
-        now = time.monotonic()
-        stale = [m for m in members if self._resources.get(m, (0.0, ""))[0] <= now]
-        if stale:
-            client = await self.client()
+    async def reserve_on(
+        self, member: str | None, request: placement.PlacementRequest, instance: str
+    ) -> Reservation:
+        """Hold the request's guarantees and GPUs on ``member`` (None: a standalone daemon,
+        one member), where a kept container (or the daemon) leaves no choice; DaemonError
+        (503) when it has no room."""
+        if not request.need:
+            return Reservation(member)
+        client = await self.client()
+        cache = await self.cache()
+        have = await self.members.resources(client, [member])
+        usage = self._usage(cache)
+        if member is None:  # standalone: every location is this daemon
+            usage = {None: sum(usage.values(), capacity.NOTHING)}
+        here = placement.Member(
+            name=member or self.where, status=placement.ONLINE, groups=(), instances=0, in_flight=0
+        )
+        (here,) = placement.with_capacity(
+            [here], {here.name: have[member]}, {here.name: usage.get(member, capacity.NOTHING)}
+        )
+        full = placement.why_full(here, request)
+        if full is not None:
+            what = f"server {request.server_name!r}" if request.server_name else "the server"
+            where = f"cluster member {member}" if member else self.where
+            kept = f" (where its kept container {instance} is)" if member and instance else ""
+            raise DaemonError(
+                f"{where}{kept} has no room for {what} of user {request.user!r}: {full}",
+                reason="placement",
+                status=503,
+            )
+        reservation = Reservation(member, instance, placement.held(here, request))
+        self.members.placed(member, reservation)
+        return reservation
 
-            async def read(member: str | None) -> capacity.Resources | str:
-                try:
-                    return capacity.resources_from_api(await client.resources(member))
-                except (LxdError, asyncio.TimeoutError) as e:
-                    log.warning("resources of %s: %s", member or self.where, e)
-                    return getattr(e, "message", None) or str(e) or type(e).__name__
-
-            answers = await asyncio.gather(*(read(m) for m in stale))
-            now = time.monotonic()
-            for m, answer in zip(stale, answers, strict=True):
-                keep = RESOURCES_FOR if isinstance(answer, capacity.Resources) else RESOURCES_RETRY
-                self._resources[m] = (now + keep, answer)
-        return {m: self._resources[m][1] for m in members}
+    def _usage(self, cache: InstanceCache) -> dict[str | None, capacity.Usage]:
+        """What our running servers and the spawns in flight hold, per member (each once)."""
+        usage: dict[str | None, capacity.Usage] = dict(cache.usage_by_location())
+        counted = {i.name for i in cache.instances() if i.status != "Stopped"}
+        for member, held in self.members.reserved(counted).items():
+            usage[member] = usage.get(member, capacity.NOTHING) + held
+        return usage
 
     def landed(self, placed: str | Reservation | None) -> None:
         """The spawn placed on a member (or reserved: ``reserve``) has ended, well or not."""

@@ -15,7 +15,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Float, TraitError, validate
 from traitlets.config import Configurable
 
-from . import capacity, objects
+from . import capacity, objects, placement
 from .members import Reservation
 
 
@@ -81,6 +81,26 @@ class CapacitySettings(Configurable):
             cpu=float(cpu),
             gpu=capacity.gpu_request(self.gpu),
             overcommit=self.overcommit,
+        )
+
+    async def _reserve(
+        self, daemon, name: str, data, need: capacity.Need, *, kept: dict | None = None
+    ) -> Reservation:
+        """Place the server ``name`` and hold its guarantees and GPUs there; a ``kept``
+        container (remove = False) is not placed: they are held on its member, or refused."""
+        request = placement.PlacementRequest(
+            user=self.user.name,
+            server_name=self.name or "",
+            require=self.target or None,
+            data_member=data.member,
+            data_volume=data.pinned_by,
+            need=need,
+        )
+        if kept is not None:
+            member = kept.get("location") if daemon.clustered else None
+            return await daemon.reserve_on(member or None, request, name)
+        return await daemon.reserve(
+            request, weights=self.host_weights, policy=self.placement_policy, instance=name
         )
 
     @staticmethod

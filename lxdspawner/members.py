@@ -8,6 +8,8 @@
   once it answers again.
 - What the spawns in flight are guaranteed and the GPUs they took (capacity.py), until
   their instance is in the cache with its keys, or the spawn has ended.
+- Each member's memory, CPUs and GPUs (``/1.0/resources``), read only for spawns that ask
+  for guarantees or GPUs, and kept: they change with the hardware.
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass
 
 from . import capacity, placement
-from .lxd import LxdError
+from .lxd import LxdClient, LxdError
 
 #: Seconds a member a spawn failed on is left out of placement.
 SUSPECT_FOR = 30.0
+#: Seconds a member's ``/1.0/resources`` answer is used (a change of the cluster's
+#: membership reads them all again at once).
+RESOURCES_FOR = 600.0
+#: Seconds a member whose resources could not be read is left out before they are read again.
+RESOURCES_RETRY = 10.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,9 @@ class MemberBook:
         self._orphans: dict[str, Callable[[str], Awaitable[None]]] = {}
         self._reaper: asyncio.Task | None = None
         self._reserved: list[Reservation] = []
+        #: member (None: standalone) -> (read again after, its resources or why unreadable)
+        self._resources: dict[str | None, tuple[float, capacity.Resources | str]] = {}
+        self._resources_of: frozenset[str] = frozenset()
 
     def placed(self, member: str | None, reservation: Reservation | None = None) -> None:
         if member:
@@ -70,6 +80,33 @@ class MemberBook:
             if r.instance not in counted:
                 usage[r.member] = usage.get(r.member, capacity.NOTHING) + r.usage
         return usage
+
+    async def resources(
+        self, client: LxdClient, members: Sequence[str | None], every: Sequence[str] = ()
+    ) -> dict[str | None, capacity.Resources | str]:
+        """``/1.0/resources`` of ``members`` (None: a standalone daemon's), or why it could
+        not be read. Kept for RESOURCES_FOR seconds (an error for RESOURCES_RETRY) and read
+        again when the cluster's membership (``every``) changes; the stale ones are read
+        concurrently, one request each."""
+        if frozenset(every) != self._resources_of:
+            self._resources.clear()
+            self._resources_of = frozenset(every)
+        now = time.monotonic()
+        stale = [m for m in members if self._resources.get(m, (0.0, ""))[0] <= now]
+
+        async def read(member: str | None) -> capacity.Resources | str:
+            try:
+                return capacity.resources_from_api(await client.resources(member))
+            except (LxdError, asyncio.TimeoutError) as e:
+                self.log.warning("resources of %s: %s", member or client.where, e)
+                return getattr(e, "message", None) or str(e) or type(e).__name__
+
+        answers = await asyncio.gather(*(read(m) for m in stale))
+        now = time.monotonic()
+        for member, answer in zip(stale, answers, strict=True):
+            keep = RESOURCES_FOR if isinstance(answer, capacity.Resources) else RESOURCES_RETRY
+            self._resources[member] = (now + keep, answer)
+        return {m: self._resources[m][1] for m in members}
 
     def suspect(self, member: str, why: str = "a spawn on it failed") -> None:
         self._suspects[member] = (time.monotonic() + SUSPECT_FOR, why)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import capacity
 from .objects import KEY_MANAGED, MANAGED_BY
@@ -126,6 +126,38 @@ def why_full(member: Member, request: PlacementRequest) -> str | None:
 def why_not(member: Member, request: PlacementRequest) -> str | None:
     """Why ``member`` cannot take the request's server: unusable, or full; None if it can."""
     return why_unusable(member, request.require) or why_full(member, request)
+
+
+def with_capacity(
+    members: Sequence[Member],
+    resources: Mapping[str | None, capacity.Resources | str],
+    usage: Mapping[str | None, capacity.Usage],
+) -> list[Member]:
+    """``members`` with what each has (its resources, or why they could not be read) and
+    what our servers and the spawns in flight hold there."""
+    out = []
+    for m in members:
+        have = resources.get(m.name, "not read: the member is not Online")
+        out.append(
+            replace(
+                m,
+                resources=have if isinstance(have, capacity.Resources) else None,
+                resources_error=have if isinstance(have, str) else "",
+                usage=usage.get(m.name, capacity.NOTHING),
+            )
+        )
+    return out
+
+
+def held(member: Member, request: PlacementRequest) -> capacity.Usage:
+    """What the request's server holds on ``member``, which has room for it: its guarantees
+    and the GPUs chosen there."""
+    need = request.need
+    gpus: tuple[str, ...] = ()
+    if need.gpu is not None and member.resources is not None:
+        chosen = capacity.choose_gpus(member.resources, member.usage, need.gpu)
+        gpus = chosen if isinstance(chosen, tuple) else ()
+    return capacity.Usage(need.mem, need.cpu, frozenset(gpus))
 
 
 def weighted_least_loaded(members: Sequence[Member], request: PlacementRequest) -> str:
@@ -277,6 +309,7 @@ __all__ = [
     "PlacementPolicy",
     "PlacementRequest",
     "count_by_location",
+    "held",
     "members_from_api",
     "members_from_counts",
     "no_member_available",
@@ -285,4 +318,5 @@ __all__ = [
     "why_full",
     "why_not",
     "why_unusable",
+    "with_capacity",
 ]

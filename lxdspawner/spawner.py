@@ -46,7 +46,6 @@ from . import (
     network,
     objects,
     ownership,
-    placement,
     readiness,
 )
 from . import volumes as user_volumes
@@ -667,33 +666,33 @@ class LxdSpawner(Spawner, StorageSettings, CapacitySettings):
             home_on_volume=any(p.kind == user_volumes.HOME for p in plans),
         )
 
+        reservation = None
         if existing and self.remove:
             self._emit("Removing a leftover container of an earlier server", 8)
             await daemon.remove(name, self.stop_timeout + 10)
             existing = None
         elif existing:
-            await daemon.make_volumes(data, existing.get("location") or None, self._emit)
-            await daemon.make_reusable(
-                spec, existing, self._source(None), stop_timeout=self.stop_timeout, say=self._emit
-            )
+            # Its guarantees and GPUs are held afresh, on the member it is on.
+            reservation = await self._reserve(daemon, name, data, need, kept=existing)
+            spec = self._with_capacity(spec, need, reservation)
+            try:
+                await daemon.make_volumes(data, existing.get("location") or None, self._emit)
+                await daemon.make_reusable(
+                    spec,
+                    existing,
+                    self._source(None),
+                    stop_timeout=self.stop_timeout,
+                    say=self._emit,
+                )
+            except BaseException:
+                daemon.landed(reservation)
+                raise
 
         created = started = False
-        member = reservation = None
+        member = None
         try:
             if existing is None:
-                reservation = await daemon.reserve(
-                    placement.PlacementRequest(
-                        user=self.user.name,
-                        server_name=self.name or "",
-                        require=self.target or None,
-                        data_member=data.member,
-                        data_volume=data.pinned_by,
-                        need=need,
-                    ),
-                    weights=self.host_weights,
-                    policy=self.placement_policy,
-                    instance=name,
-                )
+                reservation = await self._reserve(daemon, name, data, need)
                 member = reservation.member
                 spec = self._with_capacity(spec, need, reservation)
                 where = f" on {member}" if member else ""

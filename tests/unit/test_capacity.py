@@ -14,9 +14,10 @@ import asyncio
 import copy
 
 import pytest
-from fakes import IMAGE, FakeLxd, owned, server_unit
+from fakes import IMAGE, FakeLxd, eventually, owned, server_unit
 from hypothesis import given
 from hypothesis import strategies as st
+from test_spawner_inprocess import fails, server_answers, spawner  # noqa: F401 (a fixture)
 from traitlets import TraitError
 
 from lxdspawner import capacity
@@ -530,8 +531,6 @@ def test_the_gpu_and_overcommit_settings_are_checked_naming_them():
 async def test_a_spawn_gets_its_gpus_and_records_them_and_the_next_finds_none_free(
     cluster, make_daemon, monkeypatch
 ):
-    from test_spawner_inprocess import fails, spawner
-
     cluster.exec_handler = server_unit(cluster)
     cluster.resources_of["m2"] = copy.deepcopy(AMD_INTEL_HOST)
     daemon = make_daemon(cluster)
@@ -550,3 +549,52 @@ async def test_a_spawn_gets_its_gpus_and_records_them_and_the_next_finds_none_fr
     assert "jupyter-bob" not in cluster.instances
     bad, _ = await fails(spawner(cluster, user="carl", mem_guarantee=-1, home_volume_size=""))
     assert "mem_guarantee = -1" in str(bad) and bad.status_code == 400
+
+
+async def events_read(daemon: Daemon, fake: FakeLxd, stopped: str) -> None:
+    """Until the cache has read every event sent, the last of them ``stopped``'s stop."""
+    cache = await daemon.cache()
+    await eventually(
+        lambda: (
+            all(s.queue.empty() for s in fake._streams) and cache.get(stopped).status == "Stopped"
+        )
+    )
+
+
+async def test_a_kept_container_holds_its_share_again_on_its_member_or_is_told_it_is_full(
+    cluster, make_daemon, monkeypatch
+):
+    """A stopped kept container holds nothing; started again it is not placed: its member
+    must have room, and its GPU devices and keys are given afresh."""
+    cluster.exec_handler = server_unit(cluster)
+    cluster.resources_of["m1"] = copy.deepcopy(AMD_INTEL_HOST)  # 16 threads, 2 PCI GPUs
+    daemon = make_daemon(cluster)
+    monkeypatch.setitem(Daemon._all, daemon.remote, daemon)
+    keep = {"remove": False, "home_volume_size": "", "target": "m1", "cpu_guarantee": 16.0}
+    ana = spawner(cluster, gpu=1, **keep)
+    await ana.start()
+    assert cluster.instances["jupyter-ana"].devices["gpu0"]["pci"] == "0000:00:02.0"
+    await ana.stop()
+    cache = await daemon.cache()  # its stop's events read: it is stopped, and holds nothing
+    await eventually(
+        lambda: (
+            all(s.queue.empty() for s in cluster._streams)
+            and cache.get("jupyter-ana").status == "Stopped"
+        )
+    )
+    bob = spawner(cluster, user="bob", **keep)
+    await bob.start()  # ana's stopped container holds no CPU
+    ana = spawner(cluster, gpu=1, **keep)
+    error, _ = await fails(ana)
+    assert str(error) == (
+        "cluster member m1 (where its kept container jupyter-ana is) has no room for the "
+        "server of user 'ana': CPUs guaranteed 16 CPUs of 16 CPUs, this server needs 16 CPUs"
+    )
+    assert "jupyter-ana" in cluster.instances  # kept, as it was
+    await bob.stop()
+    await events_read(daemon, cluster, "jupyter-bob")
+    ana = spawner(cluster, gpu={"vendor": "amd"}, **keep)
+    await ana.start()
+    instance = cluster.instances["jupyter-ana"]
+    assert instance.devices["gpu0"]["pci"] == "0000:c1:00.0"
+    assert instance.config[KEY_GPUS] == "0000:c1:00.0" and instance.config[KEY_CPU] == "16"
