@@ -41,10 +41,12 @@ class Removals:
         *,
         teardown_timeout: float,
         log: logging.Logger,
+        after: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
+        """``after``: run once the container is deleted (the server's extra objects go)."""
         if name not in self._tasks:
             self._tasks[name] = asyncio.ensure_future(
-                self._run(client, cache, name, teardown_timeout, log)
+                self._run(client, cache, name, teardown_timeout, log, after)
             )
 
     def pending(self, name: str) -> bool:
@@ -64,6 +66,7 @@ class Removals:
         name: str,
         teardown_timeout: float,
         log: logging.Logger,
+        after: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         key = (self.remote, name)
         _unfinished.add(key)
@@ -77,6 +80,11 @@ class Removals:
             log.warning("deleting %s after its server stopped: %s", name, e.message)
         else:
             _unfinished.discard(key)
+            if after is not None:
+                try:
+                    await after()
+                except (LxdError, asyncio.TimeoutError) as e:
+                    log.warning("after deleting %s: %s", name, getattr(e, "message", e))
         finally:
             if self._tasks.get(name) is asyncio.current_task():
                 del self._tasks[name]
