@@ -369,10 +369,7 @@ class Daemon:
                     f"{client.where}: build or import it (e.g. images/ensure-image.sh "
                     f"{source.image}), or set c.LxdSpawner.image to an existing alias"
                 ) from e
-            patched = ""
-            if spec.patches:
-                patched = " (with instance_patches " + ", ".join(repr(k) for k, _ in spec.patches)
-                patched += " merged into the request)"
+            patched = patches.blame(spec.patches, e.message)
             raise DaemonError(
                 f"could not create container {spec.instance}{patched}: {e.message}"
             ) from e

@@ -55,18 +55,21 @@ class OverrideSettings(Configurable):
             raise TraitError(e.message) from e
         return proposal["value"]
 
+    #: The kinds extra_objects names (set by its check: poll() asks, and must not parse).
+    _configured_kinds: tuple[str, ...] = ()
+
     @validate("extra_objects")
     def _check_extra_objects(self, proposal: dict) -> dict:
         try:
-            patches.check_objects(proposal["value"])
+            parsed = patches.check_objects(proposal["value"])
         except patches.PatchError as e:
             raise TraitError(e.message) from e
+        self._configured_kinds = tuple(sorted({e["kind"] for e in parsed.values()}))
         return proposal["value"]
 
     def _object_kinds(self) -> list[str]:
         """The kinds to look for: those recorded and those configured now."""
-        configured = [e["kind"] for e in patches.check_objects(self.extra_objects).values()]
-        return sorted({*self.object_kinds, *configured})
+        return sorted({*self.object_kinds, *self._configured_kinds})
 
     def _override_context(self, spec: objects.ServerSpec, member: str) -> patches.Context:
         options = getattr(self, "user_options", None) or {}

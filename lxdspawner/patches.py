@@ -307,6 +307,21 @@ def apply(
     return result
 
 
+def blame(patches: Sequence[tuple[str, Mapping]], message: str) -> str:
+    """For a create the daemon refused with ``message``: which patches it may be about (those
+    setting a config key, device or profile the message names; else all), as `` (...)``."""
+    if not patches:
+        return ""
+
+    def named(patch: Mapping) -> bool:
+        words = [*(patch.get("config") or {}), *(patch.get("devices") or {})]
+        words += list(patch.get("profiles") or [])
+        return any(str(w) in message for w in words)
+
+    keys = [k for k, p in patches if named(p)] or [k for k, _ in patches]
+    return " (instance_patches " + ", ".join(repr(k) for k in keys) + " merged into the request)"
+
+
 # -- extra_objects --------------------------------------------------------------------------
 
 

@@ -260,6 +260,7 @@ body:
   description: "for {{ username }}"
   egress:
     - action: reject
+      state: enabled
       destination: 10.0.0.0/8
 """
 
@@ -280,7 +281,9 @@ def test_object_bodies_carry_our_keys():
     )
     assert acl.kind == "network-acl" and acl.name == "acl-jupyter-alice--lab"
     assert acl.body["description"] == "for alice"
-    assert acl.body["egress"] == [{"action": "reject", "destination": "10.0.0.0/8"}]
+    assert acl.body["egress"] == [
+        {"action": "reject", "state": "enabled", "destination": "10.0.0.0/8"}
+    ]
     assert acl.body["config"] == {**OWNER.keys(), patches.KEY_OBJECT: "acl"}
     assert not acl.keep and "extra_objects['acl']" in acl.label
     assert vol.kind == "volume" and vol.pool == "default" and vol.keep
@@ -408,3 +411,77 @@ async def test_objects_are_made_reused_refused_and_deleted_by_their_keys():
 def test_yaml_round_trip_of_rendered_patch_is_plain_data():
     ((_, patch),) = patches.render_patches({"p": 'config:\n  a: "{{ username }}"\n'}, CTX)
     assert yaml.safe_load(yaml.safe_dump(patch)) == patch
+
+
+def test_a_refused_create_blames_the_patch_the_daemon_names():
+    rendered = patches.render_patches(
+        {"a": {"config": {"limits.memory": "lots"}}, "b": {"config": {"user.x": "y"}}}, CTX
+    )
+    message = 'Invalid config: Invalid value for "limits.memory": lots'
+    assert patches.blame(rendered, message) == " (instance_patches 'a' merged into the request)"
+    assert "'a', 'b'" in patches.blame(rendered, "something else")
+    assert patches.blame((), message) == ""
+
+
+def test_the_kinds_to_look_for_are_the_recorded_and_the_configured_ones():
+    settings_ = OverrideSettings()
+    assert settings_._object_kinds() == []
+    settings_.extra_objects = {"v": {"kind": "volume", "pool": "p", "body": {"name": "x"}}}
+    settings_.object_kinds = ["network-acl"]
+    assert settings_._object_kinds() == ["network-acl", "volume"]
+
+
+# -- through LxdSpawner.start(), in process (the in-memory daemon of fakes.py) ---------------
+
+
+@pytest.fixture
+def inprocess(fake, make_daemon, monkeypatch):
+    """The spawner of test_spawner_inprocess on the in-memory daemon, its server answering."""
+    from fakes import server_unit
+    from test_spawner_inprocess import spawner
+
+    from lxdspawner import readiness
+    from lxdspawner.daemon import Daemon
+
+    async def answers(daemon, name, url, *, tls, timeout):
+        pass
+
+    monkeypatch.setattr(readiness, "wait_http", answers)
+    fake.exec_handler = server_unit(fake)
+    daemon = make_daemon(fake)
+    monkeypatch.setitem(Daemon._all, daemon.remote, daemon)
+    return lambda **settings: spawner(fake, **settings)
+
+
+async def test_a_spawn_creates_the_container_with_the_patches(inprocess, fake):
+    s = inprocess(
+        instance_patches={
+            "env": 'config:\n  environment.WHO: "{{ username }} in {{ instance_name }}"\n',
+            "dev": {"devices": {"extra": {"type": "none"}}},
+        }
+    )
+    await s.start()
+    container = fake.instances["jupyter-ana"]
+    assert container.config["environment.WHO"] == "ana in jupyter-ana"
+    assert container.devices["extra"] == {"type": "none"}
+    assert container.config[KEY_USER] == "ana"
+
+
+async def test_a_template_error_fails_the_spawn_naming_the_patch_and_makes_nothing(inprocess, fake):
+    from lxdspawner.spawner import SpawnError
+
+    s = inprocess(instance_patches={"oops": {"config": {"a": "{{ nope }}"}}})
+    with pytest.raises(SpawnError) as failed:
+        await s.start()
+    assert "instance_patches['oops']" in failed.value.jupyterhub_message
+    assert "'nope' is undefined" in failed.value.jupyterhub_message
+    assert fake.instances == {}
+
+
+async def test_a_patch_on_our_keys_fails_the_spawn_before_anything_is_made(inprocess, fake):
+    from lxdspawner.spawner import SpawnError
+
+    s = inprocess(instance_patches={"steal": {"config": {KEY_USER: "{{ 'bob' }}"}}})
+    with pytest.raises(SpawnError, match=r"instance_patches\['steal'\] sets config key"):
+        await s.start()
+    assert fake.instances == {}
