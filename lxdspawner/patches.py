@@ -308,17 +308,25 @@ def apply(
 
 
 def blame(patches: Sequence[tuple[str, Mapping]], message: str) -> str:
-    """For a create the daemon refused with ``message``: which patches it may be about (those
-    setting a config key, device or profile the message names; else all), as `` (...)``."""
+    """For a create the daemon refused with ``message``: which patches it may be about, as
+    `` (...)``: those setting a config key, device or profile the message names, else those
+    setting a value it quotes (Incus says "Invalid value: lots"), else all."""
     if not patches:
         return ""
 
-    def named(patch: Mapping) -> bool:
+    def names_of(patch: Mapping) -> list[str]:
         words = [*(patch.get("config") or {}), *(patch.get("devices") or {})]
-        words += list(patch.get("profiles") or [])
-        return any(str(w) in message for w in words)
+        return [str(w) for w in words + list(patch.get("profiles") or [])]
 
-    keys = [k for k, p in patches if named(p)] or [k for k, _ in patches]
+    def values_of(patch: Mapping) -> list[str]:
+        values = list((patch.get("config") or {}).values())
+        for device in (patch.get("devices") or {}).values():
+            values += list((device or {}).values())
+        return [v for v in values if isinstance(v, str) and len(v) >= 3]
+
+    keys = [k for k, p in patches if any(w in message for w in names_of(p))]
+    keys = keys or [k for k, p in patches if any(v in message for v in values_of(p))]
+    keys = keys or [k for k, _ in patches]
     return " (instance_patches " + ", ".join(repr(k) for k in keys) + " merged into the request)"
 
 

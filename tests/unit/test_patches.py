@@ -419,6 +419,8 @@ def test_a_refused_create_blames_the_patch_the_daemon_names():
     )
     message = 'Invalid config: Invalid value for "limits.memory": lots'
     assert patches.blame(rendered, message) == " (instance_patches 'a' merged into the request)"
+    incus = "Failed creating instance record: Invalid value: lots"
+    assert patches.blame(rendered, incus) == " (instance_patches 'a' merged into the request)"
     assert "'a', 'b'" in patches.blame(rendered, "something else")
     assert patches.blame((), message) == ""
 
