@@ -647,34 +647,44 @@ class Daemon:
         except LxdError as e:
             log.warning("cleanup after failed spawn of %s: %s", name, e.message)
             if delete and self.clustered:
-                self.orphan(name, owner, timeout)
+                self.orphan(name, owner, timeout, objects)
             return
         if delete:
             await self.delete_objects(owner, objects)
 
-    def orphan(self, name: str, owner: ownership.Owner, timeout: float = 30.0) -> None:
-        """Delete ``name`` once its cluster member answers again, if it is ``owner``'s."""
+    def orphan(
+        self,
+        name: str,
+        owner: ownership.Owner,
+        timeout: float = 30.0,
+        objects: Sequence[str] = (),
+    ) -> None:
+        """Delete ``name`` once its cluster member answers again, if it is ``owner``'s (and
+        then its extra objects of the kinds ``objects``)."""
 
         async def delete(name: str) -> None:
-            await self._delete_if_owned(name, owner, timeout)
+            if await self._delete_if_owned(name, owner, timeout):
+                await self.delete_objects(owner, objects)
 
         self.members.orphan(name, delete)
 
-    async def _delete_if_owned(self, name: str, owner: ownership.Owner, timeout: float) -> None:
+    async def _delete_if_owned(self, name: str, owner: ownership.Owner, timeout: float) -> bool:
         """Stop and delete ``name`` (once LXD has torn it down) if it is ``owner``'s; leave
-        anything else alone. LxdError when the daemon cannot tell (the caller tries again)."""
+        anything else alone; whether it is gone. LxdError when the daemon cannot tell (the
+        caller tries again)."""
         client = await self.client()
         try:
             instance = await client.get_instance(name)
         except NotFound:
-            return
+            return True
         if not owner.owns(instance.get("config")):
             log.warning(
                 "not deleting %s: it is %s", name, ownership.describe(instance.get("config"))
             )
-            return
+            return False
         await self.remove(name, timeout)
         log.info("deleted %s, left behind when its cluster member failed", name)
+        return True
 
     def remove_when_torn_down(
         self,
@@ -845,7 +855,7 @@ class Daemon:
                     "" if remove else f" (its container {name} is kept)",
                 )
                 if remove:
-                    self.orphan(name, owner, timeout)
+                    self.orphan(name, owner, timeout, objects)
                 return 0
             instance = await (await self.client()).get_instance(name)
         except NotFound:

@@ -487,3 +487,21 @@ async def test_a_patch_on_our_keys_fails_the_spawn_before_anything_is_made(inpro
     with pytest.raises(SpawnError, match=r"instance_patches\['steal'\] sets config key"):
         await s.start()
     assert fake.instances == {}
+
+
+async def test_a_kept_container_gets_the_current_patches(inprocess, fake):
+    from fakes import IMAGE, owned
+
+    from lxdspawner.lxd import Remote
+
+    fake.add_instance("jupyter-ana", config={**owned("ana"), "environment.OLD": "x"}, image=IMAGE)
+    s = inprocess(
+        remove=False,
+        instance_patches={"env": {"config": {"environment.NEW": "{{ username }}"}}},
+    )
+    s.load_state(
+        {"lxd_state_version": 2, "instance": "jupyter-ana", **Remote(fake.endpoint).to_state()}
+    )
+    await s.start()
+    config = fake.instances["jupyter-ana"].config
+    assert config["environment.NEW"] == "ana" and "environment.OLD" not in config
