@@ -696,14 +696,13 @@ class Daemon:
         """Delete ``name`` in the background once LXD has torn it down; then ``owner``'s
         extra objects of the kinds ``objects`` (see extraobjects.py)."""
         assert self._client is not None and self._cache is not None
-        after = None
-        if owner is not None and objects:
-
-            async def after() -> None:
-                await self.delete_objects(owner, objects)
-
         self.removals.start(
-            self._client, self._cache, name, teardown_timeout=timeout, log=log, after=after
+            self._client,
+            self._cache,
+            name,
+            teardown_timeout=timeout,
+            log=log,
+            objects=(owner, tuple(objects)) if owner is not None and objects else None,
         )
 
     async def wait_removed(self, name: str, say: Say = _quiet) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import quote
 
 import pytest
@@ -61,9 +62,11 @@ async def acl(client: LxdClient, name: str) -> dict | None:
 async def test_patches_and_extra_objects(tmp_path, host_dir, prefix, incus, leftovers):
     (host_dir / "hello.txt").write_text("patched in\n")
     config = CONFIG.format(prefix=prefix, host_dir=str(host_dir))
-    async with running_hub(tmp_path, config) as hub:
-        await hub.start_server("alice", "lab")
+    # cleanup_servers off: bob's server stays when the hub stops, and ends while it is down
+    async with running_hub(tmp_path, config, cleanup_servers=False) as hub:
+        await asyncio.gather(hub.start_server("alice", "lab"), hub.start_server("bob"))
         name = instance_name("alice", "lab", prefix)
+        bob = instance_name("bob", "", prefix)
 
         # the config key and the device, seen inside the container
         assert await sh(incus, name, "printenv PATCHED_FOR") == "alice/lab"
@@ -103,6 +106,15 @@ async def test_patches_and_extra_objects(tmp_path, host_dir, prefix, incus, left
             left = instance_name("alice", server, prefix)
             await deleted(incus, left)
             assert await acl(incus, f"{left}-acl") is None, server
+
+        # a server that ends while the hub is down: its container, then its ACL, go once
+        # the hub is back and finds it stopped
+        await hub.stop_hub()
+        await incus.stop_instance(bob, force=True)
+        assert await acl(incus, f"{bob}-acl") is not None
+        await hub.restart()
+        await deleted(incus, bob)
+        await wait_until(lambda: _gone(incus, f"{bob}-acl"), 20, "bob's ACL, after a hub restart")
 
 
 async def _gone(client: LxdClient, name: str) -> bool:
