@@ -84,11 +84,15 @@ class OverrideSettings(Configurable):
             remote=remote if isinstance(remote, str) else "",
         )
 
+    #: The spawner's (LxdSpawner's, as is ``_emit``, its progress messages).
+    owner: ownership.Owner
+
     async def _render_overrides(
-        self, daemon, spec: objects.ServerSpec, owner: ownership.Owner, member: str, say
+        self, daemon, spec: objects.ServerSpec, member: str
     ) -> objects.ServerSpec:
         """``spec`` with the patches rendered for this server (checked against what they may
         not change), and its extra objects made: after placement, before the create."""
+        owner = self.owner
         if not self.instance_patches and not self.extra_objects:
             return spec
         context = self._override_context(spec, member)
@@ -104,5 +108,5 @@ class OverrideSettings(Configurable):
             self.object_kinds = sorted({*self.object_kinds, *(o.kind for o in wanted)})
             made = await daemon.make_objects(wanted, owner, member or None)
             if made:
-                say(f"Created {', '.join(made)}", 9)
+                self._emit(f"Created {', '.join(made)}", 9)
         return spec

@@ -674,8 +674,7 @@ class LxdSpawner(Spawner, StorageSettings, OverrideSettings):
             existing = None
         elif existing:
             await daemon.make_volumes(data, existing.get("location") or None, self._emit)
-            where = existing.get("location") or ""
-            spec = await self._render_overrides(daemon, spec, self.owner, where, self._emit)
+            spec = await self._render_overrides(daemon, spec, existing.get("location") or "")
             await daemon.make_reusable(
                 spec, existing, self._source(None), stop_timeout=self.stop_timeout, say=self._emit
             )
@@ -698,9 +697,7 @@ class LxdSpawner(Spawner, StorageSettings, OverrideSettings):
                 where = f" on {member}" if member else ""
                 self._emit(f"Placing server {name}{where}", 5)
                 await daemon.make_volumes(data, member, self._emit)
-                spec = await self._render_overrides(
-                    daemon, spec, self.owner, member or "", self._emit
-                )
+                spec = await self._render_overrides(daemon, spec, member or "")
                 self._emit(f"Creating container {name} from image {self.image}{where}", 10)
                 await self._step("create", daemon.create(spec, self._source(member), self._emit))
                 created = True

@@ -505,3 +505,17 @@ async def test_a_kept_container_gets_the_current_patches(inprocess, fake):
     await s.start()
     config = fake.instances["jupyter-ana"].config
     assert config["environment.NEW"] == "ana" and "environment.OLD" not in config
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_an_object_named_after_any_username_is_one_safe_name_or_refused(username):
+    context = patches.Context(username=username, servername="", instance_name="j")
+    entry = {"kind": "network-acl", "body": {"name": "acl-{{ username }}"}}
+    try:
+        (obj,) = patches.render_objects({"o": entry}, context, OWNER)
+    except patches.PatchError as e:
+        assert "extra_objects['o']: name" in e.message
+        return
+    assert obj.name == f"acl-{username}" and "/" not in obj.name
+    assert obj.body["config"][KEY_USER] == "alice"  # the owner's keys, whatever the name
