@@ -29,10 +29,12 @@ from . import (
     bases,
     capacity,
     commands,
+    extraobjects,
     metrics,
     network,
     objects,
     ownership,
+    patches,
     placement,
     sharing,
     volumes,
@@ -420,12 +422,16 @@ class Daemon:
                     say(f"Creating container: {value}", 15)
 
         try:
+            request = objects.instance_request(spec)
+        except patches.PatchError as e:
+            raise DaemonError(e.message, reason="patch") from e
+        try:
             await client.create_instance(
                 spec.instance,
                 source=await self._source(spec, source, say),
-                profiles=spec.profiles,
-                config=objects.instance_config(spec),
-                devices=objects.instance_devices(spec),
+                profiles=request["profiles"],
+                config=request["config"],
+                devices=request["devices"],
                 target=source.member,
                 timeout=max(source.timeout, 60),
                 on_progress=forward,
@@ -437,7 +443,10 @@ class Daemon:
                     f"{client.where}: build or import it (e.g. images/ensure-image.sh "
                     f"{source.image}), or set c.LxdSpawner.image to an existing alias"
                 ) from e
-            raise DaemonError(f"could not create container {spec.instance}: {e.message}") from e
+            patched = patches.blame(spec.patches, e.message)
+            raise DaemonError(
+                f"could not create container {spec.instance}{patched}: {e.message}"
+            ) from e
 
     async def shared_devices(self, source: Source) -> tuple[str, dict[str, dict[str, str]]]:
         """The image's fingerprint, and the disk devices of the ready shared directories."""
@@ -509,14 +518,19 @@ class Daemon:
             existing = await client.get_instance(name)
         where = dataclasses.replace(source, member=existing.get("location") or None)
         _, shared = await self.shared_devices(where)
-        devices = {**objects.instance_devices(spec), **shared}
+        try:
+            request = objects.instance_request(
+                dataclasses.replace(spec, extra_devices={**spec.extra_devices, **shared})
+            )
+        except patches.PatchError as e:
+            raise DaemonError(e.message, reason="patch") from e
         # Keep LXD's own keys (volatile.*, image.*); ours and the operator's are set afresh.
         config = {
             k: v
             for k, v in (existing.get("config") or {}).items()
             if k.startswith(("volatile.", "image."))
         }
-        config.update(objects.instance_config(spec))
+        config.update(request["config"])
         # The PUT is an operation: the daemon checks and applies the update in it, so wait
         # for its end (a refused update would otherwise start the container as it was).
         try:
@@ -526,8 +540,8 @@ class Daemon:
                 json_body={
                     "architecture": existing.get("architecture", ""),
                     "config": config,
-                    "devices": devices,
-                    "profiles": list(spec.profiles),
+                    "devices": request["devices"],
+                    "profiles": request["profiles"],
                     "ephemeral": bool(existing.get("ephemeral")),
                     "stateful": bool(existing.get("stateful")),
                     "description": existing.get("description", ""),
@@ -686,9 +700,16 @@ class Daemon:
         await remove_once_torn_down(await self.client(), self._cache, name, timeout, log.info)
 
     async def cleanup_failed_start(
-        self, name: str, owner: ownership.Owner, *, delete: bool, timeout: float
+        self,
+        name: str,
+        owner: ownership.Owner,
+        *,
+        delete: bool,
+        timeout: float,
+        objects: Sequence[str] = (),
     ) -> None:
-        """After a failed spawn: delete the container (or, if kept, stop it)."""
+        """After a failed spawn: delete the container (or, if kept, stop it); with it, the
+        server's extra objects of the kinds ``objects`` (those not kept)."""
         client = await self.client()
         try:
             if delete:
@@ -696,40 +717,67 @@ class Daemon:
             else:
                 await client.stop_instance(name, force=True)
         except NotFound:
-            return
+            pass
         except LxdError as e:
             log.warning("cleanup after failed spawn of %s: %s", name, e.message)
             if delete and self.clustered:
-                self.orphan(name, owner, timeout)
+                self.orphan(name, owner, timeout, objects)
+            return
+        if delete:
+            await self.delete_objects(owner, objects)
 
-    def orphan(self, name: str, owner: ownership.Owner, timeout: float = 30.0) -> None:
-        """Delete ``name`` once its cluster member answers again, if it is ``owner``'s."""
+    def orphan(
+        self,
+        name: str,
+        owner: ownership.Owner,
+        timeout: float = 30.0,
+        objects: Sequence[str] = (),
+    ) -> None:
+        """Delete ``name`` once its cluster member answers again, if it is ``owner``'s (and
+        then its extra objects of the kinds ``objects``)."""
 
         async def delete(name: str) -> None:
-            await self._delete_if_owned(name, owner, timeout)
+            if await self._delete_if_owned(name, owner, timeout):
+                await self.delete_objects(owner, objects)
 
         self.members.orphan(name, delete)
 
-    async def _delete_if_owned(self, name: str, owner: ownership.Owner, timeout: float) -> None:
+    async def _delete_if_owned(self, name: str, owner: ownership.Owner, timeout: float) -> bool:
         """Stop and delete ``name`` (once LXD has torn it down) if it is ``owner``'s; leave
-        anything else alone. LxdError when the daemon cannot tell (the caller tries again)."""
+        anything else alone; whether it is gone. LxdError when the daemon cannot tell (the
+        caller tries again)."""
         client = await self.client()
         try:
             instance = await client.get_instance(name)
         except NotFound:
-            return
+            return True
         if not owner.owns(instance.get("config")):
             log.warning(
                 "not deleting %s: it is %s", name, ownership.describe(instance.get("config"))
             )
-            return
+            return False
         await self.remove(name, timeout)
         log.info("deleted %s, left behind when its cluster member failed", name)
+        return True
 
-    def remove_when_torn_down(self, name: str, timeout: float) -> None:
-        """Delete ``name`` in the background once LXD has torn it down."""
+    def remove_when_torn_down(
+        self,
+        name: str,
+        timeout: float,
+        owner: ownership.Owner | None = None,
+        objects: Sequence[str] = (),
+    ) -> None:
+        """Delete ``name`` in the background once LXD has torn it down; then ``owner``'s
+        extra objects of the kinds ``objects`` (see extraobjects.py)."""
         assert self._client is not None and self._cache is not None
-        self.removals.start(self._client, self._cache, name, teardown_timeout=timeout, log=log)
+        self.removals.start(
+            self._client,
+            self._cache,
+            name,
+            teardown_timeout=timeout,
+            log=log,
+            objects=(owner, tuple(objects)) if owner is not None and objects else None,
+        )
 
     async def wait_removed(self, name: str, say: Say = _quiet) -> None:
         """Wait until a deletion of ``name`` that an earlier stop left running has ended."""
@@ -746,6 +794,7 @@ class Daemon:
         now: bool = False,
         timeout: float,
         attempts: int = 3,
+        objects: Sequence[str] = (),
     ) -> None:
         """Stop ``owner``'s server in ``name``; with ``remove`` the container is deleted
         once torn down (in the background). Returns once the server has exited.
@@ -759,7 +808,9 @@ class Daemon:
             if attempt:
                 await asyncio.sleep(attempt)
             try:
-                await self._stop_once(name, owner, remove=remove, now=now, timeout=timeout)
+                await self._stop_once(
+                    name, owner, remove=remove, now=now, timeout=timeout, objects=objects
+                )
             except (LxdError, asyncio.TimeoutError) as e:
                 error = e
                 log.warning(
@@ -769,7 +820,9 @@ class Daemon:
             return
         self.stops.retry(
             name,
-            lambda: self._stop_once(name, owner, remove=remove, now=False, timeout=timeout),
+            lambda: self._stop_once(
+                name, owner, remove=remove, now=False, timeout=timeout, objects=objects
+            ),
             log,
         )
         raise DaemonError(
@@ -778,7 +831,14 @@ class Daemon:
         )
 
     async def _stop_once(
-        self, name: str, owner: ownership.Owner, *, remove: bool, now: bool, timeout: float
+        self,
+        name: str,
+        owner: ownership.Owner,
+        *,
+        remove: bool,
+        now: bool,
+        timeout: float,
+        objects: Sequence[str] = (),
     ) -> None:
         client = await self.client()
         cache = await self.cache()
@@ -788,6 +848,8 @@ class Daemon:
                 instance = await client.get_instance(name)
             except NotFound:
                 cache.note(name, deleted=True)
+                if remove:
+                    await self.delete_objects(owner, objects)
                 return
             if _not_ours(owner, name, instance, "stopping"):
                 return
@@ -807,7 +869,7 @@ class Daemon:
                 return
         cache.note(name, status="Stopped")
         if remove:
-            self.remove_when_torn_down(name, timeout + 10)
+            self.remove_when_torn_down(name, timeout + 10, owner, objects)
 
     async def _stop_unit(self, name: str, timeout: float) -> bool:
         """Stop the server's unit, and with it the container; False if that failed."""
@@ -832,6 +894,7 @@ class Daemon:
         may_remove: bool,
         member_grace: float,
         timeout: float,
+        objects: Sequence[str] = (),
     ) -> int | None:
         """None while ``owner``'s server in ``name`` runs, else 0. Reads the cache: no
         request for a running server; one direct request only when the cache says it is not
@@ -865,10 +928,12 @@ class Daemon:
                     "" if remove else f" (its container {name} is kept)",
                 )
                 if remove:
-                    self.orphan(name, owner, timeout)
+                    self.orphan(name, owner, timeout, objects)
                 return 0
             instance = await (await self.client()).get_instance(name)
         except NotFound:
+            if may_remove and objects:  # its container went while the hub was away
+                await self.delete_objects(owner, objects)
             return 0
         except (LxdError, asyncio.TimeoutError) as e:
             # We cannot tell: report running rather than have the hub drop a live server.
@@ -882,7 +947,7 @@ class Daemon:
         # The server ended by itself (its container powered off). JupyterHub will not call
         # stop() for a server that is not running, so the container is removed here.
         if remove and may_remove:
-            self.remove_when_torn_down(name, timeout)
+            self.remove_when_torn_down(name, timeout, owner, objects)
         return 0
 
     async def _member_answers(self, member: str) -> bool:
@@ -895,19 +960,44 @@ class Daemon:
             m.get("server_name") == member and m.get("status") == placement.ONLINE for m in members
         )
 
-    async def delete_forever(self, name: str, owner: ownership.Owner, timeout: float) -> bool:
-        """Delete ``owner``'s container ``name``, kept or not (an admin deleted the server).
-        False if it is not ``owner``'s (left alone) or already gone."""
+    async def delete_forever(
+        self, name: str, owner: ownership.Owner, timeout: float, objects: Sequence[str] = ()
+    ) -> bool:
+        """Delete ``owner``'s container ``name``, kept or not (an admin deleted the server),
+        and its extra objects that are not kept. False if it is not ``owner``'s (left alone)
+        or already gone."""
         client = await self.client()
         try:
             instance = await client.get_instance(name)
         except NotFound:
+            await self.delete_objects(owner, objects)
             return False
         if _not_ours(owner, name, instance, "deleting"):
             return False
         await self.cache()
         await self.remove(name, timeout)
+        await self.delete_objects(owner, objects)
         return True
+
+    # -- a server's extra objects (see extraobjects.py) ----------------------------------------
+
+    async def make_objects(
+        self, wanted: Sequence[patches.ExtraObject], owner: ownership.Owner, member: str | None
+    ) -> list[str]:
+        """Make the server's extra objects that are missing (reusing its own)."""
+        client = await self.client()
+        try:
+            return await extraobjects.ensure(
+                client, wanted, owner, member if self.clustered else None
+            )
+        except extraobjects.ObjectError as e:
+            raise DaemonError(e.message, reason="object") from e
+
+    async def delete_objects(self, owner: ownership.Owner, kinds: Sequence[str]) -> list[str]:
+        """Delete ``owner``'s extra objects of ``kinds`` not marked keep, found by their keys."""
+        if not kinds:
+            return []
+        return await extraobjects.delete_owned(await self.client(), owner, kinds)
 
     # -- users' volumes (see volumes.py) --------------------------------------------------------
 

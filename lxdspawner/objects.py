@@ -10,7 +10,7 @@ import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from . import names
+from . import names, patches
 from .ownership import KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY, Owner  # noqa: F401
 
 UNIT_NAME = "jupyterhub-singleuser.service"
@@ -68,6 +68,8 @@ class ServerSpec:
     gpu_devices: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     #: The keys recording its guarantees and GPUs (capacity.instance_keys), after extra_config.
     capacity_config: Mapping[str, str] = field(default_factory=dict)
+    #: instance_patches, rendered for this server: (key, fragment), merged in this order.
+    patches: tuple[tuple[str, Mapping], ...] = ()
 
 
 # -- instance -----------------------------------------------------------------------------
@@ -114,6 +116,22 @@ def instance_devices(spec: ServerSpec) -> dict[str, dict[str, str]]:
     devices.update({k: dict(v) for k, v in spec.gpu_devices.items()})
     devices.update({k: dict(v) for k, v in spec.extra_devices.items()})
     return devices
+
+
+def instance_request(spec: ServerSpec) -> dict:
+    """The instance's ``config``, ``devices`` and ``profiles``, with the instance_patches
+    merged in (see patches.py); PatchError when a patch would change the ownership keys or
+    the isolation."""
+    config = instance_config(spec)
+    devices = instance_devices(spec)
+    request = {"config": config, "devices": devices, "profiles": list(spec.profiles)}
+    if not spec.patches:
+        return request
+    protected = patches.Protected(
+        config={k: config[k] for k in (*spec.hardening, *owner(spec).keys()) if k in config},
+        devices={k: devices[k] for k in spec.system_devices if k in devices},
+    )
+    return patches.apply(request, spec.patches, protected)
 
 
 def root_disk(profile_devices: Mapping[str, Mapping[str, str]]) -> tuple[str, dict[str, str]]:

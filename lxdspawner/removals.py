@@ -11,6 +11,9 @@ stop() returns once the server has exited, as JupyterHub's local-process spawner
 the process is gone; a new start of the same server waits for the deletion. JupyterHub
 cancels every task when it exits, so an exit handler finishes whatever is left: no container
 is left behind.
+
+A server's extra objects (see extraobjects.py) go once its container is deleted, here too,
+the exit handler's deletions included: they are found by the server's keys.
 """
 
 from __future__ import annotations
@@ -22,8 +25,13 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 
+from . import extraobjects
 from .cache import InstanceCache
 from .lxd import LxdClient, LxdError, NotFound, Remote
+from .ownership import Owner
+
+#: A server's extra objects to delete with its container: (its owner, their kinds).
+Objects = tuple[Owner, tuple[str, ...]]
 
 
 class Removals:
@@ -41,10 +49,12 @@ class Removals:
         *,
         teardown_timeout: float,
         log: logging.Logger,
+        objects: Objects | None = None,
     ) -> None:
+        """``objects``: the server's extra objects, deleted once its container is."""
         if name not in self._tasks:
             self._tasks[name] = asyncio.ensure_future(
-                self._run(client, cache, name, teardown_timeout, log)
+                self._run(client, cache, name, teardown_timeout, log, objects)
             )
 
     def pending(self, name: str) -> bool:
@@ -64,9 +74,12 @@ class Removals:
         name: str,
         teardown_timeout: float,
         log: logging.Logger,
+        objects: Objects | None = None,
     ) -> None:
         key = (self.remote, name)
         _unfinished.add(key)
+        if objects and objects[1]:
+            _objects[key] = objects
         _finish_at_exit.register()
         try:
             await delete_once_torn_down(client, cache, name, teardown_timeout, log.info)
@@ -74,9 +87,13 @@ class Removals:
             raise  # left in _unfinished for the exit handler
         except LxdError as e:
             _unfinished.discard(key)
+            _objects.pop(key, None)
             log.warning("deleting %s after its server stopped: %s", name, e.message)
         else:
             _unfinished.discard(key)
+            objects = _objects.pop(key, None)
+            if objects:
+                await extraobjects.delete_owned(client, *objects)
         finally:
             if self._tasks.get(name) is asyncio.current_task():
                 del self._tasks[name]
@@ -164,6 +181,8 @@ class PendingStops:
 
 #: (daemon, instance name) of deletions that have not finished yet.
 _unfinished: set[tuple[Remote, str]] = set()
+#: The extra objects to delete after those of them that have them.
+_objects: dict[tuple[Remote, str], Objects] = {}
 
 
 class _FinishAtExit:
@@ -203,6 +222,9 @@ async def _finish(pending: list[tuple[Remote, str]]) -> None:
                 if isinstance(result, BaseException):
                     # The hub's log is closed by now: say it where its output goes.
                     print(f"lxdspawner: could not delete {name} on exit: {result}", file=sys.stderr)
+                elif (remote, name) in _objects:
+                    with contextlib.suppress(Exception):
+                        await extraobjects.delete_owned(client, *_objects.pop((remote, name)))
 
 
 _finish_at_exit = _FinishAtExit()

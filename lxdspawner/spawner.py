@@ -53,6 +53,7 @@ from .daemon import Daemon, DaemonError, Source
 from .failures import SpawnError, attach_logs, spawn_error
 from .guarantees import CapacitySettings
 from .lxd import FileHelperFailed, LxdClient, LxdError, Remote
+from .overrides import OverrideSettings
 from .progress import Progress
 from .storage import StorageSettings
 
@@ -69,7 +70,7 @@ def _as_trait_error():
         raise TraitError(str(e)) from e
 
 
-class LxdSpawner(Spawner, StorageSettings, CapacitySettings):
+class LxdSpawner(Spawner, StorageSettings, CapacitySettings, OverrideSettings):
     """Spawn single-user servers in Incus or LXD containers, through the REST API."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -439,6 +440,7 @@ class LxdSpawner(Spawner, StorageSettings, CapacitySettings):
         if state.get("lxd_state_version"):
             self.instance_name = state.get("instance", "")
             self.member = state.get("member", "")
+            self.object_kinds = list(state.get("objects") or [])
             recorded = Remote.from_state(state)
             if not any(state.get(k) for k in ("client_cert", "client_key", "server_cert")):
                 # Version 1 recorded the endpoint and project only: the certificates are
@@ -459,6 +461,7 @@ class LxdSpawner(Spawner, StorageSettings, CapacitySettings):
                 lxd_state_version=STATE_VERSION,
                 instance=self.instance_name,
                 member=self.member,
+                **({"objects": self.object_kinds} if self.object_kinds else {}),
                 **(self.recorded_remote or self.remote).to_state(),
             )
         return state
@@ -677,6 +680,7 @@ class LxdSpawner(Spawner, StorageSettings, CapacitySettings):
             spec = self._with_capacity(spec, need, reservation)
             try:
                 await daemon.make_volumes(data, existing.get("location") or None, self._emit)
+                spec = await self._render_overrides(daemon, spec, existing.get("location") or "")
                 await daemon.make_reusable(
                     spec,
                     existing,
@@ -698,6 +702,7 @@ class LxdSpawner(Spawner, StorageSettings, CapacitySettings):
                 where = f" on {member}" if member else ""
                 self._emit(f"Placing server {name}{where}", 5)
                 await daemon.make_volumes(data, member, self._emit)
+                spec = await self._render_overrides(daemon, spec, member or "")
                 self._emit(f"Creating container {name} from image {self.image}{where}", 10)
                 await self._step("create", daemon.create(spec, self._source(member), self._emit))
                 created = True
@@ -749,7 +754,11 @@ class LxdSpawner(Spawner, StorageSettings, CapacitySettings):
             await self._step("server", self._wait_http(daemon, name, ip))
         except BaseException as e:
             await daemon.cleanup_failed_start(
-                name, self.owner, delete=self.remove or created, timeout=self.stop_timeout + 10
+                name,
+                self.owner,
+                delete=self.remove or created,
+                timeout=self.stop_timeout + 10,
+                objects=self._object_kinds(),
             )
             if not started:  # nothing can have been written to a volume made just now
                 await daemon.discard_volumes(data, member)
@@ -870,6 +879,7 @@ class LxdSpawner(Spawner, StorageSettings, CapacitySettings):
             may_remove=not self._spawn_pending,
             member_grace=self.member_offline_grace,
             timeout=self.stop_timeout + 10,
+            objects=self._object_kinds(),
         )
 
     async def stop(self, now: bool = False) -> None:
@@ -893,6 +903,7 @@ class LxdSpawner(Spawner, StorageSettings, CapacitySettings):
                 remove=self.remove,
                 now=now,
                 timeout=self.stop_timeout,
+                objects=self._object_kinds(),
             )
         except DaemonError as e:
             self.log.error("%s: %s", self._log_name, e.message)
@@ -905,7 +916,8 @@ class LxdSpawner(Spawner, StorageSettings, CapacitySettings):
         The one place lxdspawner deletes a kept container or a volume by itself."""
         name = self.instance_name
         daemon = self.daemon()
-        if name and await daemon.delete_forever(name, self.owner, self.stop_timeout + 10):
+        kinds = self._object_kinds()
+        if name and await daemon.delete_forever(name, self.owner, self.stop_timeout + 10, kinds):
             self.log.info(
                 "%s: the server was deleted; deleted its container %s", self._log_name, name
             )
