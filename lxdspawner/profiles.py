@@ -623,6 +623,13 @@ class ProfileSettings(Configurable):
             return super().options_from_query(query_data)
         return options_from_form(query_data)
 
+    async def _run_apply_user_options(self, user_options):
+        # JupyterHub warns of "unhandled user_options" when no apply_user_options hook is
+        # set: with a profile_list they are ours, handled in start().
+        if self.profile_list and self.apply_user_options is None:
+            return
+        await super()._run_apply_user_options(user_options)
+
     # -- applying the choice -----------------------------------------------------------------
 
     #: The configured values of the settings the applied profile changed, to put back.
