@@ -607,7 +607,10 @@ class ProfileSettings(Configurable):
     async def get_options_form(self):
         if not self.profile_list:
             return await super().get_options_form()
-        profiles = await self._profiles()
+        try:
+            profiles = await self._profiles()
+        except ProfileError as e:
+            raise SpawnError(f"profile_list: {e}", reason="profile") from e
         if not profiles:
             return await super().get_options_form()
         offered = visible(profiles, self._user_groups)
@@ -666,7 +669,7 @@ class ProfileSettings(Configurable):
             raise SpawnError(f"profile_list: {e}", reason="profile") from e
         self.log.info(
             "%s: profile %s%s",
-            self.owner.label if hasattr(self, "owner") else "",
+            self._log_name,
             selection.profile.slug,
             "".join(f", {k}={v}" for k, v in selection.choices.items()),
         )

@@ -330,6 +330,8 @@ async def test_a_callable_and_an_async_callable_profile_list():
     s = make(profile_list=lambda spawner: [{"display_name": "A", "spawner_override": {"x": 1}}])
     with pytest.raises(SpawnError, match="profile_list: profile 'a'.*'x'"):
         await s.apply_profile()
+    with pytest.raises(SpawnError, match="profile_list: profile 'a'.*'x'"):
+        await s.get_options_form()
 
 
 async def test_override_values_may_be_callables_taking_the_spawner():
@@ -441,3 +443,12 @@ def test_an_operators_template_replaces_the_form():
 
 def test_the_template_is_package_data():
     assert "<input" in profiles.default_template()
+
+
+def test_after_a_hub_restart_an_async_profile_list_is_left_for_the_next_spawn():
+    async def listed(spawner):
+        return [{"display_name": "Keep", "spawner_override": {"remove": False}}]
+
+    s = make([], {"profile": "keep"}, profile_list=listed)
+    s.load_state({"lxd_state_version": 2, "instance": "jupyter-ana", "endpoint": ""})
+    assert s.remove is True and s.profile_slug is None
