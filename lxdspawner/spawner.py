@@ -54,6 +54,7 @@ from .failures import SpawnError, attach_logs, spawn_error
 from .guarantees import CapacitySettings
 from .lxd import FileHelperFailed, LxdClient, LxdError, Remote
 from .overrides import OverrideSettings
+from .profiles import ProfileSettings
 from .progress import Progress
 from .storage import StorageSettings
 
@@ -70,7 +71,7 @@ def _as_trait_error():
         raise TraitError(str(e)) from e
 
 
-class LxdSpawner(Spawner, StorageSettings, CapacitySettings, OverrideSettings):
+class LxdSpawner(ProfileSettings, Spawner, StorageSettings, CapacitySettings, OverrideSettings):
     """Spawn single-user servers in Incus or LXD containers, through the REST API."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -470,8 +471,10 @@ class LxdSpawner(Spawner, StorageSettings, CapacitySettings, OverrideSettings):
         """The container's name (and its daemon) stay recorded: a kept container (remove =
         False) is found again, and a removed one's name is used again. JupyterHub also calls
         this at the start of every spawn, before any per-user setting (a pre_spawn_hook, a
-        profile) has set `remove`: so nothing here may depend on it."""
+        profile) has set `remove`: so nothing here may depend on it. The previous profile's
+        overrides are undone here, before group_overrides and the pre_spawn_hook run."""
         super().clear_state()
+        self.restore_profile_overrides()
 
     # -- the daemon ---------------------------------------------------------------------------
 
@@ -599,6 +602,7 @@ class LxdSpawner(Spawner, StorageSettings, CapacitySettings, OverrideSettings):
         started = time.monotonic()
         self.timings: dict[str, float] = {}
         try:
+            await self.apply_profile()  # the user's choice (profiles.py), before anything
             return await self._start()
         except (SpawnError, DaemonError, LxdError) as e:
             error = spawn_error(e)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from lxdspawner.names import instance_name
 from testbench.hubtools import (
     CHP,
     DAEMON_CLI,
@@ -75,6 +76,37 @@ c.Spawner.args = {args!r}
     return text + "\n".join(extra) + "\n"
 
 
+#: The one user the module's hub offers profiles to (everybody else: no form, as before).
+PROFILE_USER = "e2e-profiles"
+PROFILES_CONFIG = """
+def _e2e_profiles(spawner):
+    if spawner.user.name != PROFILE_USER:
+        return []
+    return [
+        {"display_name": "Standard", "default": True,
+         "spawner_override": {"environment": {"E2E_PROFILE": "standard"}}},
+        {"display_name": "Big memory", "slug": "big", "description": "2 GB of memory",
+         "spawner_override": {"mem_limit": "2G", "environment": {"E2E_PROFILE": "big"}},
+         "profile_options": {"flavour": {
+             "display_name": "Flavour",
+             "choices": {
+                 "plain": {"display_name": "Plain", "default": True},
+                 "spiced": {"display_name": "Spiced",
+                            "spawner_override": {"environment": {"E2E_FLAVOUR": "spiced"}}},
+             },
+             "unlisted_choice": {
+                 "enabled": True, "display_name": "Other", "validation_regex": "[a-z]+",
+                 "validation_message": "lower-case letters only",
+                 "spawner_override": {"environment": {"E2E_FLAVOUR": "{value}"}},
+             },
+         }}},
+    ]
+
+
+c.LxdSpawner.profile_list = _e2e_profiles
+""".replace("PROFILE_USER", repr(PROFILE_USER))
+
+
 @pytest.fixture(scope="module")
 def mode() -> str:
     if MODE not in ("lxd", "local"):
@@ -91,7 +123,8 @@ async def hub(mode, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo-hub")
     hub_ip = DAEMON_HUB_IP if mode == "lxd" else "127.0.0.1"
     config = hub_config(
-        f"c.SimpleLocalProcessSpawner.home_dir_template = '{workdir}/home/{{username}}'"
+        f"c.SimpleLocalProcessSpawner.home_dir_template = '{workdir}/home/{{username}}'",
+        PROFILES_CONFIG,
     )
     async with running_hub(workdir, config, hub_ip=hub_ip) as hub:
         if mode == "lxd":
@@ -284,6 +317,63 @@ async def test_named_server(hub, browser, output_dir, mode):
         assert server is not None and server["ready"], server
         assert await hub.server_model(user) is None  # the default server was never started
         await hub.stop_server(user, "work", remove=True)
+    except BaseException:
+        await shot.failure()
+        raise
+    finally:
+        await context.close()
+
+
+async def test_profiles_form_choose_refused_started_remembered(hub, browser, output_dir, mode):
+    """The spawn page offers the profiles; a value the operator's regex refuses gives the
+    form again with the reason and no container; a non-default profile and choice start a
+    server that has them; the form shown later preselects them."""
+    if mode != "lxd":
+        pytest.skip("profile_list is LxdSpawner's")
+    user = PROFILE_USER
+    name = instance_name(user, "", "jupyter")
+    big = 'input[name="profile"][value="big"]'
+    flavour = 'select[name="profile-option-big--flavour"]'
+    context, page, shot = await new_page(browser, output_dir)
+    try:
+        await log_in(page, shot, hub, user)
+        await page.wait_for_selector(big)
+        assert await page.locator('input[name="profile"][value="standard"]').is_checked()
+        assert await page.get_by_text("2 GB of memory").is_visible()
+        await page.check(big)
+        await page.select_option(flavour, "unlisted_choice")
+        await page.fill('input[name="profile-option-big--flavour--unlisted-choice"]', "Curry 2")
+        await shot("form")
+        await page.click('#spawn_form button[type="submit"]')
+        error = page.locator(".spawn-error-msg")
+        await error.wait_for()
+        assert "'Curry 2' is not accepted: lower-case letters only" in await error.inner_text()
+        await shot("refused")
+        assert name not in instance_names()
+
+        await page.check(big)
+        await page.select_option(flavour, "spiced")
+        await page.click('#spawn_form button[type="submit"]')
+        await watch_spawn(page, shot, f"/user/{user}/")
+        environ = daemon_cli(
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "tr '\\0' '\\n' < /proc/$(systemctl show -p MainPID --value"
+            " jupyterhub-singleuser)/environ",
+        ).stdout.splitlines()
+        assert "E2E_PROFILE=big" in environ and "E2E_FLAVOUR=spiced" in environ, environ
+        memory = daemon_cli("config", "get", name, "limits.memory").stdout.strip()
+        assert memory == str(2 * 1024**3)
+
+        await hub.stop_server(user)
+        await page.goto(hub.public_url + "/hub/spawn")
+        await page.wait_for_selector(big)
+        assert await page.locator(big).is_checked()
+        assert await page.locator(flavour).input_value() == "spiced"
+        await shot("remembered")
     except BaseException:
         await shot.failure()
         raise
