@@ -72,8 +72,9 @@ class OverrideSettings(Configurable):
         return sorted({*self.object_kinds, *self._configured_kinds})
 
     def _override_context(self, spec: objects.ServerSpec, member: str) -> patches.Context:
-        options = getattr(self, "user_options", None) or {}
-        profile = options.get("profile", "") if isinstance(options, dict) else ""
+        # The profile the spawn runs with (profiles.py), the default one included; never
+        # the user's raw user_options, which name a profile only when they chose one.
+        profile = getattr(self, "profile_slug", None) or ""
         remote = getattr(self, "remote_name", "")
         return patches.Context(
             username=spec.username,

@@ -469,6 +469,20 @@ async def test_a_spawn_creates_the_container_with_the_patches(inprocess, fake):
     assert container.config[KEY_USER] == "ana"
 
 
+async def test_the_profile_variable_is_the_profile_the_spawn_runs_with(inprocess, fake):
+    """The default profile counts too: the user chose none, the operator's default applies."""
+    s = inprocess(
+        profile_list=[
+            {"display_name": "Small", "slug": "small", "default": True},
+            {"display_name": "Big", "slug": "big"},
+        ],
+        instance_patches={"p": 'config:\n  user.profile: "{{ profile }}"\n'},
+    )
+    s.user_options = {}
+    await s.start()
+    assert fake.instances["jupyter-ana"].config["user.profile"] == "small"
+
+
 async def test_a_template_error_fails_the_spawn_naming_the_patch_and_makes_nothing(inprocess, fake):
     from lxdspawner.spawner import SpawnError
 
