@@ -52,8 +52,10 @@ from . import (
 from . import volumes as user_volumes
 from .daemon import Daemon, DaemonError, Source
 from .failures import SpawnError, attach_logs, spawn_error
-from .lxd import FileHelperFailed, LxdClient, LxdError, Remote
+from .lxd import FileHelperFailed, LxdClient, LxdError, Remote, Unreachable
+from .lxd.cliremotes import CliRemoteError
 from .progress import Progress
+from .remotes import RemoteSettings, UnknownRemote
 from .storage import StorageSettings
 
 #: 2: the whole remote is recorded (1: its endpoint and project only).
@@ -69,7 +71,7 @@ def _as_trait_error():
         raise TraitError(str(e)) from e
 
 
-class LxdSpawner(Spawner, StorageSettings):
+class LxdSpawner(Spawner, StorageSettings, RemoteSettings):
     """Spawn single-user servers in Incus or LXD containers, through the REST API."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -81,12 +83,14 @@ class LxdSpawner(Spawner, StorageSettings):
     endpoint = Unicode(
         "",
         config=True,
-        help="""The Incus/LXD daemon to use.
+        help="""The Incus/LXD daemon to use (the default remote; see also `remotes`).
 
         Empty (the default): the local unix socket, found automatically (INCUS_DIR, LXD_DIR,
         /var/lib/incus, /run/incus, /var/lib/lxd, the snap's path). Otherwise
         `unix:///path/to/unix.socket`, or `https://host:8443` for a remote server or cluster
-        (then set `client_cert`, `client_key` and `server_cert`).
+        (then set `client_cert`, `client_key` and `server_cert`), or the name of a remote of
+        the `incus`/`lxc` command line (`"campus"`: its address and certificates are read
+        from the tool's configuration, see README "Remotes").
         """,
     )
     client_cert = Unicode("", config=True, help="Client certificate (PEM) for an https endpoint.")
@@ -433,6 +437,8 @@ class LxdSpawner(Spawner, StorageSettings):
     member = Unicode("")
     #: The daemon the recorded container lives on, from the state (None: the configured one).
     recorded_remote: Remote | None = None
+    #: The name of that remote when the server started ("": the default), for display.
+    recorded_remote_name: str = ""
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
@@ -451,6 +457,7 @@ class LxdSpawner(Spawner, StorageSettings):
                     server_cert=self.server_cert if same else "",
                 )
             self.recorded_remote = recorded
+            self.recorded_remote_name = str(state.get("remote_name") or "")
 
     def get_state(self) -> dict:
         state = super().get_state()
@@ -459,8 +466,11 @@ class LxdSpawner(Spawner, StorageSettings):
                 lxd_state_version=STATE_VERSION,
                 instance=self.instance_name,
                 member=self.member,
-                **(self.recorded_remote or self.remote).to_state(),
+                **(self.recorded_remote or self.configured_remote).to_state(),
             )
+            name = self.recorded_remote_name if self.recorded_remote else self.remote
+            if name:
+                state["remote_name"] = name
         return state
 
     def clear_state(self) -> None:
@@ -472,35 +482,36 @@ class LxdSpawner(Spawner, StorageSettings):
 
     # -- the daemon ---------------------------------------------------------------------------
 
-    @property
-    def remote(self) -> Remote:
-        """The configured daemon: where new servers go."""
-        return Remote(
-            self.endpoint, self.project, self.client_cert, self.client_key, self.server_cert
-        )
-
     def daemon(self, remote: Remote | None = None) -> Daemon:
         """The hub's Daemon for ``remote``: by default the one holding this server's
         container (recorded in its state), else the configured one."""
         return Daemon.of(
-            remote or self.recorded_remote or self.remote,
+            remote or self.recorded_remote or self.configured_remote,
             timeout=self.api_timeout,
             resync_interval=self.cache_resync_interval,
         )
 
     def _daemon_to_start_on(self) -> Daemon:
-        """The configured daemon; a kept container (remove = False) stays where it is."""
+        """The configured daemon (`remote`); a kept container (remove = False) stays where it
+        is. An unknown remote fails the spawn (400), naming the known ones."""
+        try:
+            configured = self.configured_remote
+        except UnknownRemote as e:
+            raise SpawnError(str(e), status_code=400) from e
+        except CliRemoteError as e:
+            raise SpawnError(f"remote = {self.remote!r}: {e.message}") from e
         recorded = self.recorded_remote
-        if recorded and recorded != self.remote and self.instance_name and not self.remove:
+        if recorded and recorded != configured and self.instance_name and not self.remove:
             self.log.info(
                 "%s: its kept container %s is on %s, not the configured %s: starting it there",
                 self._log_name,
                 self.instance_name,
                 recorded,
-                self.remote,
+                configured,
             )
             return self.daemon(recorded)
-        return self.daemon(self.remote)
+        self.recorded_remote_name = self.remote
+        return self.daemon(configured)
 
     # -- progress ---------------------------------------------------------------------------
 
@@ -638,8 +649,17 @@ class LxdSpawner(Spawner, StorageSettings):
         except ValueError as e:
             raise SpawnError(str(e), status_code=400) from e
         daemon = self._daemon_to_start_on()
-        client = await daemon.client()
-        cache = await daemon.cache()
+        try:
+            client = await daemon.client()
+            cache = await daemon.cache()
+        except Unreachable as e:
+            if not self.recorded_remote_name:
+                raise
+            raise SpawnError(
+                f"remote {self.recorded_remote_name!r}: the container daemon is not reachable: "
+                f"{e.message}",
+                status_code=503,
+            ) from e
         candidates = [self.instance_name] if self.instance_name else []
         candidates += [
             names.instance_name(self.user.name, self.name or "", self.name_prefix, attempt)
