@@ -650,8 +650,7 @@ class LxdSpawner(Spawner, StorageSettings, RemoteSettings):
             raise SpawnError(str(e), status_code=400) from e
         daemon = self._daemon_to_start_on()
         try:
-            client = await daemon.client()
-            cache = await daemon.cache()
+            client, cache = await daemon.ready()
         except Unreachable as e:
             if not self.recorded_remote_name:
                 raise
