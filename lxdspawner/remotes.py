@@ -124,6 +124,18 @@ class RemoteSettings(Configurable):
         except ValueError as e:
             raise TraitError(str(e)) from e
 
+    def remote_to_start_on(self) -> Remote:
+        """``configured_remote`` for a spawn: a SpawnError the spawn page shows (400 for an
+        unknown name, naming the known ones)."""
+        from .failures import SpawnError
+
+        try:
+            return self.configured_remote
+        except UnknownRemote as e:
+            raise SpawnError(str(e), status_code=400) from e
+        except cliremotes.CliRemoteError as e:
+            raise SpawnError(f"remote = {self.remote!r}: {e.message}") from e
+
     @property
     def configured_remote(self) -> Remote:
         """Where new servers go (``remote``): may raise UnknownRemote or CliRemoteError."""

@@ -53,9 +53,8 @@ from . import volumes as user_volumes
 from .daemon import Daemon, DaemonError, Source
 from .failures import SpawnError, attach_logs, spawn_error
 from .lxd import FileHelperFailed, LxdClient, LxdError, Remote, Unreachable
-from .lxd.cliremotes import CliRemoteError
 from .progress import Progress
-from .remotes import RemoteSettings, UnknownRemote
+from .remotes import RemoteSettings
 from .storage import StorageSettings
 
 #: 2: the whole remote is recorded (1: its endpoint and project only).
@@ -494,12 +493,7 @@ class LxdSpawner(Spawner, StorageSettings, RemoteSettings):
     def _daemon_to_start_on(self) -> Daemon:
         """The configured daemon (`remote`); a kept container (remove = False) stays where it
         is. An unknown remote fails the spawn (400), naming the known ones."""
-        try:
-            configured = self.configured_remote
-        except UnknownRemote as e:
-            raise SpawnError(str(e), status_code=400) from e
-        except CliRemoteError as e:
-            raise SpawnError(f"remote = {self.remote!r}: {e.message}") from e
+        configured = self.remote_to_start_on()
         recorded = self.recorded_remote
         if recorded and recorded != configured and self.instance_name and not self.remove:
             self.log.info(

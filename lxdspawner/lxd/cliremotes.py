@@ -104,12 +104,17 @@ def read_remotes(conf: ConfigDir) -> dict[str, dict]:
 
 
 def known_names(environ: Mapping[str, str] | None = None, home: str | None = None) -> list[str]:
-    """Every remote name the readable configurations define (for error messages)."""
+    """The names of the daemons (not image servers) the readable configurations define,
+    for error messages."""
     names: list[str] = []
     for conf in config_dirs(environ, home):
         if conf.config.is_file():
             try:
-                names += [n for n in read_remotes(conf) if n not in names]
+                names += [
+                    n
+                    for n, r in read_remotes(conf).items()
+                    if n not in names and _is_daemon(r, conf)
+                ]
             except CliRemoteError:
                 continue
     return names
@@ -140,10 +145,18 @@ def resolve(name: str, environ: Mapping[str, str] | None = None, home: str | Non
     )
 
 
+def _protocol(entry: Mapping, conf: ConfigDir) -> str:
+    return str(entry.get("protocol") or ("incus" if conf.tool == "incus" else "lxd"))
+
+
+def _is_daemon(entry: Mapping, conf: ConfigDir) -> bool:
+    return _protocol(entry, conf) in DAEMON_PROTOCOLS and not entry.get("public")
+
+
 def _remote(name: str, entry: Mapping, conf: ConfigDir, environ) -> Remote:
     where = f"remote {name!r} of {conf.config}"
-    protocol = str(entry.get("protocol") or ("incus" if conf.tool == "incus" else "lxd"))
-    if protocol not in DAEMON_PROTOCOLS or entry.get("public"):
+    protocol = _protocol(entry, conf)
+    if not _is_daemon(entry, conf):
         raise CliRemoteError(
             f"{where} is an image server (protocol {protocol}"
             + (", public" if entry.get("public") else "")

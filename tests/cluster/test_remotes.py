@@ -231,6 +231,12 @@ async def test_one_hub_three_remotes(cluster, tmp_path, monkeypatch):
             status = await clients["cluster"].instance_state(found["cluster"][users["cluster"]])
             assert status["status"] == "Running"
 
+            # A hub restarted while the remote is down starts, and finds the others' servers.
+            await hub.restart()
+            await check_everywhere({"incus": users["incus"], "lxd": users["lxd"]})
+            server = await hub.server_model(users["cluster"])
+            assert server and server["ready"], server  # reported running: poll cannot tell
+
             # Back up (the same port): the hub stops every server as usual at the end.
             await forwarder.start()
             await hub.stop_all_servers()

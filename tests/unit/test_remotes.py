@@ -192,7 +192,8 @@ def test_choose_a_remote_by_name(incus_conf):
     with pytest.raises(UnknownRemote) as e:
         choose("gpu", remotes, default, environ=incus_conf)
     assert "remote = 'gpu'" in str(e.value)
-    assert all(f"'{n}'" in str(e.value) for n in ("lxd", "cli", "campus", "images"))
+    assert all(f"'{n}'" in str(e.value) for n in ("lxd", "cli", "campus", "sock"))
+    assert "'images'" not in str(e.value).split("The command line's")[0]  # an image server
 
 
 def test_the_spawner_starts_on_the_remote_it_names_and_records_it(monkeypatch, incus_conf):
