@@ -14,7 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fakes import eventually
 from test_spawner_config import spawner
+from test_spawner_inprocess import fails, hub_daemon, server_answers  # noqa: F401
+from test_spawner_inprocess import spawner as inprocess
 from traitlets import TraitError
 
 from lxdspawner.failures import SpawnError
@@ -229,3 +232,31 @@ def test_a_default_endpoint_may_name_a_cli_remote(monkeypatch, incus_conf):
     s = spawner(endpoint="campus", project="p2")
     assert s.configured_remote.endpoint == "https://10.117.99.1:8443"
     assert s.configured_remote.project == "p2"
+
+
+async def test_a_named_remote_that_is_down_is_named_and_its_server_stays(hub_daemon, fake):  # noqa: F811
+    """In-process, with the in-memory daemon as the remote "far" (the default points
+    elsewhere): a spawn there while it is down fails at once, naming it; once it is back the
+    server starts there and records it; down again, poll reports it running (it cannot tell)
+    and a new spawn there fails at once, naming it; nothing is deleted."""
+    settings = {"endpoint": "unix:///nowhere.sock", "remotes": {"far": {"endpoint": fake.endpoint}}}
+    fake.down = True
+    error, _ = await fails(inprocess(fake, remote="far", **settings))
+    assert error.status_code == 503
+    assert str(error).startswith("remote 'far': the container daemon is not reachable: ")
+    fake.down = False
+    s = inprocess(fake, remote="far", **settings)
+    await s.start()
+    state = s.get_state()
+    assert (state["remote_name"], state["endpoint"]) == ("far", fake.endpoint)
+    later = inprocess(fake, **settings)  # a restarted hub, `remote` back to the default
+    later.load_state(state)
+    fake.down = True
+    fake.drop_events()  # the connection and the event stream drop
+    cache = await hub_daemon.cache()
+    await eventually(lambda: not cache.healthy)
+    assert await later.poll() is None
+    error, _ = await fails(inprocess(fake, "bob", remote="far", **settings))
+    assert str(error).startswith("remote 'far': the container daemon is not reachable: ")
+    assert list(fake.instances) == ["jupyter-ana"]
+    fake.down = False
