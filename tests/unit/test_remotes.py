@@ -260,3 +260,13 @@ async def test_a_named_remote_that_is_down_is_named_and_its_server_stays(hub_dae
     assert str(error).startswith("remote 'far': the container daemon is not reachable: ")
     assert list(fake.instances) == ["jupyter-ana"]
     fake.down = False
+
+
+def test_the_command_takes_a_cli_remote_as_its_endpoint(monkeypatch, incus_conf, capsys):
+    from lxdspawner import cli
+
+    for key, value in incus_conf.items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(["list", "--endpoint", "nosuch"]) == 1
+    err = capsys.readouterr().err
+    assert "remote 'nosuch' is in none of" in err and incus_conf["INCUS_CONF"] in err
