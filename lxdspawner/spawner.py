@@ -912,7 +912,11 @@ class LxdSpawner(Spawner, StorageSettings, RemoteSettings):
         when this is the default server: JupyterHub deletes a user's servers one by one).
         The one place lxdspawner deletes a kept container or a volume by itself."""
         name = self.instance_name
-        daemon = self.daemon()
+        try:
+            daemon = self.daemon()
+        except (ValueError, LxdError) as e:  # no recorded remote, and `remote` is unusable
+            self.log.error("%s: not deleted: %s", self._log_name, e)
+            return
         if name and await daemon.delete_forever(name, self.owner, self.stop_timeout + 10):
             self.log.info(
                 "%s: the server was deleted; deleted its container %s", self._log_name, name
