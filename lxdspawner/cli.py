@@ -57,6 +57,7 @@ from . import names, sharing, volumecli
 from .gc import stale
 from .listing import servers, table
 from .lxd import LxdClient, LxdError, image_source
+from .remotes import from_settings
 
 
 async def prepull(
@@ -144,7 +145,12 @@ async def list_servers(client: LxdClient, *, out=sys.stdout) -> int:
 
 
 def _add_connection(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint", default="", help="https://member:8443, or empty for local")
+    parser.add_argument(
+        "--endpoint",
+        default="",
+        help="https://member:8443, unix:///path, a remote of the incus/lxc command line "
+        "(e.g. campus), or empty for local",
+    )
     parser.add_argument("--cert", default="", help="client certificate (PEM) for https")
     parser.add_argument("--key", default="", help="client key (PEM) for https")
     parser.add_argument("--server-cert", default="", help="the server's certificate, pinned")
@@ -182,12 +188,21 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> int:
         try:
+            remote = from_settings(
+                {
+                    "endpoint": args.endpoint,
+                    "client_cert": args.cert,
+                    "client_key": args.key,
+                    "server_cert": args.server_cert,
+                    "project": args.project,
+                }
+            )
             async with LxdClient(
-                args.endpoint,
-                client_cert=args.cert,
-                client_key=args.key,
-                server_cert=args.server_cert,
-                project=args.project,
+                remote.endpoint,
+                client_cert=remote.client_cert,
+                client_key=remote.client_key,
+                server_cert=remote.server_cert,
+                project=remote.project,
             ) as client:
                 if args.command == "gc":
                     return await gc(client, delete=args.delete)

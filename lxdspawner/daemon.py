@@ -181,6 +181,16 @@ class Daemon:
             ) from None
         return self._cache
 
+    async def ready(self) -> tuple[LxdClient, InstanceCache]:
+        """The client and the cache for a spawn. A daemon that stopped answering (a remote
+        that is down: the cache's event stream has dropped) fails here at once, with one
+        ``GET /1.0``, as Unreachable, rather than part way into the spawn."""
+        client = await self.client()
+        cache = await self.cache()
+        if not cache.healthy:
+            await client.server_info()
+        return client, cache
+
     @property
     def clustered(self) -> bool:
         return bool(self._client and self._client.dialect and self._client.dialect.clustered)

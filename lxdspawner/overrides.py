@@ -75,7 +75,7 @@ class OverrideSettings(Configurable):
         # The profile the spawn runs with (profiles.py), the default one included; never
         # the user's raw user_options, which name a profile only when they chose one.
         profile = getattr(self, "profile_slug", None) or ""
-        remote = getattr(self, "remote_name", "")
+        remote = getattr(self, "recorded_remote_name", "")  # the daemon this spawn uses
         return patches.Context(
             username=spec.username,
             servername=spec.server_name,

@@ -206,25 +206,36 @@ _EXIT_TEARDOWN_WAIT = 3.0
 
 
 async def _finish(pending: list[tuple[Remote, str]]) -> None:
-    for remote in dict.fromkeys(r for r, _ in pending):
-        async with remote.client() as client:
-            names = [name for r, name in pending if r == remote]
-            cache = InstanceCache(client)
-            await cache.start()
-            for name in names:  # a fresh list takes those that read "Stopped" as torn down
-                cache.expect_teardown(name)
-            results = await asyncio.gather(
-                *(delete_once_torn_down(client, cache, n, _EXIT_TEARDOWN_WAIT) for n in names),
-                return_exceptions=True,
-            )
-            await cache.stop()
-            for name, result in zip(names, results, strict=True):
-                if isinstance(result, BaseException):
-                    # The hub's log is closed by now: say it where its output goes.
-                    print(f"lxdspawner: could not delete {name} on exit: {result}", file=sys.stderr)
-                elif (remote, name) in _objects:
-                    with contextlib.suppress(Exception):
-                        await extraobjects.delete_owned(client, *_objects.pop((remote, name)))
+    """Each daemon's deletions, all daemons at once: one that does not answer (a remote
+    that is down) neither delays nor stops the others'."""
+    results = await asyncio.gather(
+        *(_finish_on(r, pending) for r in dict.fromkeys(r for r, _ in pending)),
+        return_exceptions=True,
+    )
+    for remote, result in zip(dict.fromkeys(r for r, _ in pending), results, strict=True):
+        if isinstance(result, BaseException):
+            print(f"lxdspawner: could not delete on {remote} on exit: {result}", file=sys.stderr)
+
+
+async def _finish_on(remote: Remote, pending: list[tuple[Remote, str]]) -> None:
+    async with remote.client() as client:
+        names = [name for r, name in pending if r == remote]
+        cache = InstanceCache(client)
+        await cache.start()
+        for name in names:  # a fresh list takes those that read "Stopped" as torn down
+            cache.expect_teardown(name)
+        results = await asyncio.gather(
+            *(delete_once_torn_down(client, cache, n, _EXIT_TEARDOWN_WAIT) for n in names),
+            return_exceptions=True,
+        )
+        await cache.stop()
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException):
+                # The hub's log is closed by now: say it where its output goes.
+                print(f"lxdspawner: could not delete {name} on exit: {result}", file=sys.stderr)
+            elif (remote, name) in _objects:
+                with contextlib.suppress(Exception):
+                    await extraobjects.delete_owned(client, *_objects.pop((remote, name)))
 
 
 _finish_at_exit = _FinishAtExit()

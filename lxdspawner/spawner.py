@@ -52,10 +52,11 @@ from . import volumes as user_volumes
 from .daemon import Daemon, DaemonError, Source
 from .failures import SpawnError, attach_logs, spawn_error
 from .guarantees import CapacitySettings
-from .lxd import FileHelperFailed, LxdClient, LxdError, Remote
+from .lxd import FileHelperFailed, LxdClient, LxdError, Remote, Unreachable
 from .overrides import OverrideSettings
 from .profiles import ProfileSettings
 from .progress import Progress
+from .remotes import RemoteSettings
 from .storage import StorageSettings
 
 #: 2: the whole remote is recorded (1: its endpoint and project only).
@@ -71,7 +72,9 @@ def _as_trait_error():
         raise TraitError(str(e)) from e
 
 
-class LxdSpawner(ProfileSettings, Spawner, StorageSettings, CapacitySettings, OverrideSettings):
+class LxdSpawner(
+    ProfileSettings, Spawner, StorageSettings, RemoteSettings, CapacitySettings, OverrideSettings
+):
     """Spawn single-user servers in Incus or LXD containers, through the REST API."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -83,12 +86,14 @@ class LxdSpawner(ProfileSettings, Spawner, StorageSettings, CapacitySettings, Ov
     endpoint = Unicode(
         "",
         config=True,
-        help="""The Incus/LXD daemon to use.
+        help="""The Incus/LXD daemon to use (the default remote; see also `remotes`).
 
         Empty (the default): the local unix socket, found automatically (INCUS_DIR, LXD_DIR,
         /var/lib/incus, /run/incus, /var/lib/lxd, the snap's path). Otherwise
         `unix:///path/to/unix.socket`, or `https://host:8443` for a remote server or cluster
-        (then set `client_cert`, `client_key` and `server_cert`).
+        (then set `client_cert`, `client_key` and `server_cert`), or the name of a remote of
+        the `incus`/`lxc` command line (`"campus"`: its address and certificates are read
+        from the tool's configuration, see README "Remotes").
         """,
     )
     client_cert = Unicode("", config=True, help="Client certificate (PEM) for an https endpoint.")
@@ -435,6 +440,8 @@ class LxdSpawner(ProfileSettings, Spawner, StorageSettings, CapacitySettings, Ov
     member = Unicode("")
     #: The daemon the recorded container lives on, from the state (None: the configured one).
     recorded_remote: Remote | None = None
+    #: The name of that remote when the server started ("": the default), for display.
+    recorded_remote_name: str = ""
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
@@ -454,6 +461,7 @@ class LxdSpawner(ProfileSettings, Spawner, StorageSettings, CapacitySettings, Ov
                     server_cert=self.server_cert if same else "",
                 )
             self.recorded_remote = recorded
+            self.recorded_remote_name = str(state.get("remote_name") or "")
 
     def get_state(self) -> dict:
         state = super().get_state()
@@ -463,8 +471,11 @@ class LxdSpawner(ProfileSettings, Spawner, StorageSettings, CapacitySettings, Ov
                 instance=self.instance_name,
                 member=self.member,
                 **({"objects": self.object_kinds} if self.object_kinds else {}),
-                **(self.recorded_remote or self.remote).to_state(),
+                **(self.recorded_remote or self.configured_remote).to_state(),
             )
+            name = self.recorded_remote_name if self.recorded_remote else self.remote
+            if name:
+                state["remote_name"] = name
         return state
 
     def clear_state(self) -> None:
@@ -478,35 +489,31 @@ class LxdSpawner(ProfileSettings, Spawner, StorageSettings, CapacitySettings, Ov
 
     # -- the daemon ---------------------------------------------------------------------------
 
-    @property
-    def remote(self) -> Remote:
-        """The configured daemon: where new servers go."""
-        return Remote(
-            self.endpoint, self.project, self.client_cert, self.client_key, self.server_cert
-        )
-
     def daemon(self, remote: Remote | None = None) -> Daemon:
         """The hub's Daemon for ``remote``: by default the one holding this server's
         container (recorded in its state), else the configured one."""
         return Daemon.of(
-            remote or self.recorded_remote or self.remote,
+            remote or self.recorded_remote or self.configured_remote,
             timeout=self.api_timeout,
             resync_interval=self.cache_resync_interval,
         )
 
     def _daemon_to_start_on(self) -> Daemon:
-        """The configured daemon; a kept container (remove = False) stays where it is."""
+        """The configured daemon (`remote`); a kept container (remove = False) stays where it
+        is. An unknown remote fails the spawn (400), naming the known ones."""
+        configured = self.remote_to_start_on()
         recorded = self.recorded_remote
-        if recorded and recorded != self.remote and self.instance_name and not self.remove:
+        if recorded and recorded != configured and self.instance_name and not self.remove:
             self.log.info(
                 "%s: its kept container %s is on %s, not the configured %s: starting it there",
                 self._log_name,
                 self.instance_name,
                 recorded,
-                self.remote,
+                configured,
             )
             return self.daemon(recorded)
-        return self.daemon(self.remote)
+        self.recorded_remote_name = self.remote
+        return self.daemon(configured)
 
     # -- progress ---------------------------------------------------------------------------
 
@@ -646,8 +653,16 @@ class LxdSpawner(ProfileSettings, Spawner, StorageSettings, CapacitySettings, Ov
         except ValueError as e:
             raise SpawnError(str(e), status_code=400) from e
         daemon = self._daemon_to_start_on()
-        client = await daemon.client()
-        cache = await daemon.cache()
+        try:
+            client, cache = await daemon.ready()
+        except Unreachable as e:
+            if not self.recorded_remote_name:
+                raise
+            raise SpawnError(
+                f"remote {self.recorded_remote_name!r}: the container daemon is not reachable: "
+                f"{e.message}",
+                status_code=503,
+            ) from e
         candidates = [self.instance_name] if self.instance_name else []
         candidates += [
             names.instance_name(self.user.name, self.name or "", self.name_prefix, attempt)
@@ -919,7 +934,11 @@ class LxdSpawner(ProfileSettings, Spawner, StorageSettings, CapacitySettings, Ov
         when this is the default server: JupyterHub deletes a user's servers one by one).
         The one place lxdspawner deletes a kept container or a volume by itself."""
         name = self.instance_name
-        daemon = self.daemon()
+        try:
+            daemon = self.daemon()
+        except (ValueError, LxdError) as e:  # no recorded remote, and `remote` is unusable
+            self.log.error("%s: not deleted: %s", self._log_name, e)
+            return
         kinds = self._object_kinds()
         if name and await daemon.delete_forever(name, self.owner, self.stop_timeout + 10, kinds):
             self.log.info(

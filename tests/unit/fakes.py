@@ -490,6 +490,11 @@ class FakeLxd:
 
     # -- server -----------------------------------------------------------------------------
 
+    async def server_info(self) -> dict:
+        """``GET /1.0``: whether the daemon answers (what of it the tests need)."""
+        await self._call("server_info")
+        return {"environment": {"server": "incus", "server_clustered": bool(self.members)}}
+
     async def cluster_members(self) -> list[dict]:
         await self._call("cluster_members")
         return [

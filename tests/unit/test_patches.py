@@ -483,6 +483,16 @@ async def test_the_profile_variable_is_the_profile_the_spawn_runs_with(inprocess
     assert fake.instances["jupyter-ana"].config["user.profile"] == "small"
 
 
+async def test_the_remote_variable_is_the_named_remote_the_spawn_uses(inprocess, fake):
+    s = inprocess(
+        remotes={"campus": {"endpoint": fake.endpoint}},
+        remote="campus",
+        instance_patches={"p": 'config:\n  user.remote: "{{ remote }}"\n'},
+    )
+    await s.start()
+    assert fake.instances["jupyter-ana"].config["user.remote"] == "campus"
+
+
 async def test_a_template_error_fails_the_spawn_naming_the_patch_and_makes_nothing(inprocess, fake):
     from lxdspawner.spawner import SpawnError
 

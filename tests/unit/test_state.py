@@ -37,7 +37,9 @@ def test_the_state_records_where_the_container_is_and_a_new_config_does_not_move
     later.load_state(state)
     assert (later.instance_name, later.member) == ("jupyter-ann", "node2")
     assert later.daemon().remote == OLD  # poll, stop and delete go where the container is
-    assert later.remote == Remote("unix:///var/lib/incus/unix.socket")  # new servers go here
+    assert later.configured_remote == Remote(
+        "unix:///var/lib/incus/unix.socket"
+    )  # new servers go here
     assert Remote.from_state(later.get_state()) == OLD  # and it stays recorded
 
 
@@ -58,7 +60,7 @@ def test_a_state_of_version_1_gets_the_configured_certificates():
 def test_no_container_no_remote_in_the_state():
     s = spawner(endpoint=OLD.endpoint)
     assert "endpoint" not in s.get_state()
-    assert s.daemon().remote == s.remote
+    assert s.daemon().remote == s.configured_remote
 
 
 @pytest.mark.parametrize("remove, where", [(True, "configured"), (False, "recorded")])
@@ -68,7 +70,7 @@ def test_a_start_goes_to_the_configured_daemon_unless_a_kept_container_waits_els
     s = spawner(endpoint="unix:///var/lib/lxd/unix.socket", remove=remove)
     s.user = SimpleNamespace(name="ann")
     s.load_state({"lxd_state_version": 2, "instance": "jupyter-ann", **OLD.to_state()})
-    expected = OLD if where == "recorded" else s.remote
+    expected = OLD if where == "recorded" else s.configured_remote
     assert s._daemon_to_start_on().remote == expected
 
 
