@@ -1,19 +1,20 @@
-"""One hub, three remotes: the local Incus and the local LXD 5.0 (unix sockets, in
-``remotes``), and the three-member Incus cluster over HTTPS as a remote of the incus command
-line (a config directory with its config.yml, client certificate and servercerts/, given to
-the hub as INCUS_CONF).
+"""One hub, three remotes: the local Incus and the local LXD 5.0 (unix sockets, in ``remotes``),
+and the three-member Incus cluster over HTTPS as a remote of the incus command line (a config
+directory with its config.yml, client certificate and servercerts/, given to the hub as
+INCUS_CONF).
 
-A server goes where the user's ``remote`` says: for now a ``pre_spawn_hook`` sets it from
-``user_options`` (profiles will do it with ``spawner_override``: one line to change, HOOK).
-Each server is reached through the proxy and its container is on the daemon it should be on,
-and on no other; a hub restart finds all three. Then the cluster remote goes down (its
-address is a TCP forwarder in this process, in front of member1, which the test stops: the
-host's daemons and the cluster stay up for the tests running beside this one): a spawn there
+A server goes where the profile the user chose says: one profile per remote, each setting
+``remote`` in its ``spawner_override`` (PROFILES). Three servers are started through the REST
+API with ``user_options = {"profile": ...}``, a fourth through the spawn page's form in the real
+browser (Chromium). Each server is reached through the proxy and its container is on the daemon
+it should be on, and on no other; a hub restart finds them all. Then the cluster remote goes
+down (its address is a TCP forwarder in this process, in front of member1, which the test stops:
+the host's daemons and the cluster stay up for the tests running beside this one): a spawn there
 fails naming the remote, spawns and polls on the two others go on, and nothing is stopped or
 deleted anywhere.
 
-This hub's id does not start with ``testbench-``: the other pytest session's clean-ups leave
-it alone; it cleans up its own instances on all three daemons at the end. Its servers are
+This hub's id does not start with ``testbench-``: the other pytest session's clean-ups leave it
+alone; it cleans up its own instances on all three daemons at the end. Its servers are
 LIGHT_SERVER (the question is where they are, not JupyterLab) with ``network_isolation =
 "open"`` (no ACL made on the shared bridges; the cluster's macvlan NICs need it anyway).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import time
 import uuid
@@ -34,18 +36,21 @@ from lxdspawner.lxd import LxdClient, LxdError
 from lxdspawner.network import forget_hub
 from lxdspawner.ownership import KEY_HUB, KEY_USER
 from testbench import topology
-from testbench.hubtools import SpawnFailed, running_hub
+from testbench.hubtools import CHROMIUM, CHROMIUM_ARGS, SpawnFailed, chromium_missing, running_hub
 
 from .conftest import BASE_IMAGE
 from .test_cluster_spawner import LIGHT_SERVER
 
-#: How the remote is chosen until profiles exist: replace with a profile's spawner_override.
-HOOK = """
-def _choose_remote(spawner):
-    spawner.remote = spawner.user_options.get("remote", "")
-
-
-c.Spawner.pre_spawn_hook = _choose_remote
+#: One profile per remote ("incus" the default), and one naming a remote nobody configured.
+PROFILES = """
+c.LxdSpawner.profile_list = [
+    {"display_name": "Local Incus", "slug": "incus", "default": True,
+     "spawner_override": {"remote": "incus"}},
+    {"display_name": "Local LXD 5.0", "slug": "lxd", "spawner_override": {"remote": "lxd"}},
+    {"display_name": "The cluster", "slug": "cluster",
+     "description": "three Incus members over HTTPS", "spawner_override": {"remote": "cluster"}},
+    {"display_name": "Misconfigured", "slug": "nowhere", "spawner_override": {"remote": "nowhere"}},
+]
 """
 
 
@@ -127,7 +132,7 @@ def hub_config(hub_id: str) -> str:
         "c.LxdSpawner.clone_shifted_base = False\n"
         "c.Spawner.start_timeout = 120\n"
         "c.Spawner.http_timeout = 120\n"
-        "c.Spawner.poll_interval = 2\n" + HOOK
+        "c.Spawner.poll_interval = 2\n" + PROFILES
     )
 
 
@@ -149,6 +154,36 @@ async def clean_up(clients: dict[str, LxdClient], hub_id: str) -> None:
                 await client.delete_instance(name)
         with contextlib.suppress(LxdError):
             await forget_hub(client, hub_id)
+
+
+async def spawn_in_browser(hub, user: str, profile: str) -> None:
+    """Log in, choose ``profile`` on the spawn page, submit, and wait for the server's page
+    (LIGHT_SERVER answers ``{}``)."""
+    reason = chromium_missing()
+    if reason:
+        pytest.fail(reason)
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = await browser.new_page()
+            page.set_default_timeout(60_000)
+            await page.goto(hub.public_url + "/hub/login?next=/hub/spawn")
+            await page.fill("#username_input", user)
+            await page.fill("#password_input", hub.password)
+            await page.click("#login_submit")
+            choice = page.locator(f'input[name="profile"][value="{profile}"]')
+            await choice.wait_for()
+            assert await page.get_by_text("three Incus members over HTTPS").is_visible()
+            await choice.check()
+            await page.click('#spawn_form button[type="submit"]')
+            await page.wait_for_url(re.compile(f".*/user/{re.escape(user)}/.*"), timeout=120_000)
+            await page.wait_for_function("document.body.innerText.trim() === '{}'")
+        finally:
+            await browser.close()
 
 
 async def test_one_hub_three_remotes(cluster, tmp_path, monkeypatch):
@@ -176,14 +211,14 @@ async def test_one_hub_three_remotes(cluster, tmp_path, monkeypatch):
             cleanup_servers=False,
         ) as hub:
             await asyncio.gather(
-                *(hub.start_server(u, user_options={"remote": r}) for r, u in users.items())
+                *(hub.start_server(u, user_options={"profile": r}) for r, u in users.items())
             )
 
             async def check_everywhere(expected: dict[str, str]) -> None:
-                """Each user's container is on its remote's daemon, on no other, and its
-                server answers through the proxy."""
+                """Each user's container is on its remote's daemon (user -> remote), on no
+                other, and its server answers through the proxy."""
                 found = {r: await ours(c, hub_id) for r, c in clients.items()}
-                for remote, user in expected.items():
+                for user, remote in expected.items():
                     where = [r for r, there in found.items() if user in there]
                     assert where == [remote], (user, found)
                     server = await hub.server_model(user)
@@ -191,7 +226,11 @@ async def test_one_hub_three_remotes(cluster, tmp_path, monkeypatch):
                     status, body = await hub.get_via_proxy(server["url"] + "api/status")
                     assert status == 200, (user, status, body[:300])
 
-            await check_everywhere(users)
+            # The form, in the real browser: the LXD profile (not the default) for a fourth user.
+            by_form = f"lxdform-{tag}"
+            await spawn_in_browser(hub, by_form, "lxd")
+            placed = {user: remote for remote, user in users.items()} | {by_form: "lxd"}
+            await check_everywhere(placed)
             server = await hub.server_model(users["cluster"])
             print(f"state shown: {'state' in server}")
             if "state" in server:  # the state records the remote and its name
@@ -199,18 +238,18 @@ async def test_one_hub_three_remotes(cluster, tmp_path, monkeypatch):
                 assert server["state"]["endpoint"] == f"https://127.0.0.1:{forwarder.port}"
 
             await hub.restart()
-            await check_everywhere(users)
+            await check_everywhere(placed)
 
             # The cluster remote goes down.
             await forwarder.stop()
             late = f"cluster2-{tag}"
             with pytest.raises(SpawnFailed) as failed:
-                await hub.start_server(late, user_options={"remote": "cluster"}, timeout=60)
+                await hub.start_server(late, user_options={"profile": "cluster"}, timeout=60)
             print(f"spawn on the remote that is down: {failed.value}")
             assert "remote 'cluster'" in str(failed.value), failed.value
             assert "not reachable" in str(failed.value), failed.value
             with pytest.raises(SpawnFailed) as unknown:
-                await hub.start_server(f"nowhere-{tag}", user_options={"remote": "nowhere"})
+                await hub.start_server(f"nowhere-{tag}", user_options={"profile": "nowhere"})
             print(f"spawn on an unknown remote: {unknown.value}")
             assert "remote = 'nowhere'" in str(unknown.value), unknown.value
             assert "'incus'" in str(unknown.value) and "'cluster'" in str(unknown.value)
@@ -218,7 +257,7 @@ async def test_one_hub_three_remotes(cluster, tmp_path, monkeypatch):
             # The others keep working: a new spawn on each, and the polls that ran since.
             more = {"incus": f"incus2-{tag}", "lxd": f"lxd2-{tag}"}
             await asyncio.gather(
-                *(hub.start_server(u, user_options={"remote": r}) for r, u in more.items())
+                *(hub.start_server(u, user_options={"profile": r}) for r, u in more.items())
             )
             assert f"poll of {users['cluster']}" in hub.log()  # the hub polled it meanwhile
             for user in users.values():  # none of the servers was dropped, the cluster's too
@@ -233,7 +272,7 @@ async def test_one_hub_three_remotes(cluster, tmp_path, monkeypatch):
 
             # A hub restarted while the remote is down starts, and finds the others' servers.
             await hub.restart()
-            await check_everywhere({"incus": users["incus"], "lxd": users["lxd"]})
+            await check_everywhere({u: r for u, r in placed.items() if r != "cluster"})
             server = await hub.server_model(users["cluster"])
             assert server and server["ready"], server  # reported running: poll cannot tell
 
