@@ -51,15 +51,10 @@ async def _create(client: LxdClient, obj: patches.ExtraObject, member: str | Non
     if obj.kind == patches.NETWORK_ACL:
         await client.request("POST", "/1.0/network-acls", json_body=dict(obj.body))
         return
-    body = {"type": "custom", **obj.body}
-    result = await client.request(
-        "POST",
-        f"/1.0/storage-pools/{quote(obj.pool, safe='')}/volumes/custom",
-        params={"target": member},
-        json_body=body,
+    fields = {k: v for k, v in obj.body.items() if k not in ("name", "config")}
+    await client.create_volume(
+        obj.pool, obj.name, config=obj.body.get("config"), target=member, **fields
     )
-    if isinstance(result, dict) and result.get("id") and result.get("class") == "task":
-        await client.wait(result)
 
 
 async def ensure(

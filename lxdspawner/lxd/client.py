@@ -844,8 +844,10 @@ class LxdClient:
         *,
         config: Mapping[str, str] | None = None,
         target: str | None = None,
+        **fields: Any,
     ) -> None:
-        body = {"name": name, "type": "custom", "config": dict(config or {})}
+        """A custom volume; ``fields``: the request's other keys (description, content_type)."""
+        body = {**fields, "name": name, "type": "custom", "config": dict(config or {})}
         result = await self.request(
             "POST",
             f"/1.0/storage-pools/{_q(pool)}/volumes/custom",

@@ -347,10 +347,15 @@ class StubClient:
             if method == "DELETE":
                 del self.acls[parts[1]]
                 return {}
-        if parts[0] == "storage-pools" and method == "POST":
-            self.volumes[(parts[1], json_body["name"])] = {**json_body, "pool": parts[1]}
-            return {}
         raise NotImplementedError(method, path)
+
+    async def create_volume(self, pool, name, *, config=None, target=None, **fields):
+        self.volumes[(pool, name)] = {
+            **fields,
+            "name": name,
+            "config": dict(config or {}),
+            "pool": pool,
+        }
 
     async def get_volume(self, pool, name, *, target=None):
         if (pool, name) not in self.volumes:
