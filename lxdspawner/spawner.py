@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,12 +46,13 @@ from . import (
     objects,
     ownership,
     readiness,
+    servercerts,
 )
 from . import volumes as user_volumes
 from .daemon import Daemon, DaemonError, Source
 from .failures import SpawnError, attach_logs, spawn_error
 from .guarantees import CapacitySettings
-from .lxd import FileHelperFailed, LxdClient, LxdError, Remote, Unreachable
+from .lxd import FileHelperFailed, LxdError, Remote, Unreachable
 from .overrides import OverrideSettings
 from .profiles import ProfileSettings
 from .progress import Progress
@@ -766,7 +766,7 @@ class LxdSpawner(
                 )
             if self.internal_ssl:
                 self._emit("Installing the server's TLS certificate", 70)
-                await self._step("certs", self._install_certs(client, name, spec, ip))
+                await self._step("certs", servercerts.install(self, client, name, spec.gid, ip))
             if self._starts_after_boot:
                 await daemon.start_unit(name)
             self._emit(f"Waiting for the server at {ip}:{self.port}", 80)
@@ -850,39 +850,13 @@ class LxdSpawner(
         JupyterHub made them before start() for names it knows; the hub checks the server's
         certificate against the address start() returns, which DHCP gives only after the
         container boots: so the files are made again with that address and pushed then (see
-        _install_certs). The paths go into the server's environment.
+        servercerts.install). The paths go into the server's environment.
         """
         return {
             "keyfile": f"{self.SSL_DIR}/server.key",
             "certfile": f"{self.SSL_DIR}/server.crt",
             "cafile": f"{self.SSL_DIR}/ca.crt",
         }
-
-    async def _install_certs(
-        self, client: LxdClient, name: str, spec: objects.ServerSpec, ip: str
-    ) -> None:
-        """Sign a certificate for the container's address with the hub's CA, and push it:
-        root's, readable by the server's group (the key: 0640; nobody else)."""
-        alt_names = self.ssl_alt_names
-        if callable(alt_names):
-            alt_names = alt_names(self)
-            if inspect.isawaitable(alt_names):
-                alt_names = await alt_names
-        self.ssl_alt_names = [*alt_names, f"IP:{ip}"]
-        try:
-            made = await self.create_certs()
-        finally:
-            self.ssl_alt_names = list(alt_names)
-
-        def read(path: str) -> bytes:
-            with open(path, "rb") as f:
-                return f.read()
-
-        targets = await self.move_certs(made)
-        await client.make_directory(name, self.SSL_DIR, uid=0, gid=spec.gid, mode=0o750)
-        for key, mode in (("keyfile", 0o640), ("certfile", 0o644), ("cafile", 0o644)):
-            data = await asyncio.to_thread(read, made[key])
-            await client.push_file(name, targets[key], data, uid=0, gid=spec.gid, mode=mode)
 
     # -- poll, stop, delete ---------------------------------------------------------------------
 
