@@ -143,3 +143,42 @@ def test_systemd_unit():
     # The example config keeps its state where the unit gives it a directory.
     host = JupyterHub(config=load(EXAMPLES / "jupyterhub_config.py"))
     assert host.db_url.startswith("sqlite:////var/lib/jupyterhub/")
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block after ``heading`` in the README."""
+    text = (REPO / "README.md").read_text()
+    after = text[text.index(f"\n{heading}\n") :]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start : after.index("```", start)]
+
+
+def test_readme_campus_example(tmp_path):
+    """The Profiles section's complete campus config loads, and every override of every
+    profile and choice is a value its setting accepts (what a user's choice would set)."""
+    path = tmp_path / "campus_config.py"
+    path.write_text(readme_block("## Profiles"))
+    config = load(path)
+    check_names(config)
+    spawner = make_spawner(config)
+    assert set(spawner.remotes) == {"campus", "gpu-lab"}
+    overrides = []
+    for profile in spawner.profile_list:
+        overrides.append(profile["spawner_override"])
+        for option in (profile.get("profile_options") or {}).values():
+            overrides += [c["spawner_override"] for c in option["choices"].values()]
+            unlisted = option.get("unlisted_choice") or {}
+            if unlisted.get("enabled"):
+                overrides.append(
+                    {
+                        k: v.replace("{value}", "course-x") if isinstance(v, str) else v
+                        for k, v in unlisted["spawner_override"].items()
+                    }
+                )
+    assert len(overrides) == 6
+    for override in overrides:
+        one = make_spawner(config)
+        for key, value in override.items():
+            setattr(one, key, value)  # the trait's own validation: TraitError if wrong
+    # The last is the GPU profile's: it took effect as given.
+    assert one.remote == "gpu-lab" and one.gpu and one.image == "jupyter-cuda"
