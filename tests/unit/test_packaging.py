@@ -204,3 +204,21 @@ def test_configs_of_the_original_spawner_keep_importing():
     for name in ("lxdspawner.LxdSpawner", "lxd", "incus"):
         config.JupyterHub.spawner_class = name
         assert JupyterHub(config=config).spawner_class is lxdspawner.LxdSpawner
+
+
+def test_the_build_command_in_messages():
+    """Copied into a root shell: the installed script, the hub's JupyterHub, quoted names."""
+    import jupyterhub
+
+    from lxdspawner import recipes
+
+    script = str(recipes.images_dir() / "ensure-image.sh")
+    assert recipes.ensure_image_command("jupyter-base") == (
+        f"sudo env JUPYTERHUB_VERSION={jupyterhub.__version__} {script} jupyter-base"
+    )
+    assert (
+        recipes.ensure_image_command("lxdspawner-tiny", "lxd")
+        == f"sudo {script} lxdspawner-tiny lxd"
+    )
+    # An image the package has no recipe for (an operator's alias, or worse): the default one.
+    assert recipes.ensure_image_command("x; rm -rf /", "lxd").endswith(f"{script} jupyter-base lxd")
