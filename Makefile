@@ -19,7 +19,7 @@ test: setup lint
 
 demo: venv
 	scripts/setup-lxd.sh incus
-	VENV=$(VENV) images/ensure-image.sh jupyter-base incus
+	VENV=$(VENV) lxdspawner/images/ensure-image.sh jupyter-base incus
 	source scripts/topology.env && \
 	  $(VENV)/bin/lxdspawner prepull --image jupyter-base --endpoint "unix://$$LXDSP_INCUS_SOCKET"
 	VENV=$(VENV) scripts/demo.sh
@@ -44,8 +44,8 @@ daemons:
 images: venv daemons
 	@source scripts/topology.env; for d in $(TEST_DAEMONS); do \
 	  socket=LXDSP_$${d^^}_SOCKET; \
-	  VENV=$(VENV) images/ensure-image.sh lxdspawner-tiny $$d || exit 1; \
-	  VENV=$(VENV) images/ensure-image.sh jupyter-base $$d || exit 1; \
+	  VENV=$(VENV) lxdspawner/images/ensure-image.sh lxdspawner-tiny $$d || exit 1; \
+	  VENV=$(VENV) lxdspawner/images/ensure-image.sh jupyter-base $$d || exit 1; \
 	  $(VENV)/bin/lxdspawner prepull --image jupyter-base \
 	    --endpoint "unix://$${!socket}" || exit 1; \
 	done

@@ -128,7 +128,7 @@ async def image_requirements(client: LxdClient) -> tuple[Path, str]:
     if not candidates:
         raise SystemExit(
             f"no {IMAGE_CACHE}/{IMAGE}-*/requirements.txt: build the image first "
-            f"(images/ensure-image.sh {IMAGE})"
+            f"(lxdspawner/images/ensure-image.sh {IMAGE})"
         )
     for path in candidates:
         fp_file = path.parent / "fingerprint"

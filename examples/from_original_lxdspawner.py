@@ -6,7 +6,7 @@
 #     works with Incus as well as LXD.
 #   - The server runs as a systemd unit inside the container, not as an `lxc exec` held by
 #     the hub, so a hub restart no longer kills it (see cleanup_servers below). The image
-#     therefore needs systemd and `jupyterhub-singleuser` (images/jupyter-base is one).
+#     therefore needs systemd and `jupyterhub-singleuser` (lxdspawner/images/jupyter-base is one).
 #   - On a cluster, a server goes to the member with the fewest servers (counting the ones
 #     still starting), weighted by `host_weights`, skipping offline members.
 #   - Container names come from the username but are always valid ("jupyter-" + the name,

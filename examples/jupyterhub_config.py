@@ -61,7 +61,7 @@ c.JupyterHub.spawner_class = "lxd"  # or "incus": the same class
 #     c.LxdSpawner.server_cert = "/etc/jupyterhub/lxd-server.crt"   # pinned
 c.LxdSpawner.endpoint = ""
 c.LxdSpawner.project = ""  # "" is the default project
-c.LxdSpawner.image = "jupyter-base"  # images/ensure-image.sh jupyter-base
+c.LxdSpawner.image = "jupyter-base"  # lxdspawner/images/ensure-image.sh jupyter-base
 c.LxdSpawner.profiles = ["default"]
 
 # Cluster placement: relative weight per member (0: never place servers there).

@@ -53,7 +53,7 @@ import sys
 import time
 import uuid
 
-from . import names, sharing, volumecli
+from . import __version__, names, sharing, volumecli
 from .gc import stale
 from .listing import servers, table
 from .lxd import LxdClient, LxdError, image_source
@@ -159,6 +159,7 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lxdspawner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"lxdspawner {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("prepull", help="unpack the image on every cluster member")
     pre.add_argument("--image", default="jupyter-base", help="image alias or fingerprint")

@@ -36,6 +36,7 @@ from . import (
     ownership,
     patches,
     placement,
+    recipes,
     sharing,
     volumes,
 )
@@ -448,10 +449,12 @@ class Daemon:
             )
         except LxdError as e:
             if await client.image_fingerprint(source.image) is None:
+                product = client.dialect.product if client.dialect else "incus"
                 raise DaemonError(
                     f"the image {source.image!r} (c.LxdSpawner.image) does not exist on "
-                    f"{client.where}: build or import it (e.g. images/ensure-image.sh "
-                    f"{source.image}), or set c.LxdSpawner.image to an existing alias"
+                    f"{client.where}: build or import it (e.g. "
+                    f"{recipes.ensure_image_command(source.image, product)}), or set "
+                    "c.LxdSpawner.image to an existing alias"
                 ) from e
             patched = patches.blame(spec.patches, e.message)
             raise DaemonError(

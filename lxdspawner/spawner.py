@@ -130,7 +130,7 @@ class LxdSpawner(
         config=True,
         help="""Image alias or fingerprint the containers are created from.
 
-        The image needs systemd and `jupyterhub-singleuser` (see images/ in the repository).
+        The image needs systemd and `jupyterhub-singleuser` (the package's images/ has a recipe).
         Example: `c.LxdSpawner.image = "jupyter-base"`.
         """,
     )

@@ -413,7 +413,7 @@ ensure_certs() {
 ensure_images() {
     local name pids=() i
     for name in $IMAGES; do
-        VENV="$VENV" INCUS_DIR="$(mdir 1)" "$REPO/images/ensure-image.sh" "$name" incus &
+        VENV="$VENV" INCUS_DIR="$(mdir 1)" "$REPO/lxdspawner/images/ensure-image.sh" "$name" incus &
         pids+=($!)
     done
     for i in "${pids[@]}"; do wait "$i" || die "image import failed"; done

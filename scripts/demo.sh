@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the demo hub in the foreground: `make demo` calls this after it has made the venv, set
-# up the container daemon (scripts/setup-lxd.sh) and the image (images/ensure-image.sh).
+# up the container daemon (scripts/setup-lxd.sh) and the image (lxdspawner/images/ensure-image.sh).
 #
 #   scripts/demo.sh          # http://127.0.0.1:8000, any username + the demo password
 #

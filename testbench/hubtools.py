@@ -766,7 +766,9 @@ def lxd_unavailable(image: str = "jupyter-base") -> str | None:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{DAEMON_CLI[-1]} does not answer: {e}"
     if info.returncode != 0:
-        return f"no image {image!r} (images/ensure-image.sh {image}): {info.stderr.strip()}"
+        return (
+            f"no image {image!r} (lxdspawner/images/ensure-image.sh {image}): {info.stderr.strip()}"
+        )
     return None
 
 

@@ -18,7 +18,7 @@ from fakes import IMAGE, SOURCE, FakeLxd, eventually, owned, server_unit
 
 from lxdspawner import cache as cache_module
 from lxdspawner import daemon as daemon_module
-from lxdspawner import members, names, objects, removals, sharing
+from lxdspawner import members, names, objects, recipes, removals, sharing
 from lxdspawner.daemon import Daemon, DaemonError, MemberFailed, Source
 from lxdspawner.lxd import ExecResult, LxdError, NotFound, Unreachable
 from lxdspawner.members import SUSPECT_FOR
@@ -539,6 +539,10 @@ async def test_a_missing_image_names_the_setting(daemon, fake):
         "the image 'no-such-image' (c.LxdSpawner.image) does not exist on the fake daemon: "
         "build or import it"
     )
+    # The command it names is the package's own script (images_dir checks it is there).
+    script = str(recipes.images_dir() / "ensure-image.sh")
+    assert script.endswith("lxdspawner/images/ensure-image.sh")
+    assert f"{script} jupyter-base)" in error.value.message
     fake.fail("create_instance", LxdError("no space left on device", status=500))
     with pytest.raises(DaemonError, match="could not create container jupyter-ana: no space"):
         await daemon.create(spec(), Source(image="jupyter-base"))

@@ -20,6 +20,12 @@ if [ -z "$name" ]; then
     exit 2
 fi
 LOG_TAG="ensure $name@$daemon"
+# In a checkout (lxdspawner/images/ here) the hub's virtualenv is the repository's .venv. Set
+# here, not in lib.sh, whose contents are part of the images' cache key.
+if [ -z "${VENV:-}${JUPYTERHUB_VERSION:-}" ] && [ -x "$(dirname "$0")/../../.venv/bin/python" ]; then
+    VENV="$(cd "$(dirname "$0")/../.." && pwd)/.venv"
+    export VENV
+fi
 # shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
 

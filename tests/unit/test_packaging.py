@@ -1,0 +1,224 @@
+"""The distribution a pip user gets: built here, offline, and looked into.
+
+The wheel and the sdist are built from a copy of the tree (the build writes its own
+directories, and several test runs share the checkout) through setuptools' PEP 517 backend,
+without build isolation, so nothing is downloaded. Then the wheel is unpacked into a directory,
+which is what ``pip install`` makes of a pure-Python wheel, and a fresh interpreter that has
+that directory first on its path (ahead of the checkout's editable install) is asked what a
+user of the installed package would see: the version, the spawner entry points, the recipes.
+"""
+
+from __future__ import annotations
+
+import configparser
+import email.parser
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import lxdspawner
+
+ROOT = Path(__file__).resolve().parents[2]
+DIST = "jupyterhub-lxdspawner"
+VERSION = lxdspawner.__version__
+CAN_BUILD = (
+    "import setuptools.build_meta;"
+    "from importlib.metadata import version;"
+    "import importlib.util as u;"
+    "v = tuple(int(x) for x in version('setuptools').split('.')[:2]);"
+    "assert v >= (70, 1) or u.find_spec('wheel')"
+)
+
+
+def _builder() -> str:
+    """An interpreter whose setuptools can build a wheel without downloading anything.
+
+    The venv's own when it can (setuptools 70.1 or later, or the wheel package), else Debian's.
+    """
+    for python in (sys.executable, "/usr/bin/python3"):
+        if shutil.which(python) and subprocess.run([python, "-c", CAN_BUILD]).returncode == 0:
+            return python
+    pytest.skip("no interpreter here has setuptools>=70.1 or wheel: pip install 'setuptools>=70.1'")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(wheel, sdist, the wheel unpacked as pip installs it)."""
+    tmp = tmp_path_factory.mktemp("packaging")
+    src, out, site = tmp / "src", tmp / "dist", tmp / "site"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "MANIFEST.in"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(
+        ROOT / "lxdspawner", src / "lxdspawner", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    python = _builder()
+    for hook in ("build_wheel", "build_sdist"):  # one process each, as build frontends do
+        subprocess.run(
+            [python, "-c", f"import sys, setuptools.build_meta as b; b.{hook}(sys.argv[1])", out],
+            cwd=src,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    (wheel,) = out.glob("*.whl")
+    (sdist,) = out.glob("*.tar.gz")
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            path = Path(z.extract(info, site))
+            mode = info.external_attr >> 16
+            if mode & 0o111:  # as pip does: an executable file stays executable
+                path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return wheel, sdist, site
+
+
+def installed(site: Path, code: str) -> str:
+    """Run ``code`` in a fresh interpreter that imports lxdspawner from ``site`` (its working
+    directory too, which ``-c`` puts first on the path: never the checkout)."""
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=site, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_wheel_is_jupyterhub_lxdspawner_with_its_entry_points_and_license(built):
+    wheel, _, _ = built
+    assert wheel.name == f"jupyterhub_lxdspawner-{VERSION}-py3-none-any.whl"
+    info = f"jupyterhub_lxdspawner-{VERSION}.dist-info"
+    with zipfile.ZipFile(wheel) as z:
+        metadata = email.parser.Parser().parsestr(z.read(f"{info}/METADATA").decode())
+        entry_points = configparser.ConfigParser()
+        entry_points.read_string(z.read(f"{info}/entry_points.txt").decode())
+        license_text = z.read(f"{info}/LICENSE").decode()
+    assert metadata["Name"] == DIST
+    assert metadata["Version"] == VERSION
+    assert metadata["License"] == "BSD-3-Clause"
+    assert "License :: OSI Approved :: BSD License" in metadata.get_all("Classifier")
+    assert license_text.startswith("BSD 3-Clause License")
+    assert "the lxdspawner developers" in license_text
+    assert dict(entry_points["console_scripts"]) == {"lxdspawner": "lxdspawner.cli:main"}
+    assert dict(entry_points["jupyterhub.spawners"]) == {
+        "lxd": "lxdspawner:LxdSpawner",
+        "incus": "lxdspawner:LxdSpawner",
+    }
+
+
+def test_the_wheel_holds_the_templates_and_every_image_recipe_file(built):
+    wheel, _, _ = built
+    recipes = {
+        p.relative_to(ROOT).as_posix(): p
+        for p in (ROOT / "lxdspawner" / "images").rglob("*")
+        if p.is_file()
+    }
+    assert {"lxdspawner/images/ensure-image.sh", "lxdspawner/images/jupyter-base/customize.sh"} <= (
+        set(recipes)
+    )
+    with zipfile.ZipFile(wheel) as z:
+        members = {i.filename: i for i in z.infolist()}
+    assert "lxdspawner/templates/profiles.html" in members
+    assert "lxdspawner/lxdspawner.py" in members
+    for name, path in recipes.items():
+        assert name in members, f"{name} is not in the wheel"
+        # The scripts call each other as programs: their executable bit must survive.
+        if os.access(path, os.X_OK):
+            assert members[name].external_attr >> 16 & 0o100, f"{name} lost its x bit"
+
+
+def test_the_sdist_holds_the_license_changelog_and_recipes(built):
+    _, sdist, _ = built
+    top = f"jupyterhub-lxdspawner-{VERSION}"
+    with tarfile.open(sdist) as t:
+        names = set(t.getnames())
+        pkg_info = t.extractfile(f"{top}/PKG-INFO").read().decode()
+    for name in (
+        "LICENSE",
+        "CHANGELOG.md",
+        "pyproject.toml",
+        "lxdspawner/templates/profiles.html",
+        "lxdspawner/images/ensure-image.sh",
+        "lxdspawner/images/jupyter-base/build-rootfs.sh",
+    ):
+        assert f"{top}/{name}" in names
+    assert f"Name: {DIST}\n" in pkg_info
+    assert f"Version: {VERSION}\n" in pkg_info
+
+
+def test_the_installed_package_knows_its_version_entry_points_and_recipes(built):
+    _, _, site = built
+    out = installed(
+        site,
+        "import importlib.metadata as m, lxdspawner, lxdspawner.recipes as r;"
+        f"d = m.distribution({DIST!r});"
+        "eps = {e.name: e.load() for e in d.entry_points if e.group == 'jupyterhub.spawners'};"
+        "assert eps == {'lxd': lxdspawner.LxdSpawner, 'incus': lxdspawner.LxdSpawner}, eps;"
+        "print(lxdspawner.__file__); print(d.version); print(r.images_dir());"
+        "print(r.ensure_image_command('jupyter-base'))",
+    )
+    module, version, images, command = out.splitlines()
+    assert Path(module).is_relative_to(site), "lxdspawner was imported from the checkout"
+    assert version == VERSION
+    assert Path(images) == site / "lxdspawner" / "images"
+    assert (Path(images) / "ensure-image.sh").stat().st_mode & stat.S_IXUSR
+    assert f"{images}/ensure-image.sh jupyter-base" in command
+    # `lxdspawner --version`, from the installed package.
+    assert installed(site, "from lxdspawner.cli import main; main(['--version'])") == (
+        f"lxdspawner {VERSION}"
+    )
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml reads it from the package; nothing else in the tree repeats it."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject
+    assert VERSION not in pyproject
+    assert f'__version__ = "{VERSION}"' in (ROOT / "lxdspawner" / "__init__.py").read_text()
+
+
+def test_lxdspawner_version(capsys):
+    from lxdspawner.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"lxdspawner {VERSION}\n"
+
+
+def test_configs_of_the_original_spawner_keep_importing():
+    """The original LXD spawner lived in lxdspawner/lxdspawner.py: its spawner_class resolves."""
+    from jupyterhub.app import JupyterHub
+    from traitlets.config import Config
+
+    config = Config()
+    config.JupyterHub.spawner_class = "lxdspawner.lxdspawner.LxdSpawner"
+    hub = JupyterHub(config=config)
+    assert hub.spawner_class is lxdspawner.LxdSpawner
+    for name in ("lxdspawner.LxdSpawner", "lxd", "incus"):
+        config.JupyterHub.spawner_class = name
+        assert JupyterHub(config=config).spawner_class is lxdspawner.LxdSpawner
+
+
+def test_the_build_command_in_messages():
+    """Copied into a root shell: the installed script, the hub's JupyterHub, quoted names."""
+    import jupyterhub
+
+    from lxdspawner import recipes
+
+    script = str(recipes.images_dir() / "ensure-image.sh")
+    assert recipes.ensure_image_command("jupyter-base") == (
+        f"sudo env JUPYTERHUB_VERSION={jupyterhub.__version__} {script} jupyter-base"
+    )
+    assert (
+        recipes.ensure_image_command("lxdspawner-tiny", "lxd")
+        == f"sudo {script} lxdspawner-tiny lxd"
+    )
+    # An image the package has no recipe for (an operator's alias, or worse): the default one.
+    assert recipes.ensure_image_command("x; rm -rf /", "lxd").endswith(f"{script} jupyter-base lxd")
