@@ -151,8 +151,9 @@ async def incus():
 
 @pytest.fixture
 async def leftovers(incus, prefix, request):
-    """Every instance this test's hub made is gone at the end, whatever happened; on a
-    failure, their LXD log, console and server log are printed first. And none of them has
+    """Every instance this test's hub made (on Incus, and on LXD when the run uses it: the
+    shifted base of a test on LXD stays otherwise) is gone at the end, whatever happened; on
+    a failure, their LXD log, console and server log are printed first. And none of them has
     left its network interface on the host."""
     ports = bridge_ports()
     yield
@@ -168,5 +169,8 @@ async def leftovers(incus, prefix, request):
                 except Exception as e:  # the report must not hide the failure
                     print(f"===== {name}: no server log ({e}) =====")
     await remove_instances_named(incus, prefix + "-")
+    if "lxd" in test_daemons():  # a test on LXD too leaves its shifted base there
+        async with LxdClient(f"unix://{SOCKETS['lxd']}") as lxd:
+            await remove_instances_named(lxd, prefix + "-")
     leaked = await leaked_interfaces(incus, ports)
     assert not leaked, f"host interfaces left by deleted containers: {sorted(leaked)}"
