@@ -8,7 +8,9 @@ the storage pool of the profiles' root disk (a ``dir`` pool is a warning: every 
 full copy of the image, and quotas are not enforced); that the image exists; that the
 profiles exist and give ``eth0`` on a managed bridge with an IPv4 gateway; and that the hub's
 API is at an address containers can reach (a hub on loopback with no ``hub_connect_url`` is an
-error: the container would talk to itself).
+error: the container would talk to itself). It also lists our containers by hub, the stopped
+ones named (informational: without the hub's database it cannot tell which belong to no
+server, and it deletes nothing).
 
 Each finding is a :class:`Result`: a severity (``ok``, ``warning``, ``error``), what was found
 and the fix (a command or a setting with its value). The checks are small async functions over
@@ -24,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import hardening, network, recipes
+from . import hardening, network, ownership, recipes
 from .lxd import LxdClient, LxdError
 from .remotes import KEYS, check_remotes, from_settings
 
@@ -56,6 +58,7 @@ class Settings:
     hub_bind_url: str = ""
     hub_connect_url: str = ""
     spawner_hub_connect_url: str = ""
+    hub_id: str = ""
 
     def targets(self) -> list[str]:
         """The remotes to check: "" (the default), every entry of ``remotes``, and the
@@ -89,6 +92,7 @@ def load_settings(path: str | Path | None) -> Settings:
         settings.image = str(merged["image"])
     if "profiles" in merged:
         settings.profiles = [str(p) for p in merged["profiles"]]
+    settings.hub_id = str(merged.get("hub_id", "") or "")
     settings.spawner_hub_connect_url = str(merged.get("hub_connect_url", "") or "")
     profile_list = merged.get("profile_list")
     if isinstance(profile_list, list):
@@ -246,6 +250,41 @@ async def check_image(client: LxdClient, name: str, image: str, product: str) ->
     return [Result(OK, name, "image", f"image {image!r} ({fingerprint[:12]})")]
 
 
+async def check_leftovers(client: LxdClient, name: str, hub_id: str = "") -> list[Result]:
+    """Informational: our containers on this daemon, by hub, and those stopped (kept servers,
+    or left by a hub that is gone). Without the hub's database doctor cannot tell which
+    belong to no server; it lists, it never deletes (``lxdspawner list`` shows them all)."""
+    ours = [
+        i
+        for i in await client.list_instances(recursion=1)
+        if (i.get("config") or {}).get(ownership.KEY_MANAGED) == ownership.MANAGED_BY
+    ]
+    by_hub: dict[str, list[dict]] = {}
+    for instance in ours:
+        by_hub.setdefault(instance["config"].get(ownership.KEY_HUB, "?"), []).append(instance)
+    found = []
+    for hub, instances in sorted(by_hub.items()):
+        stopped = [i["name"] for i in instances if i.get("status") != "Running"]
+        other = f" (not this hub's: hub_id is {hub_id!r})" if hub_id and hub != hub_id else ""
+        found.append(
+            Result(
+                OK,
+                name,
+                "servers",
+                f"hub {hub!r}{other}: {len(instances)} container(s), {len(stopped)} stopped"
+                + (
+                    f": {', '.join(stopped[:5])}" + (" ..." if len(stopped) > 5 else "")
+                    if stopped
+                    else ""
+                ),
+                ""
+                if not stopped
+                else "lxdspawner list shows them; kept servers' data is never deleted implicitly",
+            )
+        )
+    return found
+
+
 def check_hub(settings: Settings, gateway: str | None) -> Result:
     """The hub's API at an address containers reach: an operator's ``hub_connect_url``, a
     routable bind address, or a wildcard (then the bridge's gateway is used, as
@@ -312,6 +351,7 @@ async def check_remote(name: str, remote_settings: Mapping[str, str], settings: 
         found = await check_daemon(client, label)
         found += await check_profiles(client, label, settings.profiles)
         found += await check_image(client, label, settings.image, product)
+        found += await check_leftovers(client, label, settings.hub_id)
         for r in found:
             if r.check == "network" and r.severity == OK and "gateway " in r.what:
                 gateway = r.what.rsplit("gateway ", 1)[1]

@@ -98,3 +98,17 @@ def test_command_line_bad_config_is_usage_error(tmp_path, capsys):
     bad = write(tmp_path, "c.LxdSpawner.remotes = {'x': 3}\n")
     assert cli.main(["doctor", "-f", str(bad)]) == 2
     assert "remotes['x']" in capsys.readouterr().err
+
+
+async def test_our_containers_are_listed_by_hub_never_touched(fake):
+    from fakes import SOURCE
+
+    from lxdspawner.ownership import KEY_HUB, KEY_MANAGED, KEY_USER, MANAGED_BY
+
+    ours = {KEY_MANAGED: MANAGED_BY, KEY_USER: "ana"}
+    await fake.create_instance("jupyter-ana", source=SOURCE, config={**ours, KEY_HUB: "old"})
+    await fake.create_instance("someone-else", source=SOURCE)
+    found = await doctor.check_leftovers(fake, "d", "new")
+    assert len(found) == 1 and found[0].severity == doctor.OK
+    assert "hub 'old' (not this hub's" in found[0].what and "jupyter-ana" in found[0].what
+    assert set(fake.instances) == {"jupyter-ana", "someone-else"}
