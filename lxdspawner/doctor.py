@@ -114,6 +114,11 @@ def load_settings(path: str | Path | None) -> Settings:
 # -- the checks --------------------------------------------------------------------------------
 
 
+def _tool(client: LxdClient) -> str:
+    """The command line the fixes name: ``incus`` or LXD's ``lxc``."""
+    return "lxc" if client.dialect and client.dialect.product == "lxd" else "incus"
+
+
 async def check_daemon(client: LxdClient, name: str) -> list[Result]:
     """The daemon answers; its product, version, and the members' status on a cluster."""
     info = await client.server_info()
@@ -139,7 +144,7 @@ async def check_daemon(client: LxdClient, name: str) -> list[Result]:
                     "member",
                     f"member {m.get('server_name')} is {m.get('status')}: no server starts there",
                     f"bring it back ({m.get('message') or 'see its daemon log'}), or "
-                    f"evacuate it: incus cluster evacuate {m.get('server_name')}",
+                    f"evacuate it: {_tool(client)} cluster evacuate {m.get('server_name')}",
                 )
             )
     return found
@@ -161,7 +166,7 @@ async def _expanded(client: LxdClient, name: str, profiles: list[str]) -> tuple[
                     name,
                     "profile",
                     f"profile {profile!r} does not exist on {client.where}",
-                    f"create it (incus profile create {profile}) or remove it from "
+                    f"create it ({_tool(client)} profile create {profile}) or remove it from "
                     "c.LxdSpawner.profiles",
                 )
             )
@@ -184,7 +189,7 @@ async def check_profiles(client: LxdClient, name: str, profiles: list[str]) -> l
                 name,
                 "storage",
                 f"the profiles {profiles} give no root disk",
-                "incus profile device add default root disk path=/ pool=default",
+                f"{_tool(client)} profile device add default root disk path=/ pool=default",
             )
         )
     else:
@@ -199,7 +204,7 @@ async def check_profiles(client: LxdClient, name: str, profiles: list[str]) -> l
                     f"pool {root['pool']!r} uses the dir driver: each server is a full copy of "
                     "the image (seconds and its whole size per spawn, not a copy-on-write "
                     "clone) and disk quotas are not enforced",
-                    "use a zfs, btrfs or lvm pool: incus storage create fast zfs, then "
+                    f"use a zfs, btrfs or lvm pool: {_tool(client)} storage create fast zfs, then "
                     "pool=fast in the profile's root disk",
                 )
             )
@@ -214,7 +219,7 @@ async def check_profiles(client: LxdClient, name: str, profiles: list[str]) -> l
                 name,
                 "network",
                 f"the profiles {profiles} give no eth0 NIC on a managed bridge",
-                "incus profile device add default eth0 nic network=incusbr0 name=eth0",
+                f"{_tool(client)} profile device add default eth0 nic network=<bridge> name=eth0",
             )
         )
         return found
@@ -222,7 +227,13 @@ async def check_profiles(client: LxdClient, name: str, profiles: list[str]) -> l
         gateway = network.gateway_of(await client.network(bridge))
     except network.IsolationError as e:
         found.append(
-            Result(ERROR, name, "network", str(e), f"incus network set {bridge} ipv4.address=auto")
+            Result(
+                ERROR,
+                name,
+                "network",
+                str(e),
+                f"{_tool(client)} network set {bridge} ipv4.address=auto",
+            )
         )
     else:
         found.append(Result(OK, name, "network", f"eth0 on {bridge}, gateway {gateway}"))
