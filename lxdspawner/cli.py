@@ -3,6 +3,7 @@
     lxdspawner prepull [--image jupyter-base] [--endpoint https://node1:8443 --cert ... ]
     lxdspawner gc [--delete] [--endpoint ...]
     lxdspawner list [--endpoint ...]
+    lxdspawner doctor [-f jupyterhub_config.py] [--format json]
     lxdspawner volumes list|snapshot|restore|resize|delete|move ... [--endpoint ...]
 
 ``prepull`` makes every Online cluster member hold the image unpacked in its storage pool, so
@@ -53,7 +54,7 @@ import sys
 import time
 import uuid
 
-from . import __version__, names, sharing, volumecli
+from . import __version__, doctor, names, sharing, volumecli
 from .gc import stale
 from .listing import servers, table
 from .lxd import LxdClient, LxdError, image_source
@@ -180,12 +181,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection(collect)
     _add_connection(sub.add_parser("list", help="the servers' containers, as the daemon has them"))
     volumecli.add_parser(sub, _add_connection)
+    doc = sub.add_parser(
+        "doctor",
+        help="check what the hub's config needs: daemons, storage, image, profiles, hub address",
+        epilog="example: lxdspawner doctor -f /etc/jupyterhub/jupyterhub_config.py. "
+        "Exit status: 0 no error (warnings allowed), 1 an error, 2 bad usage.",
+    )
+    doc.add_argument("-f", "--config", default=None, help="the hub's jupyterhub_config.py")
+    doc.add_argument("--format", choices=("table", "json"), default="table")
     return parser
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    """``lxdspawner doctor``: the findings as a table or JSON; 2 for a config it cannot use."""
+    try:
+        settings = doctor.load_settings(args.config)
+    except Exception as e:  # the config's own errors: the operator's file, named
+        print(f"lxdspawner doctor: {args.config}: {e}", file=sys.stderr)
+        return 2
+    results = asyncio.run(doctor.diagnose(settings))
+    print(doctor.as_json(results) if args.format == "json" else doctor.as_table(results))
+    return doctor.exit_status(results)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "doctor":
+        return run_doctor(args)
 
     async def run() -> int:
         try:
