@@ -57,6 +57,10 @@ def pytest_runtest_makereport(item, call):
 #: their hubs' ACLs off.
 DAEMON_TIERS = ("integration", "e2e")
 _uses_daemons = False
+#: Set by scripts/run-tests.sh for sessions that share the host's daemons with another
+#: session: neither may take the other's hubs' ACLs and volumes away at its start or end, so
+#: the script does that itself, before and after them.
+SHARED_DAEMONS = "LXDSPAWNER_TEST_SHARED_DAEMONS"
 
 
 def pytest_collection_finish(session):
@@ -65,7 +69,7 @@ def pytest_collection_finish(session):
     Only when a selected test uses a daemon: the unit tier (``make unit``) never talks to one,
     so it cannot take the ACLs off hubs that other runs have up meanwhile."""
     global _uses_daemons
-    _uses_daemons = any(
+    _uses_daemons = not os.environ.get(SHARED_DAEMONS) and any(
         Path(str(item.fspath)).parent.name in DAEMON_TIERS
         and item.get_closest_marker("nodaemon") is None
         for item in session.items

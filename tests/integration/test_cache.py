@@ -98,6 +98,7 @@ async def test_starts_from_a_list_of_what_exists(lxd, instances):
         await cache.stop()
 
 
+@pytest.mark.exclusive
 async def test_a_daemon_restart_does_not_confuse_it():
     """Kill the daemon; while it is down, a container dies; the cache must catch up.
 

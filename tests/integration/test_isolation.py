@@ -112,6 +112,7 @@ async def host_connects(address: str, port: int) -> bool:
     return True
 
 
+@pytest.mark.exclusive
 async def test_users_are_isolated_from_each_other_the_host_and_the_daemon(tmp_path, prefix, daemon):
     endpoint = f"unix://{SOCKETS[daemon]}"
     hub_ip = INCUS_HUB_IP if daemon == "incus" else LXD_HUB_IP

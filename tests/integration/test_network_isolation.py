@@ -46,6 +46,10 @@ from testbench.hubtools import forget_network_acls
 from .conftest import BRIDGE_GATEWAYS, BRIDGES, TINY_IMAGE, dump_instance
 from .test_client import wait_for_ipv4
 
+# They need the bridges bare of every other hub's ACL (and take those off): nothing else may
+# use the host's daemons meanwhile (scripts/run-tests.sh runs them in the exclusive phase).
+pytestmark = pytest.mark.exclusive
+
 SERVER_PORT = 18888
 PROBE_S = 2  # a blocked connection is dropped, not refused: each probe waits this long
 HUB_ID = "lxdsp-test-net-hub"

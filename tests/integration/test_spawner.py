@@ -403,6 +403,7 @@ c.LxdSpawner.commands_to_prepare = ["echo preparing-went-wrong; exit 7"]
         assert await _instance_missing(incus, f"{prefix}-gina")
 
 
+@pytest.mark.exclusive
 @pytest.mark.lxd
 async def test_spawn_on_lxd_and_daemon_stopped_during_a_spawn(tmp_path, prefix):
     """One spawn on Debian's LXD 5.0; then LXD dies mid-spawn: a clear error, the hub lives."""

@@ -413,6 +413,7 @@ c.Spawner.http_timeout = 20
         assert await _instance_missing(incus, f"{prefix}-lou")
 
 
+@pytest.mark.exclusive
 async def test_a_stop_that_fails_keeps_the_server_recorded_and_stops_it_later(
     tmp_path, prefix, incus, leftovers
 ):
