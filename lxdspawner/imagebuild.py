@@ -457,8 +457,9 @@ def _remote(args: argparse.Namespace) -> Remote:
     return choose(args.remote, settings.remotes, settings.default)
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """``lxdspawner image build``: 0 done, 1 the build or import failed, 2 bad input."""
+    out, err = out or sys.stdout, err or sys.stderr
     reporter = Reporter(out)
     try:
         builtin = args.recipe in recipes.IMAGE_NAMES and not Path(args.recipe).is_file()
