@@ -4,6 +4,7 @@
     lxdspawner gc [--delete] [--endpoint ...]
     lxdspawner list [--endpoint ...]
     lxdspawner doctor [-f jupyterhub_config.py] [--format json]
+    lxdspawner image build [RECIPE.yaml] [-f jupyterhub_config.py] [--alias NAME] [--force]
     lxdspawner volumes list|snapshot|restore|resize|delete|move ... [--endpoint ...]
 
 ``prepull`` makes every Online cluster member hold the image unpacked in its storage pool, so
@@ -12,6 +13,10 @@ images between members on demand). It creates one stopped container from the ima
 member and deletes it again. On a standalone daemon it does the same once. It also makes the
 read-only copies of the image's shared directories (``c.LxdSpawner.shared_directories``, see
 :mod:`lxdspawner.sharing`) on each member, so that even the first servers share them.
+
+``image build`` builds the single-user image ``jupyter-base`` for the installed JupyterHub, or
+a custom image from a recipe file, and imports it into the hub's daemon (see
+:mod:`lxdspawner.imagebuild`).
 
 ``gc`` lists the shared copies and LXD 5.0 bases of images that no alias names any more (an
 image replaced by a new build), which no instance uses; with ``--delete`` it deletes them
@@ -54,7 +59,7 @@ import sys
 import time
 import uuid
 
-from . import __version__, doctor, names, sharing, volumecli
+from . import __version__, doctor, imagebuild, names, sharing, volumecli
 from .gc import stale
 from .listing import servers, table
 from .lxd import LxdClient, LxdError, image_source
@@ -189,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doc.add_argument("-f", "--config", default=None, help="the hub's jupyterhub_config.py")
     doc.add_argument("--format", choices=("table", "json"), default="table")
+    imagebuild.add_parser(sub, _add_connection)
     return parser
 
 
@@ -209,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "doctor":
         return run_doctor(args)
+    if args.command == "image":
+        return imagebuild.run(args)
 
     async def run() -> int:
         try:

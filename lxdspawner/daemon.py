@@ -450,10 +450,12 @@ class Daemon:
         except LxdError as e:
             if await client.image_fingerprint(source.image) is None:
                 product = client.dialect.product if client.dialect else "incus"
+                command = recipes.ensure_image_command(
+                    source.image, product, config=recipes.hub_config_file()
+                )
                 raise DaemonError(
                     f"the image {source.image!r} (c.LxdSpawner.image) does not exist on "
-                    f"{client.where}: build or import it (e.g. "
-                    f"{recipes.ensure_image_command(source.image, product)}), or set "
+                    f"{client.where}: build and import it ({command}), or set "
                     "c.LxdSpawner.image to an existing alias"
                 ) from e
             patched = patches.blame(spec.patches, e.message)

@@ -59,6 +59,8 @@ class Settings:
     hub_connect_url: str = ""
     spawner_hub_connect_url: str = ""
     hub_id: str = ""
+    #: The config file these come from (absolute), for the fixes' commands.
+    config_file: str = ""
 
     def targets(self) -> list[str]:
         """The remotes to check: "" (the default), every entry of ``remotes``, and the
@@ -83,6 +85,7 @@ def load_settings(path: str | Path | None) -> Settings:
         config = PyFileConfigLoader(path.name, path=str(path.parent.resolve())).load_config()
     except ConfigFileNotFound as e:
         raise ValueError(f"-f {path}: no such config file") from e
+    settings.config_file = str(path.resolve())
     merged: dict[str, Any] = {}
     for section in ("Spawner", "LxdSpawner"):
         merged.update(dict(_section(config, section)))
@@ -240,8 +243,11 @@ async def check_profiles(client: LxdClient, name: str, profiles: list[str]) -> l
     return found
 
 
-async def check_image(client: LxdClient, name: str, image: str, product: str) -> list[Result]:
-    """The image exists (images are the cluster's: one look answers for every member)."""
+async def check_image(
+    client: LxdClient, name: str, image: str, product: str, config: str = "", remote: str = ""
+) -> list[Result]:
+    """The image exists (images are the cluster's: one look answers for every member). The
+    fix builds it for the hub's config ``config`` (its ``remote``, "" the default)."""
     fingerprint = await client.image_fingerprint(image)
     if fingerprint is None:
         return [
@@ -250,12 +256,8 @@ async def check_image(client: LxdClient, name: str, image: str, product: str) ->
                 name,
                 "image",
                 f"image {image!r} not found on {client.where}",
-                recipes.ensure_image_command(image, product)
-                + (
-                    ""
-                    if image in recipes.IMAGE_NAMES
-                    else f" and set c.LxdSpawner.image = 'jupyter-base', or import {image!r}"
-                ),
+                recipes.ensure_image_command(image, product, config=config, remote=remote)
+                + ("" if image in recipes.IMAGE_NAMES else ", or set c.LxdSpawner.image"),
             )
         ]
     return [Result(OK, name, "image", f"image {image!r} ({fingerprint[:12]})")]
@@ -361,7 +363,9 @@ async def check_remote(name: str, remote_settings: Mapping[str, str], settings: 
         product = client.dialect.product if client.dialect else "incus"
         found = await check_daemon(client, label)
         found += await check_profiles(client, label, settings.profiles)
-        found += await check_image(client, label, settings.image, product)
+        found += await check_image(
+            client, label, settings.image, product, settings.config_file, name
+        )
         found += await check_leftovers(client, label, settings.hub_id)
         for r in found:
             if r.check == "network" and r.severity == OK and "gateway " in r.what:

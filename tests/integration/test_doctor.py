@@ -52,7 +52,8 @@ def test_doctor_on_the_bench(tmp_path):
 
     status, results = doctor(tmp_path, good.replace("'jupyter-base'", "'no-such-image'"))
     assert status == 1
-    assert "ensure-image.sh" in errors(results)["image"]["fix"]
+    fix = errors(results)["image"]["fix"]
+    assert f"image build RECIPE.yaml --alias no-such-image -f {tmp_path}/" in fix
     assert set(errors(results)) == {"image"}
 
     status, results = doctor(tmp_path, good.replace(repr(INCUS.gateway), "'127.0.0.1'"))

@@ -537,12 +537,13 @@ async def test_a_missing_image_names_the_setting(daemon, fake):
         await daemon.create(spec(), Source(image="no-such-image"))
     assert error.value.message.startswith(
         "the image 'no-such-image' (c.LxdSpawner.image) does not exist on the fake daemon: "
-        "build or import it"
+        "build and import it"
     )
-    # The command it names is the package's own script (images_dir checks it is there).
-    script = str(recipes.images_dir() / "ensure-image.sh")
-    assert script.endswith("lxdspawner/images/ensure-image.sh")
-    assert f"{script} jupyter-base)" in error.value.message
+    # The command it names builds the operator's own recipe under that alias.
+    command = recipes.lxdspawner_command()
+    assert f"(sudo {command} image build RECIPE.yaml --alias no-such-image)" in (
+        error.value.message
+    )
     fake.fail("create_instance", LxdError("no space left on device", status=500))
     with pytest.raises(DaemonError, match="could not create container jupyter-ana: no space"):
         await daemon.create(spec(), Source(image="jupyter-base"))

@@ -72,8 +72,15 @@ async def test_dir_pool_missing_image_profile_and_offline_member(fake):
     assert storage[0].severity == doctor.WARNING and "quotas" in storage[0].what
     missing = await doctor.check_profiles(fake, "d", ["default", "nope"])
     assert missing[0].severity == doctor.ERROR and "'nope'" in missing[0].what
-    image = await doctor.check_image(fake, "d", "no-such-image", "incus")
-    assert image[0].severity == doctor.ERROR and "ensure-image.sh" in image[0].fix
+    image = await doctor.check_image(fake, "d", "no-such-image", "incus", "/etc/hub/c.py", "lab")
+    assert image[0].severity == doctor.ERROR
+    # No recipe in the package for that alias: the operator's own, under that alias.
+    assert image[0].fix.endswith(
+        "lxdspawner image build RECIPE.yaml --alias no-such-image -f /etc/hub/c.py "
+        "--remote lab, or set c.LxdSpawner.image"
+    )
+    image = await doctor.check_image(fake, "d", "lxdspawner-tiny", "incus", "/etc/hub/c.py")
+    assert image[0].fix.endswith(" image build lxdspawner-tiny -f /etc/hub/c.py")
     members = await doctor.check_daemon(fake, "d")
     assert [r.severity for r in members] == [doctor.OK, doctor.WARNING]
     assert "m2" in members[1].what

@@ -123,9 +123,11 @@ def test_the_wheel_holds_the_templates_and_every_image_recipe_file(built):
         for p in (ROOT / "lxdspawner" / "images").rglob("*")
         if p.is_file()
     }
-    assert {"lxdspawner/images/ensure-image.sh", "lxdspawner/images/jupyter-base/customize.sh"} <= (
-        set(recipes)
-    )
+    assert {
+        "lxdspawner/images/ensure-image.sh",
+        "lxdspawner/images/build-custom.sh",
+        "lxdspawner/images/jupyter-base/customize.sh",
+    } <= (set(recipes))
     with zipfile.ZipFile(wheel) as z:
         members = {i.filename: i for i in z.infolist()}
     assert "lxdspawner/templates/profiles.html" in members
@@ -167,14 +169,14 @@ def test_the_installed_package_knows_its_version_entry_points_and_recipes(built)
         "eps = {e.name: e.load() for e in d.entry_points if e.group == 'jupyterhub.spawners'};"
         "assert eps == {'lxd': lxdspawner.LxdSpawner, 'incus': lxdspawner.LxdSpawner}, eps;"
         "print(lxdspawner.__file__); print(d.version); print(r.images_dir());"
-        "print(r.ensure_image_command('jupyter-base'))",
+        "print(r.ensure_image_command('jupyter-base', config='/etc/jupyterhub/c.py'))",
     )
     module, version, images, command = out.splitlines()
     assert Path(module).is_relative_to(site), "lxdspawner was imported from the checkout"
     assert version == VERSION
     assert Path(images) == site / "lxdspawner" / "images"
     assert (Path(images) / "ensure-image.sh").stat().st_mode & stat.S_IXUSR
-    assert f"{images}/ensure-image.sh jupyter-base" in command
+    assert command.endswith(" image build -f /etc/jupyterhub/c.py")
     # `lxdspawner --version`, from the installed package.
     assert installed(site, "from lxdspawner.cli import main; main(['--version'])") == (
         f"lxdspawner {VERSION}"
@@ -213,18 +215,20 @@ def test_configs_of_the_original_spawner_keep_importing():
 
 
 def test_the_build_command_in_messages():
-    """Copied into a root shell: the installed script, the hub's JupyterHub, quoted names."""
-    import jupyterhub
-
+    """Copied into a root shell: the command of the hub's virtualenv, quoted names."""
     from lxdspawner import recipes
 
-    script = str(recipes.images_dir() / "ensure-image.sh")
-    assert recipes.ensure_image_command("jupyter-base") == (
-        f"sudo env JUPYTERHUB_VERSION={jupyterhub.__version__} {script} jupyter-base"
+    command = recipes.lxdspawner_command()
+    assert Path(command) == Path(sys.executable).parent / "lxdspawner"
+    assert recipes.ensure_image_command("jupyter-base") == f"sudo {command} image build"
+    assert recipes.ensure_image_command("jupyter-base", config="/etc/jupyterhub/c.py") == (
+        f"sudo {command} image build -f /etc/jupyterhub/c.py"
     )
-    assert (
-        recipes.ensure_image_command("lxdspawner-tiny", "lxd")
-        == f"sudo {script} lxdspawner-tiny lxd"
+    assert recipes.ensure_image_command("lxdspawner-tiny", "lxd") == (
+        f"sudo {command} image build lxdspawner-tiny --endpoint unix:///var/lib/lxd/unix.socket"
     )
-    # An image the package has no recipe for (an operator's alias, or worse): the default one.
-    assert recipes.ensure_image_command("x; rm -rf /", "lxd").endswith(f"{script} jupyter-base lxd")
+    # An image the package has no recipe for (an operator's alias, or worse): built from the
+    # operator's recipe under that alias, quoted.
+    assert recipes.ensure_image_command("x; rm -rf /", config="/h.py", remote="lab") == (
+        f"sudo {command} image build RECIPE.yaml --alias 'x; rm -rf /' -f /h.py --remote lab"
+    )
