@@ -189,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doc.add_argument("-f", "--config", default=None, help="the hub's jupyterhub_config.py")
     doc.add_argument("--format", choices=("table", "json"), default="table")
+    doc.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="skip the probe container that fetches the hub's API (e.g. before the hub's "
+        "first start)",
+    )
+    doc.add_argument(
+        "--db-url",
+        default=None,
+        help="the hub's database (default: the config's c.JupyterHub.db_url), read-only, to "
+        "find containers and volumes that belong to no server",
+    )
     return parser
 
 
@@ -196,6 +208,9 @@ def run_doctor(args: argparse.Namespace) -> int:
     """``lxdspawner doctor``: the findings as a table or JSON; 2 for a config it cannot use."""
     try:
         settings = doctor.load_settings(args.config)
+        settings.probe = not args.no_probe
+        if args.db_url:
+            settings.db_url = args.db_url
     except Exception as e:  # the config's own errors: the operator's file, named
         print(f"lxdspawner doctor: {args.config}: {e}", file=sys.stderr)
         return 2

@@ -26,22 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import hardening, network, ownership, recipes
+from . import doctorchecks, hardening, hubdb, network, ownership, recipes
+from .findings import ERROR, OK, WARNING, Result, _tool
 from .lxd import LxdClient, LxdError
 from .remotes import KEYS, check_remotes, from_settings
 
-OK, WARNING, ERROR = "ok", "warning", "error"
-
-
-@dataclass(frozen=True)
-class Result:
-    """One finding: ``fix`` is empty when there is nothing to do."""
-
-    severity: str
-    remote: str
-    check: str
-    what: str
-    fix: str = ""
+__all__ = ["ERROR", "OK", "WARNING", "Result", "Settings", "diagnose", "load_settings"]
 
 
 @dataclass
@@ -59,6 +49,20 @@ class Settings:
     hub_connect_url: str = ""
     spawner_hub_connect_url: str = ""
     hub_id: str = ""
+    base_url: str = "/"
+    shared_directories: list[str] = field(default_factory=lambda: ["/usr", "/opt/jupyterhub"])
+    isolated_idmap: bool | None = None
+    privileged_containers: bool = False
+    #: ``c.JupyterHub.active_server_limit`` (0: none): the servers the uid ranges must hold.
+    active_server_limit: int = 0
+    #: The hub's database (absolute for SQLite; "" without one): see :mod:`lxdspawner.hubdb`.
+    db_url: str = ""
+    #: Run the probe container (``--no-probe``: not).
+    probe: bool = True
+    #: The config file given with ``-f`` ("" without), for the fixes' command lines.
+    config_path: str = ""
+    #: Where this host's ``/etc`` and ``/sys`` are read (the unit tests: a directory of theirs).
+    host_root: Path = Path("/")
 
     def targets(self) -> list[str]:
         """The remotes to check: "" (the default), every entry of ``remotes``, and the
@@ -79,6 +83,7 @@ def load_settings(path: str | Path | None) -> Settings:
     from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
 
     path = Path(path)
+    settings.config_path = str(path)
     try:
         config = PyFileConfigLoader(path.name, path=str(path.parent.resolve())).load_config()
     except ConfigFileNotFound as e:
@@ -93,6 +98,11 @@ def load_settings(path: str | Path | None) -> Settings:
     if "profiles" in merged:
         settings.profiles = [str(p) for p in merged["profiles"]]
     settings.hub_id = str(merged.get("hub_id", "") or "")
+    if "shared_directories" in merged:
+        settings.shared_directories = [str(p) for p in merged["shared_directories"]]
+    if merged.get("isolated_idmap") is not None:
+        settings.isolated_idmap = bool(merged["isolated_idmap"])
+    settings.privileged_containers = bool(merged.get("privileged_containers", False))
     settings.spawner_hub_connect_url = str(merged.get("hub_connect_url", "") or "")
     profile_list = merged.get("profile_list")
     if isinstance(profile_list, list):
@@ -108,15 +118,21 @@ def load_settings(path: str | Path | None) -> Settings:
         settings.hub_port = int(hub["hub_port"])
     settings.hub_bind_url = str(hub.get("hub_bind_url", "") or "")
     settings.hub_connect_url = str(hub.get("hub_connect_url", "") or "")
+    settings.base_url = str(hub.get("base_url", "/") or "/")
+    settings.active_server_limit = int(hub.get("active_server_limit", 0) or 0)
+    if hub.get("db_url"):
+        settings.db_url = hubdb.absolute(str(hub["db_url"]), path.parent.resolve())
+    if not settings.hub_id:
+        # As the spawner's default: from the database's URL (JupyterHub's default file is
+        # relative to where the hub runs: taken here as the config's directory).
+        default_db = settings.db_url or hubdb.absolute(
+            "sqlite:///jupyterhub.sqlite", path.parent.resolve()
+        )
+        settings.hub_id = ownership.default_hub_id(default_db)
     return settings
 
 
 # -- the checks --------------------------------------------------------------------------------
-
-
-def _tool(client: LxdClient) -> str:
-    """The command line the fixes name: ``incus`` or LXD's ``lxc``."""
-    return "lxc" if client.dialect and client.dialect.product == "lxd" else "incus"
 
 
 async def check_daemon(client: LxdClient, name: str) -> list[Result]:
@@ -327,8 +343,14 @@ def check_hub(settings: Settings, gateway: str | None) -> Result:
     return Result(OK, "", "hub", f"containers reach the hub at {host}:{settings.hub_port}")
 
 
-async def check_remote(name: str, remote_settings: Mapping[str, str], settings: Settings):
-    """Every check of one remote; the gateway of its bridge (or None) for the hub check."""
+async def check_remote(
+    name: str,
+    remote_settings: Mapping[str, str],
+    settings: Settings,
+    hub: hubdb.HubServers | None = None,
+):
+    """Every check of one remote; the gateway of its bridge (or None) for the hub check.
+    ``hub``: the hub's users and servers (from its database), for what belongs to none."""
     label = name or "default"
     try:
         remote = from_settings(remote_settings)
@@ -362,10 +384,51 @@ async def check_remote(name: str, remote_settings: Mapping[str, str], settings: 
         found = await check_daemon(client, label)
         found += await check_profiles(client, label, settings.profiles)
         found += await check_image(client, label, settings.image, product)
+        root = await _root_and_bridge(client, settings.profiles)
+        pool, driver, bridge = root or (None, "", "")
+        found += await doctorchecks.check_members(
+            client,
+            label,
+            image=settings.image,
+            pool=pool,
+            driver=driver,
+            shared_directories=()
+            if settings.privileged_containers
+            else settings.shared_directories,
+            prepull=_command("prepull", settings, name),
+        )
         found += await check_leftovers(client, label, settings.hub_id)
+        found += await doctorchecks.check_owners(client, label, settings.hub_id, hub)
+        if not remote.endpoint.startswith("https://"):  # a local daemon: its host is this one
+            isolated = not settings.privileged_containers and (
+                settings.isolated_idmap
+                if settings.isolated_idmap is not None
+                else product == "incus"
+            )
+            found += await doctorchecks.check_host(
+                client,
+                label,
+                bridge=bridge,
+                isolated=isolated,
+                needed=settings.active_server_limit,
+                root=settings.host_root,
+            )
         for r in found:
             if r.check == "network" and r.severity == OK and "gateway " in r.what:
                 gateway = r.what.rsplit("gateway ", 1)[1]
+        if settings.probe and root is not None and check_hub(settings, gateway).severity == OK:
+            url, hint = doctorchecks.hub_url_for(settings, gateway)
+            found.append(
+                await doctorchecks.check_probe(
+                    client,
+                    label,
+                    url,
+                    hub_id=settings.hub_id,
+                    profiles=settings.profiles,
+                    image=settings.image,
+                    settings_hint=hint,
+                )
+            )
         return found, gateway
     except LxdError as e:
         return [Result(ERROR, label, "daemon", e.message, "see the daemon's log")], gateway
@@ -373,15 +436,64 @@ async def check_remote(name: str, remote_settings: Mapping[str, str], settings: 
         await client.close()
 
 
+async def _root_and_bridge(client: LxdClient, profiles: list[str]) -> tuple[str, str, str] | None:
+    """(root pool, its driver, eth0's bridge) of the profiles; None when they give no root
+    disk or a profile is missing (check_profiles says which)."""
+    devices: dict[str, dict] = {}
+    try:
+        for profile in profiles:
+            devices.update((await client.profile(profile)).get("devices") or {})
+    except LxdError:
+        return None
+    root = next(
+        (d for d in devices.values() if d.get("type") == "disk" and d.get("path") == "/"), None
+    )
+    if root is None or not root.get("pool"):
+        return None
+    pool = await client.request("GET", f"/1.0/storage-pools/{root['pool']}")
+    nic = devices.get("eth0") or {}
+    return root["pool"], pool.get("driver", ""), nic.get("network") or nic.get("parent") or ""
+
+
+def _command(command: str, settings: Settings, remote: str) -> str:
+    """``lxdspawner <command>`` with the options that reach what doctor checked."""
+    parts = ["lxdspawner", command]
+    if settings.config_path:
+        parts += ["-f", settings.config_path]
+    else:
+        parts += ["--image", settings.image]
+    if remote:
+        parts += ["--remote", remote]
+    return " ".join(parts)
+
+
+def _hub_servers(settings: Settings) -> tuple[hubdb.HubServers | None, list[Result]]:
+    """The hub's users and servers from its database, when there is one to read."""
+    if not settings.db_url:
+        return None, []
+    try:
+        return hubdb.read(settings.db_url), []
+    except ValueError as e:
+        return None, [
+            Result(
+                WARNING,
+                "",
+                "database",
+                f"{e}: which containers and volumes belong to no server is not checked",
+                "run doctor where the hub's database is readable, or give it: --db-url URL",
+            )
+        ]
+
+
 async def diagnose(settings: Settings) -> list[Result]:
     """Every finding, remote by remote, then the hub's address."""
-    results: list[Result] = []
+    hub, results = _hub_servers(settings)
     gateway = None
     for name in settings.targets():
         entry = settings.remotes.get(name) if name else settings.default
         if entry is None:  # a profile_list remote that is no entry: a command-line remote
             entry = {"endpoint": name}
-        found, bridge_gateway = await check_remote(name, entry, settings)
+        found, bridge_gateway = await check_remote(name, entry, settings, hub)
         results += found
         gateway = gateway or bridge_gateway
     results.append(check_hub(settings, gateway))

@@ -201,6 +201,11 @@ def prepull_name(token: str) -> str:
     return f"lxdspawner-prepull-{token}"
 
 
+def probe_name(token: str) -> str:
+    """A ``lxdspawner doctor`` probe container (``token``: random, so runs never collide)."""
+    return f"lxdspawner-doctor-{token}"
+
+
 def acl_name(prefix: str, *parts: str) -> str:
     """A network ACL: ``<prefix>-`` and 8 hex digits of ``parts`` (a valid ACL name on both
     daemons when the prefix is; see network.py)."""
