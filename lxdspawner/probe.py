@@ -130,18 +130,30 @@ async def _address(client: LxdClient, name: str, timeout: float) -> str | None:
         await asyncio.sleep(0.2)
 
 
+#: busybox wget under ``timeout`` when there is one (this busybox's ``wget -T`` crashes: exit
+#: 139, measured on lxdspawner-tiny); the URL and the seconds are arguments, never code.
+_WGET = (
+    'if command -v timeout >/dev/null; then exec timeout "$0" wget -q -O - "$1"; fi; '
+    'exec wget -q -O - "$1"'
+)
+
+
 async def _fetch(client: LxdClient, name: str, url: str) -> tuple[str, str]:
-    wget = ["wget", "-q", "-O", "-", "-T", str(FETCH_TIMEOUT), url]
+    wget = ["sh", "-c", _WGET, str(FETCH_TIMEOUT), url]
     try:
         result = await client.exec(name, wget, timeout=FETCH_TIMEOUT + 20)
     except OperationFailed:
         result = None
+    except LxdError as e:
+        return BLOCKED, f"no answer: {e.message}"
     if result is None or result.exit_code == 127:
         command = ["python3", "-c", _PYTHON_FETCH, url, str(FETCH_TIMEOUT)]
         try:
             result = await client.exec(name, command, timeout=FETCH_TIMEOUT + 20)
         except OperationFailed as e:
             return FAILED, f"the image has neither wget nor python3 ({e.message})"
+    if result.exit_code in (124, 143):  # timeout's own, or killed by it
+        return BLOCKED, f"no answer within {FETCH_TIMEOUT} s"
     return classify(result.exit_code, result.stdout, result.stderr)
 
 

@@ -160,7 +160,8 @@ async def test_probe_reaches_the_hub_and_is_deleted(fake):
         settings_hint="c.JupyterHub.hub_ip",
     )
     assert found.severity == OK and "JupyterHub 5.3.0" in found.what
-    assert asked[0][0] == "true" and asked[0][1][-1] == "http://127.0.0.1:1/hub/api"
+    assert asked[0][0] == "true" and asked[0][1][0] == "sh"
+    assert asked[0][1][-1] == "http://127.0.0.1:1/hub/api"
     assert fake.instances == {}  # the probe is gone
 
 
