@@ -71,7 +71,31 @@ async def prepull(
     profiles: tuple[str, ...] = ("default",),
     out=sys.stdout,
 ) -> int:
-    """Unpack ``image`` on every Online member; return how many members failed."""
+    """Unpack ``image`` on every Online member; return how many members failed. On a
+    terminal a rich progress line per member follows the daemon's own progress (download,
+    unpack); otherwise each change of it is a plain line."""
+    if getattr(out, "isatty", lambda: False)():
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=Console(file=out),
+            transient=True,
+        ) as bar:
+            return await _prepull(client, image, shared_directories, profiles, out, bar)
+    return await _prepull(client, image, shared_directories, profiles, out, None)
+
+
+def _progress_text(metadata: dict) -> str:
+    """The daemon's progress in an operation's metadata (``download_progress``,
+    ``create_instance_from_image_unpack_progress``, ...), or ""."""
+    return ", ".join(str(v) for k, v in sorted(metadata.items()) if k.endswith("_progress") and v)
+
+
+async def _prepull(client, image, shared_directories, profiles, out, bar) -> int:
     log = logging.getLogger("lxdspawner")
     shares = [sharing.SharedDirectory(path, log) for path in shared_directories]
     fingerprint = await client.image_fingerprint(image)
@@ -81,30 +105,49 @@ async def prepull(
         if m.get("status") != "Online":
             print(f"{m['server_name']}: skipped ({m.get('status')})", file=out)
 
+    def say(text: str) -> None:
+        if bar is not None:
+            bar.console.print(text, highlight=False, markup=False)
+        else:
+            print(text, file=out)
+
     async def one(target: str | None) -> bool:
         name = names.prepull_name(uuid.uuid4().hex[:8])
         where = target or "this server"
         started = time.monotonic()
+        task = bar.add_task(f"{where}: {image}") if bar is not None else None
+        shown = [""]
+
+        def progress(metadata: dict) -> None:
+            text = _progress_text(metadata)
+            if not text or text == shown[0]:
+                return
+            shown[0] = text
+            if bar is not None:
+                bar.update(task, description=f"{where}: {image}: {text}")
+            else:
+                say(f"{where}: {text}")
+
         try:
             await client.create_instance(
-                name, source=image_source(image), target=target, timeout=600
+                name, source=image_source(image), target=target, timeout=600, on_progress=progress
             )
             await client.delete_instance(name)
         except LxdError as e:
-            print(f"{where}: failed: {e.message}", file=out)
+            say(f"{where}: failed: {e.message}")
             return False
-        print(f"{where}: {image} ready ({time.monotonic() - started:.1f} s)", file=out)
+        say(f"{where}: {image} ready ({time.monotonic() - started:.1f} s)")
         for share in shares:
             started = time.monotonic()
             outcome = await share.ensure(client, fingerprint, target, profiles)
             took = time.monotonic() - started
             if outcome == "failed":
-                print(f"{where}: shared {share.path}: not made (see the log above)", file=out)
+                say(f"{where}: shared {share.path}: not made (see the log above)")
                 return False
             if outcome == "absent":
-                print(f"{where}: shared {share.path}: not in the image, skipped", file=out)
+                say(f"{where}: shared {share.path}: not in the image, skipped")
             else:
-                print(f"{where}: shared {share.path} ready ({took:.1f} s)", file=out)
+                say(f"{where}: shared {share.path} ready ({took:.1f} s)")
         return True
 
     results = await asyncio.gather(*(one(t) for t in targets))
@@ -316,7 +359,12 @@ def run_doctor(args: argparse.Namespace) -> int:
         print(f"lxdspawner doctor: {args.config}: {e}", file=sys.stderr)
         return 2
     results = asyncio.run(doctor.diagnose(settings))
-    print(doctor.as_json(results) if args.format == "json" else doctor.as_table(results))
+    if args.format == "json":
+        print(doctor.as_json(results))
+    elif sys.stdout.isatty():
+        doctor.print_rich(results)
+    else:  # plain aligned lines for pipes, logs and grep
+        print(doctor.as_table(results))
     return doctor.exit_status(results)
 
 

@@ -509,6 +509,36 @@ def as_json(results: list[Result]) -> str:
     return json.dumps([asdict(r) for r in results], indent=2)
 
 
+def print_rich(results: list[Result], file: Any = None) -> None:
+    """The findings as a rich table (colours on a terminal only; rich decides), the fix
+    under each finding, and the count of errors and warnings."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file)
+    table = Table(show_header=True, header_style="bold", expand=False)
+    for column in ("", "remote", "check", "what was found / fix"):
+        table.add_column(column, overflow="fold")
+    style = {OK: "green", WARNING: "yellow", ERROR: "bold red"}
+    for r in results:
+        table.add_row(
+            f"[{style[r.severity]}]{r.severity.upper()}[/]",
+            _escape(r.remote or "-"),
+            r.check,
+            _escape(r.what) + (f"\n[cyan]fix:[/cyan] {_escape(r.fix)}" if r.fix else ""),
+        )
+    console.print(table)
+    errors = sum(r.severity == ERROR for r in results)
+    warnings = sum(r.severity == WARNING for r in results)
+    console.print(f"{errors} error(s), {warnings} warning(s)", highlight=False)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def as_table(results: list[Result]) -> str:
     """Aligned plain text: severity, remote, check, what; the fix on its own line below."""
     rows = [(r.severity.upper(), r.remote or "-", r.check, r.what) for r in results]

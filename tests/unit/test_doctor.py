@@ -157,3 +157,23 @@ async def _images(fake):
         {"fingerprint": f, "aliases": [{"name": a} for a in i.aliases]}
         for f, i in fake.images.items()
     ]
+
+
+async def test_prepull_prints_the_daemons_progress_as_plain_lines(fake):
+    """Not a terminal: each change of the daemon's progress is one line, then "ready"."""
+    import io
+
+    async def create(name, *, on_progress=None, **kwargs):
+        for step in ("unpack: 10%", "unpack: 10%", "unpack: 90%"):
+            on_progress({"create_instance_from_image_unpack_progress": step})
+        return await created(name, **kwargs)
+
+    created = fake.create_instance
+    fake.create_instance = create
+    out = io.StringIO()
+    assert await cli.prepull(fake, "jupyter-base", shared_directories=(), out=out) == 0
+    assert out.getvalue().splitlines()[:2] == [
+        "this server: unpack: 10%",
+        "this server: unpack: 90%",
+    ]
+    assert "this server: jupyter-base ready" in out.getvalue()
