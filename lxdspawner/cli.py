@@ -1,10 +1,14 @@
 """The ``lxdspawner`` command: operator tasks outside the hub.
 
-    lxdspawner prepull [--image jupyter-base] [--endpoint https://node1:8443 --cert ... ]
-    lxdspawner gc [--delete] [--endpoint ...]
-    lxdspawner list [--endpoint ...]
-    lxdspawner doctor [-f jupyterhub_config.py] [--format json]
-    lxdspawner volumes list|snapshot|restore|resize|delete|move ... [--endpoint ...]
+    lxdspawner prepull [-f jupyterhub_config.py [--remote NAME]] [--image jupyter-base]
+                       [--endpoint https://node1:8443 --cert ... ]
+    lxdspawner gc [--delete] [--format json] [-f ...] [--endpoint ...]
+    lxdspawner list [--format json] [-f ...] [--endpoint ...]
+    lxdspawner doctor [-f jupyterhub_config.py] [--format json] [--no-probe] [--db-url URL]
+    lxdspawner volumes list|snapshot|restore|resize|delete|move ... [-f ...] [--endpoint ...]
+
+Every command reads the connection (and prepull the image, profiles and shared directories)
+from the hub's config with ``-f`` (:func:`connection`); options given explicitly override it.
 
 ``prepull`` makes every Online cluster member hold the image unpacked in its storage pool, so
 the first spawn on a member is not slowed by copying and unpacking the image (LXD copies

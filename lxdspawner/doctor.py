@@ -9,13 +9,15 @@ full copy of the image, and quotas are not enforced); that the image exists; tha
 profiles exist and give ``eth0`` on a managed bridge with an IPv4 gateway; and that the hub's
 API is at an address containers can reach (a hub on loopback with no ``hub_connect_url`` is an
 error: the container would talk to itself). It also lists our containers by hub, the stopped
-ones named (informational: without the hub's database it cannot tell which belong to no
-server, and it deletes nothing).
+ones named. The checks past that (each member's image, shared copies and clock; this host's
+subordinate ids and stray bridge ports; what belongs to no server, with the hub's database;
+the probe container that fetches the hub's API) are in :mod:`lxdspawner.doctorchecks`.
 
-Each finding is a :class:`Result`: a severity (``ok``, ``warning``, ``error``), what was found
-and the fix (a command or a setting with its value). The checks are small async functions over
-an :class:`~lxdspawner.lxd.LxdClient`, so the unit tier runs them against a fake. Exit status:
-0 with no error (warnings allowed: they cost something but servers start), 1 with an error.
+Each finding is a :class:`~lxdspawner.findings.Result`: a severity (``ok``, ``warning``,
+``error``), what was found and the fix (a command or a setting with its value). The checks
+are small async functions over an :class:`~lxdspawner.lxd.LxdClient`, so the unit tier runs
+them against a fake. Exit status: 0 with no error (warnings allowed: they cost something but
+servers start), 1 with an error.
 """
 
 from __future__ import annotations
