@@ -1,11 +1,15 @@
 """The ``lxdspawner`` command: operator tasks outside the hub.
 
-    lxdspawner prepull [--image jupyter-base] [--endpoint https://node1:8443 --cert ... ]
-    lxdspawner gc [--delete] [--endpoint ...]
-    lxdspawner list [--endpoint ...]
-    lxdspawner doctor [-f jupyterhub_config.py] [--format json]
+    lxdspawner prepull [-f jupyterhub_config.py [--remote NAME]] [--image jupyter-base]
+                       [--endpoint https://node1:8443 --cert ... ]
+    lxdspawner gc [--delete] [--format json] [-f ...] [--endpoint ...]
+    lxdspawner list [--format json] [-f ...] [--endpoint ...]
+    lxdspawner doctor [-f jupyterhub_config.py] [--format json] [--no-probe] [--db-url URL]
     lxdspawner image build [RECIPE.yaml] [-f jupyterhub_config.py] [--alias NAME] [--force]
-    lxdspawner volumes list|snapshot|restore|resize|delete|move ... [--endpoint ...]
+    lxdspawner volumes list|snapshot|restore|resize|delete|move ... [-f ...] [--endpoint ...]
+
+Every command reads the connection (and prepull the image, profiles and shared directories)
+from the hub's config with ``-f`` (:func:`connection`); options given explicitly override it.
 
 ``prepull`` makes every Online cluster member hold the image unpacked in its storage pool, so
 the first spawn on a member is not slowed by copying and unpacking the image (LXD copies
@@ -54,6 +58,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import sys
 import time
@@ -74,7 +80,31 @@ async def prepull(
     profiles: tuple[str, ...] = ("default",),
     out=sys.stdout,
 ) -> int:
-    """Unpack ``image`` on every Online member; return how many members failed."""
+    """Unpack ``image`` on every Online member; return how many members failed. On a
+    terminal a rich progress line per member follows the daemon's own progress (download,
+    unpack); otherwise each change of it is a plain line."""
+    if getattr(out, "isatty", lambda: False)():
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=Console(file=out),
+            transient=True,
+        ) as bar:
+            return await _prepull(client, image, shared_directories, profiles, out, bar)
+    return await _prepull(client, image, shared_directories, profiles, out, None)
+
+
+def _progress_text(metadata: dict) -> str:
+    """The daemon's progress in an operation's metadata (``download_progress``,
+    ``create_instance_from_image_unpack_progress``, ...), or ""."""
+    return ", ".join(str(v) for k, v in sorted(metadata.items()) if k.endswith("_progress") and v)
+
+
+async def _prepull(client, image, shared_directories, profiles, out, bar) -> int:
     log = logging.getLogger("lxdspawner")
     shares = [sharing.SharedDirectory(path, log) for path in shared_directories]
     fingerprint = await client.image_fingerprint(image)
@@ -84,50 +114,80 @@ async def prepull(
         if m.get("status") != "Online":
             print(f"{m['server_name']}: skipped ({m.get('status')})", file=out)
 
+    def say(text: str) -> None:
+        if bar is not None:
+            bar.console.print(text, highlight=False, markup=False)
+        else:
+            print(text, file=out)
+
     async def one(target: str | None) -> bool:
         name = names.prepull_name(uuid.uuid4().hex[:8])
         where = target or "this server"
         started = time.monotonic()
+        task = bar.add_task(f"{where}: {image}") if bar is not None else None
+        shown = [""]
+
+        def progress(metadata: dict) -> None:
+            text = _progress_text(metadata)
+            if not text or text == shown[0]:
+                return
+            shown[0] = text
+            if bar is not None:
+                bar.update(task, description=f"{where}: {image}: {text}")
+            else:
+                say(f"{where}: {text}")
+
         try:
             await client.create_instance(
-                name, source=image_source(image), target=target, timeout=600
+                name, source=image_source(image), target=target, timeout=600, on_progress=progress
             )
             await client.delete_instance(name)
         except LxdError as e:
-            print(f"{where}: failed: {e.message}", file=out)
+            say(f"{where}: failed: {e.message}")
             return False
-        print(f"{where}: {image} ready ({time.monotonic() - started:.1f} s)", file=out)
+        say(f"{where}: {image} ready ({time.monotonic() - started:.1f} s)")
         for share in shares:
             started = time.monotonic()
             outcome = await share.ensure(client, fingerprint, target, profiles)
             took = time.monotonic() - started
             if outcome == "failed":
-                print(f"{where}: shared {share.path}: not made (see the log above)", file=out)
+                say(f"{where}: shared {share.path}: not made (see the log above)")
                 return False
             if outcome == "absent":
-                print(f"{where}: shared {share.path}: not in the image, skipped", file=out)
+                say(f"{where}: shared {share.path}: not in the image, skipped")
             else:
-                print(f"{where}: shared {share.path} ready ({took:.1f} s)", file=out)
+                say(f"{where}: shared {share.path} ready ({took:.1f} s)")
         return True
 
     results = await asyncio.gather(*(one(t) for t in targets))
     return results.count(False)
 
 
-async def gc(client: LxdClient, *, delete: bool = False, out=sys.stdout) -> int:
+async def gc(
+    client: LxdClient, *, delete: bool = False, out=sys.stdout, as_json: bool = False
+) -> int:
     """List (or with ``delete`` delete) what lxdspawner made for images no alias names any
-    more; return how many deletions failed."""
+    more; return how many deletions failed. ``as_json``: one object per item, with
+    ``deleted`` (true, false when its deletion failed, null when not asked)."""
     pools = await client.storage_pools()
     volumes = [(pool, v) for pool in pools for v in await client.list_volumes(pool)]
     found = stale(await client.list_images(), await client.list_instances(recursion=1), volumes)
+    records: list[dict] = []
+
+    def say(text: str) -> None:
+        if not as_json:
+            print(text, file=out)
+
     if not found:
-        print("nothing to delete", file=out)
+        say("nothing to delete")
     failed = 0
     for item in found:
         where = f" on {item.member}" if item.member else ""
         what = f"{item.kind} {item.name}" + (f" (pool {item.pool})" if item.pool else "") + where
+        record = {**dataclasses.asdict(item), "deleted": None}
+        records.append(record)
         if not delete:
-            print(f"would delete {what}: {item.why}", file=out)
+            say(f"would delete {what}: {item.why}")
             continue
         try:
             if item.kind == "volume":
@@ -135,40 +195,117 @@ async def gc(client: LxdClient, *, delete: bool = False, out=sys.stdout) -> int:
             else:
                 await client.delete_instance(item.name)
         except LxdError as e:
-            print(f"could not delete {what}: {e.message}", file=out)
+            say(f"could not delete {what}: {e.message}")
+            record.update(deleted=False, error=e.message)
             failed += 1
         else:
-            print(f"deleted {what}", file=out)
+            say(f"deleted {what}")
+            record["deleted"] = True
     if found and not delete:
-        print("run again with --delete to delete these", file=out)
+        say("run again with --delete to delete these")
+    if as_json:
+        print(json.dumps(records, indent=2), file=out)
     return failed
 
 
-async def list_servers(client: LxdClient, *, out=sys.stdout) -> int:
+async def list_servers(client: LxdClient, *, out=sys.stdout, as_json: bool = False) -> int:
     """Print the servers' containers on the daemon (or cluster); return 0."""
-    print(table(servers(await client.list_instances(recursion=2))), file=out)
+    found = servers(await client.list_instances(recursion=2))
+    if as_json:
+        print(json.dumps([dataclasses.asdict(s) for s in found], indent=2), file=out)
+    else:
+        print(table(found), file=out)
     return 0
 
 
 def _add_connection(parser: argparse.ArgumentParser) -> None:
+    """The connection options every command shares: ``-f`` reads them from the hub's config
+    (as doctor does: :func:`lxdspawner.doctor.load_settings`); the explicit ones override."""
+    parser.add_argument(
+        "-f",
+        "--config",
+        default=None,
+        help="the hub's jupyterhub_config.py: the connection, remotes, image, profiles and "
+        "shared directories the hub uses",
+    )
+    parser.add_argument(
+        "--remote",
+        default="",
+        help="with -f: a name of c.LxdSpawner.remotes (default: the hub's default daemon)",
+    )
     parser.add_argument(
         "--endpoint",
-        default="",
+        default=None,
         help="https://member:8443, unix:///path, a remote of the incus/lxc command line "
         "(e.g. campus), or empty for local",
     )
-    parser.add_argument("--cert", default="", help="client certificate (PEM) for https")
-    parser.add_argument("--key", default="", help="client key (PEM) for https")
-    parser.add_argument("--server-cert", default="", help="the server's certificate, pinned")
-    parser.add_argument("--project", default="", help="LXD project")
+    parser.add_argument("--cert", default=None, help="client certificate (PEM) for https")
+    parser.add_argument("--key", default=None, help="client key (PEM) for https")
+    parser.add_argument("--server-cert", default=None, help="the server's certificate, pinned")
+    parser.add_argument("--project", default=None, help="LXD project")
+
+
+def connection(args: argparse.Namespace) -> tuple[dict[str, str], doctor.Settings]:
+    """The connection settings (``-f``'s, then ``--remote``'s entry, then the explicit
+    options) and the hub's settings (defaults without ``-f``). ValueError names a bad one."""
+    settings = doctor.load_settings(getattr(args, "config", None))
+    remote = getattr(args, "remote", "")
+    if remote and remote not in settings.remotes:
+        known = ", ".join(repr(k) for k in settings.remotes) or "none"
+        raise ValueError(f"--remote {remote!r}: not in c.LxdSpawner.remotes (known: {known})")
+    chosen = dict(settings.remotes[remote] if remote else settings.default)
+    for key, option in (
+        ("endpoint", "endpoint"),
+        ("client_cert", "cert"),
+        ("client_key", "key"),
+        ("server_cert", "server_cert"),
+        ("project", "project"),
+    ):
+        value = getattr(args, option, None)
+        if value is not None:
+            chosen[key] = value
+    return {
+        k: chosen.get(k, "")
+        for k in ("endpoint", "client_cert", "client_key", "server_cert", "project")
+    }, settings
+
+
+EXAMPLES = {
+    "prepull": """examples:
+  lxdspawner prepull -f /etc/jupyterhub/jupyterhub_config.py
+  lxdspawner prepull -f /etc/jupyterhub/jupyterhub_config.py --remote campus
+  lxdspawner prepull --image jupyter-base --endpoint https://node1:8443 \\
+      --cert hub.crt --key hub.key --server-cert cluster.crt""",
+    "gc": """examples:
+  lxdspawner gc -f /etc/jupyterhub/jupyterhub_config.py            # list only
+  lxdspawner gc -f /etc/jupyterhub/jupyterhub_config.py --delete
+  lxdspawner gc --format json""",
+    "list": """examples:
+  lxdspawner list -f /etc/jupyterhub/jupyterhub_config.py
+  lxdspawner list --format json | jq '.[] | select(.status != "Running")'""",
+    "doctor": """examples:
+  lxdspawner doctor -f /etc/jupyterhub/jupyterhub_config.py
+  lxdspawner doctor -f jupyterhub_config.py --no-probe       # before the hub's first start
+  lxdspawner doctor -f jupyterhub_config.py --format json
+
+exit status: 0 no error (warnings allowed), 1 an error, 2 bad usage.""",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lxdspawner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"lxdspawner {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    pre = sub.add_parser("prepull", help="unpack the image on every cluster member")
-    pre.add_argument("--image", default="jupyter-base", help="image alias or fingerprint")
+    examples = {"formatter_class": argparse.RawDescriptionHelpFormatter}
+    pre = sub.add_parser(
+        "prepull",
+        help="unpack the image on every cluster member",
+        epilog=EXAMPLES["prepull"],
+        **examples,
+    )
+    pre.add_argument(
+        "--image", default=None, help="image alias or fingerprint (default: -f's, jupyter-base)"
+    )
     _add_connection(pre)
     pre.add_argument(
         "--shared-directory",
@@ -177,23 +314,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--shared-directory '' for none",
     )
     pre.add_argument(
-        "--profile", action="append", help="as c.LxdSpawner.profiles (default: default)"
+        "--profile", action="append", help="as c.LxdSpawner.profiles (default: -f's, default)"
     )
     collect = sub.add_parser(
-        "gc", help="list (--delete: delete) shared copies and bases of images no alias names"
+        "gc",
+        help="list (--delete: delete) shared copies and bases of images no alias names",
+        epilog=EXAMPLES["gc"],
+        **examples,
     )
     collect.add_argument("--delete", action="store_true", help="delete what is listed")
+    collect.add_argument("--format", choices=("table", "json"), default="table")
     _add_connection(collect)
-    _add_connection(sub.add_parser("list", help="the servers' containers, as the daemon has them"))
+    listing = sub.add_parser(
+        "list",
+        help="the servers' containers, as the daemon has them",
+        epilog=EXAMPLES["list"],
+        **examples,
+    )
+    listing.add_argument("--format", choices=("table", "json"), default="table")
+    _add_connection(listing)
     volumecli.add_parser(sub, _add_connection)
     doc = sub.add_parser(
         "doctor",
         help="check what the hub's config needs: daemons, storage, image, profiles, hub address",
-        epilog="example: lxdspawner doctor -f /etc/jupyterhub/jupyterhub_config.py. "
-        "Exit status: 0 no error (warnings allowed), 1 an error, 2 bad usage.",
+        epilog=EXAMPLES["doctor"],
+        **examples,
     )
     doc.add_argument("-f", "--config", default=None, help="the hub's jupyterhub_config.py")
     doc.add_argument("--format", choices=("table", "json"), default="table")
+    doc.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="skip the probe container that fetches the hub's API (e.g. before the hub's "
+        "first start)",
+    )
+    doc.add_argument(
+        "--db-url",
+        default=None,
+        help="the hub's database (default: the config's c.JupyterHub.db_url), read-only, to "
+        "find containers and volumes that belong to no server",
+    )
     imagebuild.add_parser(sub, _add_connection)
     return parser
 
@@ -202,11 +362,19 @@ def run_doctor(args: argparse.Namespace) -> int:
     """``lxdspawner doctor``: the findings as a table or JSON; 2 for a config it cannot use."""
     try:
         settings = doctor.load_settings(args.config)
+        settings.probe = not args.no_probe
+        if args.db_url:
+            settings.db_url = args.db_url
     except Exception as e:  # the config's own errors: the operator's file, named
         print(f"lxdspawner doctor: {args.config}: {e}", file=sys.stderr)
         return 2
     results = asyncio.run(doctor.diagnose(settings))
-    print(doctor.as_json(results) if args.format == "json" else doctor.as_table(results))
+    if args.format == "json":
+        print(doctor.as_json(results))
+    elif sys.stdout.isatty():
+        doctor.print_rich(results)
+    else:  # plain aligned lines for pipes, logs and grep
+        print(doctor.as_table(results))
     return doctor.exit_status(results)
 
 
@@ -218,17 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "image":
         return imagebuild.run(args)
 
+    try:
+        chosen, settings = connection(args)
+    except Exception as e:  # the config's own errors: the operator's file, named
+        print(f"lxdspawner {args.command}: {e}", file=sys.stderr)
+        return 2
+
     async def run() -> int:
         try:
-            remote = from_settings(
-                {
-                    "endpoint": args.endpoint,
-                    "client_cert": args.cert,
-                    "client_key": args.key,
-                    "server_cert": args.server_cert,
-                    "project": args.project,
-                }
-            )
+            remote = from_settings(chosen)
             async with LxdClient(
                 remote.endpoint,
                 client_cert=remote.client_cert,
@@ -237,18 +403,21 @@ def main(argv: list[str] | None = None) -> int:
                 project=remote.project,
             ) as client:
                 if args.command == "gc":
-                    return await gc(client, delete=args.delete)
+                    return await gc(client, delete=args.delete, as_json=args.format == "json")
                 if args.command == "list":
-                    return await list_servers(client)
+                    return await list_servers(client, as_json=args.format == "json")
                 if args.command == "volumes":
                     return await volumecli.run(client, args, out=sys.stdout, err=sys.stderr)
+                shared = (
+                    args.shared_directory
+                    if args.shared_directory is not None
+                    else settings.shared_directories
+                )
                 return await prepull(
                     client,
-                    args.image,
-                    shared_directories=tuple(
-                        p for p in (args.shared_directory or ["/usr", "/opt/jupyterhub"]) if p
-                    ),
-                    profiles=tuple(args.profile or ["default"]),
+                    args.image or settings.image,
+                    shared_directories=tuple(p for p in shared if p),
+                    profiles=tuple(args.profile or settings.profiles),
                 )
         except LxdError as e:
             print(f"lxdspawner: {e.message}", file=sys.stderr)

@@ -9,13 +9,15 @@ full copy of the image, and quotas are not enforced); that the image exists; tha
 profiles exist and give ``eth0`` on a managed bridge with an IPv4 gateway; and that the hub's
 API is at an address containers can reach (a hub on loopback with no ``hub_connect_url`` is an
 error: the container would talk to itself). It also lists our containers by hub, the stopped
-ones named (informational: without the hub's database it cannot tell which belong to no
-server, and it deletes nothing).
+ones named. The checks past that (each member's image, shared copies and clock; this host's
+subordinate ids and stray bridge ports; what belongs to no server, with the hub's database;
+the probe container that fetches the hub's API) are in :mod:`lxdspawner.doctorchecks`.
 
-Each finding is a :class:`Result`: a severity (``ok``, ``warning``, ``error``), what was found
-and the fix (a command or a setting with its value). The checks are small async functions over
-an :class:`~lxdspawner.lxd.LxdClient`, so the unit tier runs them against a fake. Exit status:
-0 with no error (warnings allowed: they cost something but servers start), 1 with an error.
+Each finding is a :class:`~lxdspawner.findings.Result`: a severity (``ok``, ``warning``,
+``error``), what was found and the fix (a command or a setting with its value). The checks
+are small async functions over an :class:`~lxdspawner.lxd.LxdClient`, so the unit tier runs
+them against a fake. Exit status: 0 with no error (warnings allowed: they cost something but
+servers start), 1 with an error.
 """
 
 from __future__ import annotations
@@ -26,22 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import hardening, network, ownership, recipes
+from . import doctorchecks, hardening, hubdb, network, ownership, recipes
+from .findings import ERROR, OK, WARNING, Result, _tool
 from .lxd import LxdClient, LxdError
 from .remotes import KEYS, check_remotes, from_settings
 
-OK, WARNING, ERROR = "ok", "warning", "error"
-
-
-@dataclass(frozen=True)
-class Result:
-    """One finding: ``fix`` is empty when there is nothing to do."""
-
-    severity: str
-    remote: str
-    check: str
-    what: str
-    fix: str = ""
+__all__ = ["ERROR", "OK", "WARNING", "Result", "Settings", "diagnose", "load_settings"]
 
 
 @dataclass
@@ -61,6 +53,20 @@ class Settings:
     hub_id: str = ""
     #: The config file these come from (absolute), for the fixes' commands.
     config_file: str = ""
+    base_url: str = "/"
+    shared_directories: list[str] = field(default_factory=lambda: ["/usr", "/opt/jupyterhub"])
+    isolated_idmap: bool | None = None
+    privileged_containers: bool = False
+    #: ``c.JupyterHub.active_server_limit`` (0: none): the servers the uid ranges must hold.
+    active_server_limit: int = 0
+    #: The hub's database (absolute for SQLite; "" without one): see :mod:`lxdspawner.hubdb`.
+    db_url: str = ""
+    #: Run the probe container (``--no-probe``: not).
+    probe: bool = True
+    #: The config file given with ``-f`` ("" without), for the fixes' command lines.
+    config_path: str = ""
+    #: Where this host's ``/etc`` and ``/sys`` are read (the unit tests: a directory of theirs).
+    host_root: Path = Path("/")
 
     def targets(self) -> list[str]:
         """The remotes to check: "" (the default), every entry of ``remotes``, and the
@@ -81,6 +87,7 @@ def load_settings(path: str | Path | None) -> Settings:
     from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
 
     path = Path(path)
+    settings.config_path = str(path)
     try:
         config = PyFileConfigLoader(path.name, path=str(path.parent.resolve())).load_config()
     except ConfigFileNotFound as e:
@@ -96,6 +103,11 @@ def load_settings(path: str | Path | None) -> Settings:
     if "profiles" in merged:
         settings.profiles = [str(p) for p in merged["profiles"]]
     settings.hub_id = str(merged.get("hub_id", "") or "")
+    if "shared_directories" in merged:
+        settings.shared_directories = [str(p) for p in merged["shared_directories"]]
+    if merged.get("isolated_idmap") is not None:
+        settings.isolated_idmap = bool(merged["isolated_idmap"])
+    settings.privileged_containers = bool(merged.get("privileged_containers", False))
     settings.spawner_hub_connect_url = str(merged.get("hub_connect_url", "") or "")
     profile_list = merged.get("profile_list")
     if isinstance(profile_list, list):
@@ -111,15 +123,21 @@ def load_settings(path: str | Path | None) -> Settings:
         settings.hub_port = int(hub["hub_port"])
     settings.hub_bind_url = str(hub.get("hub_bind_url", "") or "")
     settings.hub_connect_url = str(hub.get("hub_connect_url", "") or "")
+    settings.base_url = str(hub.get("base_url", "/") or "/")
+    settings.active_server_limit = int(hub.get("active_server_limit", 0) or 0)
+    if hub.get("db_url"):
+        settings.db_url = hubdb.absolute(str(hub["db_url"]), path.parent.resolve())
+    if not settings.hub_id:
+        # As the spawner's default: from the database's URL (JupyterHub's default file is
+        # relative to where the hub runs: taken here as the config's directory).
+        default_db = settings.db_url or hubdb.absolute(
+            "sqlite:///jupyterhub.sqlite", path.parent.resolve()
+        )
+        settings.hub_id = ownership.default_hub_id(default_db)
     return settings
 
 
 # -- the checks --------------------------------------------------------------------------------
-
-
-def _tool(client: LxdClient) -> str:
-    """The command line the fixes name: ``incus`` or LXD's ``lxc``."""
-    return "lxc" if client.dialect and client.dialect.product == "lxd" else "incus"
 
 
 async def check_daemon(client: LxdClient, name: str) -> list[Result]:
@@ -329,8 +347,14 @@ def check_hub(settings: Settings, gateway: str | None) -> Result:
     return Result(OK, "", "hub", f"containers reach the hub at {host}:{settings.hub_port}")
 
 
-async def check_remote(name: str, remote_settings: Mapping[str, str], settings: Settings):
-    """Every check of one remote; the gateway of its bridge (or None) for the hub check."""
+async def check_remote(
+    name: str,
+    remote_settings: Mapping[str, str],
+    settings: Settings,
+    hub: hubdb.HubServers | None = None,
+):
+    """Every check of one remote; the gateway of its bridge (or None) for the hub check.
+    ``hub``: the hub's users and servers (from its database), for what belongs to none."""
     label = name or "default"
     try:
         remote = from_settings(remote_settings)
@@ -366,10 +390,51 @@ async def check_remote(name: str, remote_settings: Mapping[str, str], settings: 
         found += await check_image(
             client, label, settings.image, product, settings.config_file, name
         )
+        root = await _root_and_bridge(client, settings.profiles)
+        pool, driver, bridge = root or (None, "", "")
+        found += await doctorchecks.check_members(
+            client,
+            label,
+            image=settings.image,
+            pool=pool,
+            driver=driver,
+            shared_directories=()
+            if settings.privileged_containers
+            else settings.shared_directories,
+            prepull=_command("prepull", settings, name),
+        )
         found += await check_leftovers(client, label, settings.hub_id)
+        found += await doctorchecks.check_owners(client, label, settings.hub_id, hub)
+        if not remote.endpoint.startswith("https://"):  # a local daemon: its host is this one
+            isolated = not settings.privileged_containers and (
+                settings.isolated_idmap
+                if settings.isolated_idmap is not None
+                else product == "incus"
+            )
+            found += await doctorchecks.check_host(
+                client,
+                label,
+                bridge=bridge,
+                isolated=isolated,
+                needed=settings.active_server_limit,
+                root=settings.host_root,
+            )
         for r in found:
             if r.check == "network" and r.severity == OK and "gateway " in r.what:
                 gateway = r.what.rsplit("gateway ", 1)[1]
+        if settings.probe and root is not None and check_hub(settings, gateway).severity == OK:
+            url, hint = doctorchecks.hub_url_for(settings, gateway)
+            found.append(
+                await doctorchecks.check_probe(
+                    client,
+                    label,
+                    url,
+                    hub_id=settings.hub_id,
+                    profiles=settings.profiles,
+                    image=settings.image,
+                    settings_hint=hint,
+                )
+            )
         return found, gateway
     except LxdError as e:
         return [Result(ERROR, label, "daemon", e.message, "see the daemon's log")], gateway
@@ -377,15 +442,64 @@ async def check_remote(name: str, remote_settings: Mapping[str, str], settings: 
         await client.close()
 
 
+async def _root_and_bridge(client: LxdClient, profiles: list[str]) -> tuple[str, str, str] | None:
+    """(root pool, its driver, eth0's bridge) of the profiles; None when they give no root
+    disk or a profile is missing (check_profiles says which)."""
+    devices: dict[str, dict] = {}
+    try:
+        for profile in profiles:
+            devices.update((await client.profile(profile)).get("devices") or {})
+    except LxdError:
+        return None
+    root = next(
+        (d for d in devices.values() if d.get("type") == "disk" and d.get("path") == "/"), None
+    )
+    if root is None or not root.get("pool"):
+        return None
+    pool = await client.request("GET", f"/1.0/storage-pools/{root['pool']}")
+    nic = devices.get("eth0") or {}
+    return root["pool"], pool.get("driver", ""), nic.get("network") or nic.get("parent") or ""
+
+
+def _command(command: str, settings: Settings, remote: str) -> str:
+    """``lxdspawner <command>`` with the options that reach what doctor checked."""
+    parts = ["lxdspawner", command]
+    if settings.config_path:
+        parts += ["-f", settings.config_path]
+    else:
+        parts += ["--image", settings.image]
+    if remote:
+        parts += ["--remote", remote]
+    return " ".join(parts)
+
+
+def _hub_servers(settings: Settings) -> tuple[hubdb.HubServers | None, list[Result]]:
+    """The hub's users and servers from its database, when there is one to read."""
+    if not settings.db_url:
+        return None, []
+    try:
+        return hubdb.read(settings.db_url), []
+    except ValueError as e:
+        return None, [
+            Result(
+                WARNING,
+                "",
+                "database",
+                f"{e}: which containers and volumes belong to no server is not checked",
+                "run doctor where the hub's database is readable, or give it: --db-url URL",
+            )
+        ]
+
+
 async def diagnose(settings: Settings) -> list[Result]:
     """Every finding, remote by remote, then the hub's address."""
-    results: list[Result] = []
+    hub, results = _hub_servers(settings)
     gateway = None
     for name in settings.targets():
         entry = settings.remotes.get(name) if name else settings.default
         if entry is None:  # a profile_list remote that is no entry: a command-line remote
             entry = {"endpoint": name}
-        found, bridge_gateway = await check_remote(name, entry, settings)
+        found, bridge_gateway = await check_remote(name, entry, settings, hub)
         results += found
         gateway = gateway or bridge_gateway
     results.append(check_hub(settings, gateway))
@@ -399,6 +513,36 @@ def exit_status(results: list[Result]) -> int:
 
 def as_json(results: list[Result]) -> str:
     return json.dumps([asdict(r) for r in results], indent=2)
+
+
+def print_rich(results: list[Result], file: Any = None) -> None:
+    """The findings as a rich table (colours on a terminal only; rich decides), the fix
+    under each finding, and the count of errors and warnings."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file)
+    table = Table(show_header=True, header_style="bold", expand=False)
+    for column in ("", "remote", "check", "what was found / fix"):
+        table.add_column(column, overflow="fold")
+    style = {OK: "green", WARNING: "yellow", ERROR: "bold red"}
+    for r in results:
+        table.add_row(
+            f"[{style[r.severity]}]{r.severity.upper()}[/]",
+            _escape(r.remote or "-"),
+            r.check,
+            _escape(r.what) + (f"\n[cyan]fix:[/cyan] {_escape(r.fix)}" if r.fix else ""),
+        )
+    console.print(table)
+    errors = sum(r.severity == ERROR for r in results)
+    warnings = sum(r.severity == WARNING for r in results)
+    console.print(f"{errors} error(s), {warnings} warning(s)", highlight=False)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def as_table(results: list[Result]) -> str:

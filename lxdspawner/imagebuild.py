@@ -428,22 +428,18 @@ def add_parser(sub: Any, add_connection: Callable[[argparse.ArgumentParser], Non
         help="a recipe file (.yaml), or a recipe of the package: jupyter-base (default), "
         "lxdspawner-tiny",
     )
-    build.add_argument("-f", "--config", default=None, help="the hub's jupyterhub_config.py")
-    build.add_argument(
-        "--remote", default="", help="with -f: an entry of c.LxdSpawner.remotes to import into"
-    )
     build.add_argument("--alias", default="", help="the alias (default: the recipe's)")
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
-    add_connection(build)
+    add_connection(build)  # -f, --remote (where to import), --endpoint and friends
 
 
 def _remote(args: argparse.Namespace) -> Remote:
     connection = {
-        "endpoint": args.endpoint,
-        "client_cert": args.cert,
-        "client_key": args.key,
-        "server_cert": args.server_cert,
-        "project": args.project,
+        "endpoint": args.endpoint or "",
+        "client_cert": args.cert or "",
+        "client_key": args.key or "",
+        "server_cert": args.server_cert or "",
+        "project": args.project or "",
     }
     if args.config is None:
         if args.remote:

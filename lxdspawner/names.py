@@ -4,8 +4,8 @@ Servers' instances (from JupyterHub user and server names, below); the shared re
 copies of an image's directories (:func:`shared_volume_name`, parsed back by
 :func:`shared_volume_fingerprint` for ``lxdspawner gc``), their disk devices and the helper
 containers that fill them; LXD 5.0's shifted bases (:func:`base_name`); the prepull helpers;
-the network ACLs (:func:`acl_name`). One function per format: change one, and what parses
-it changes with it.
+the doctor's probes (:func:`probe_name`); the network ACLs (:func:`acl_name`). One function
+per format: change one, and what parses it changes with it.
 
 Instance names from JupyterHub user and server names:
 
@@ -199,6 +199,11 @@ def base_name(prefix: str, fingerprint: str) -> str:
 def prepull_name(token: str) -> str:
     """A ``lxdspawner prepull`` helper (``token``: random, so runs never collide)."""
     return f"lxdspawner-prepull-{token}"
+
+
+def probe_name(token: str) -> str:
+    """A ``lxdspawner doctor`` probe container (``token``: random, so runs never collide)."""
+    return f"lxdspawner-doctor-{token}"
 
 
 def acl_name(prefix: str, *parts: str) -> str:

@@ -375,6 +375,32 @@ class LxdClient:
     async def server_info(self) -> dict:
         return await self.request("GET", "/1.0")
 
+    async def server_time(self, target: str | None = None) -> float | None:
+        """The daemon's clock (``target``: a cluster member's) as seconds since the epoch,
+        from the ``Date`` header of its ``GET /1.0`` (one-second resolution); None when it
+        sends none. Neither daemon tells its time in ``/1.0``; a request forwarded to a
+        member (``?target=``) carries the member's own headers, ``Date`` included (both
+        daemons' forwardedResponse copies them, and Go's server keeps a ``Date`` it is given).
+        """
+        from email.utils import parsedate_to_datetime
+
+        async with self._open("GET", "/1.0", params={"target": target}) as resp:
+            body = await resp.read()
+            status, date = resp.status, resp.headers.get("Date", "")
+        self._metadata("GET", "/1.0", status, body)
+        try:
+            return parsedate_to_datetime(date).timestamp() if date else None
+        except (TypeError, ValueError):
+            return None
+
+    async def image_volumes(self, pool: str, *, target: str | None = None) -> list[str]:
+        """The fingerprints of the images unpacked in ``pool`` (on member ``target``): a
+        cluster copies an image to a member's pool at its first use there."""
+        urls = await self.request(
+            "GET", f"/1.0/storage-pools/{_q(pool)}/volumes/image", params={"target": target}
+        )
+        return [url.split("?")[0].rsplit("/", 1)[-1] for url in urls]
+
     async def resources(self, target: str | None = None) -> dict:
         return await self.request("GET", "/1.0/resources", params={"target": target})
 
@@ -430,8 +456,10 @@ class LxdClient:
         instance_type: str = "container",
         timeout: float = 300.0,
         on_progress: ProgressCallback | None = None,
+        ephemeral: bool = False,
     ) -> dict:
         """Create an instance from ``source`` (see :func:`image_source`); optionally start it.
+        An ``ephemeral`` one is deleted by the daemon once it stops.
 
         When the daemon can create and start in one request it does; otherwise the start is a
         second request. Either way the instance is running when this returns with start=True.
@@ -443,6 +471,8 @@ class LxdClient:
             "config": dict(config or {}),
             "devices": {k: dict(v) for k, v in (devices or {}).items()},
         }
+        if ephemeral:
+            body["ephemeral"] = True
         if profiles is not None:
             body["profiles"] = list(profiles)
         one_request = start and self.dialect is not None and self.dialect.create_and_start

@@ -280,6 +280,11 @@ class FakeLxd:
         }
         #: True: nothing answers (a daemon that is down or cut off).
         self.down = False
+        #: Seconds each member's clock (STANDALONE: the daemon's) is ahead of the test's.
+        self.clock_offsets: dict[str, float] = {}
+        #: The fingerprints of images unpacked per member (STANDALONE: standalone), as the
+        #: pool's ``volumes/image`` lists them; a member not here has none.
+        self.unpacked: dict[str, set[str]] = {}
         self.request_count = 0
         self.requests: Counter = Counter()
         self._failures: dict[str, list] = {}
@@ -502,6 +507,19 @@ class FakeLxd:
             for name, status in self.members.items()
         ]
 
+    async def server_time(self, target: str | None = None) -> float | None:
+        """The ``Date`` of ``GET /1.0`` (to the second), on member ``target``."""
+        import time
+
+        await self._call("server_time")
+        location = self._location(target) if target is not None else STANDALONE
+        return float(int(time.time() + self.clock_offsets.get(location, 0.0)))
+
+    async def image_volumes(self, pool: str, *, target: str | None = None) -> list[str]:
+        await self._call("image_volumes")
+        location = self._location(target) if target is not None else STANDALONE
+        return sorted(self.unpacked.get(location, set()))
+
     async def resources(self, target: str | None = None) -> dict:
         await self._call("resources")
         location = self._location(target) if target is not None else STANDALONE
@@ -577,6 +595,7 @@ class FakeLxd:
         instance_type: str = "container",
         timeout: float = 300.0,
         on_progress: Callable[[dict], Any] | None = None,
+        ephemeral: bool = False,
     ) -> dict:
         await self._call("create_instance")
         if name in self.instances:
@@ -711,6 +730,8 @@ class FakeLxd:
             if parts[1] not in {self.pool, *(p for p, _, _ in self.volumes)}:
                 raise NotFound(f"Storage pool not found: {parts[1]}", status=404)
             return {"name": parts[1], "driver": self.pool_driver}
+        if method == "GET" and parts == ["instances"]:  # with all-projects: one project here
+            return await self.list_instances(recursion=int((params or {}).get("recursion", 0)))
         if method == "GET" and parts[0] == "images" and len(parts) == 2:
             await self._call("GET /1.0/images/{fingerprint}")
             return {"fingerprint": self._image({"fingerprint": parts[1]}).fingerprint}

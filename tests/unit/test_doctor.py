@@ -119,3 +119,68 @@ async def test_our_containers_are_listed_by_hub_never_touched(fake):
     assert len(found) == 1 and found[0].severity == doctor.OK
     assert "hub 'old' (not this hub's" in found[0].what and "jupyter-ana" in found[0].what
     assert set(fake.instances) == {"jupyter-ana", "someone-else"}
+
+
+def test_every_command_takes_the_hubs_config(tmp_path, capsys):
+    """-f gives the connection, the remote, the image; explicit options override it."""
+    path = write(
+        tmp_path,
+        "c.LxdSpawner.endpoint = 'unix:///x/unix.socket'\n"
+        "c.LxdSpawner.project = 'jh'\n"
+        "c.LxdSpawner.image = 'custom'\n"
+        "c.LxdSpawner.remotes = {'campus': {'endpoint': 'https://lxd1:8443'}}\n",
+    )
+    parser = cli.build_parser()
+    for command in ("prepull", "gc", "list", "doctor"):
+        assert "examples:" in parser._subparsers._group_actions[0].choices[command].epilog
+    chosen, settings = cli.connection(parser.parse_args(["prepull", "-f", str(path)]))
+    assert chosen["endpoint"] == "unix:///x/unix.socket" and chosen["project"] == "jh"
+    assert settings.image == "custom"
+    args = parser.parse_args(["list", "-f", str(path), "--remote", "campus", "--project", "p"])
+    chosen, _ = cli.connection(args)
+    assert (chosen["endpoint"], chosen["project"]) == ("https://lxd1:8443", "p")
+    assert cli.main(["gc", "-f", str(path), "--remote", "nope"]) == 2
+    assert "--remote 'nope'" in capsys.readouterr().err
+
+
+async def test_list_and_gc_as_json(fake):
+    import io
+
+    from fakes import SOURCE, owned
+
+    await fake.create_instance("jupyter-ana", source=SOURCE, config=owned("ana"))
+    out = io.StringIO()
+    await cli.list_servers(fake, as_json=True, out=out)
+    listed = json.loads(out.getvalue())
+    assert listed[0]["user"] == "ana" and listed[0]["instance"] == "jupyter-ana"
+    fake.list_images = lambda: _images(fake)
+    out = io.StringIO()
+    assert await cli.gc(fake, as_json=True, out=out) == 0
+    assert json.loads(out.getvalue()) == []
+
+
+async def _images(fake):
+    return [
+        {"fingerprint": f, "aliases": [{"name": a} for a in i.aliases]}
+        for f, i in fake.images.items()
+    ]
+
+
+async def test_prepull_prints_the_daemons_progress_as_plain_lines(fake):
+    """Not a terminal: each change of the daemon's progress is one line, then "ready"."""
+    import io
+
+    async def create(name, *, on_progress=None, **kwargs):
+        for step in ("unpack: 10%", "unpack: 10%", "unpack: 90%"):
+            on_progress({"create_instance_from_image_unpack_progress": step})
+        return await created(name, **kwargs)
+
+    created = fake.create_instance
+    fake.create_instance = create
+    out = io.StringIO()
+    assert await cli.prepull(fake, "jupyter-base", shared_directories=(), out=out) == 0
+    assert out.getvalue().splitlines()[:2] == [
+        "this server: unpack: 10%",
+        "this server: unpack: 90%",
+    ]
+    assert "this server: jupyter-base ready" in out.getvalue()
