@@ -5,6 +5,7 @@
     lxdspawner list [--endpoint ...]
     lxdspawner doctor [-f jupyterhub_config.py] [--format json]
     lxdspawner volumes list|snapshot|restore|resize|delete|move ... [--endpoint ...]
+    lxdspawner install [--domain NAME] [--bundle DIR | --from-bundle DIR] ... (as root)
 
 ``prepull`` makes every Online cluster member hold the image unpacked in its storage pool, so
 the first spawn on a member is not slowed by copying and unpacking the image (LXD copies
@@ -54,7 +55,7 @@ import sys
 import time
 import uuid
 
-from . import __version__, doctor, names, sharing, volumecli
+from . import __version__, doctor, installer, names, sharing, volumecli
 from .gc import stale
 from .listing import servers, table
 from .lxd import LxdClient, LxdError, image_source
@@ -189,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doc.add_argument("-f", "--config", default=None, help="the hub's jupyterhub_config.py")
     doc.add_argument("--format", choices=("table", "json"), default="table")
+    # Its options are the script's (lxdspawner install --help): main() hands them over as given.
+    sub.add_parser(
+        "install",
+        add_help=False,
+        help="production install on this Debian 12 host (as root; --help for its options)",
+    )
     return parser
 
 
@@ -205,6 +212,9 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["install"]:
+        return installer.run(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "doctor":
