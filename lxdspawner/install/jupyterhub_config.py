@@ -27,7 +27,7 @@ c.JupyterHub.hub_bind_url = "http://@HUB_ADDRESS@:8081"
 c.JupyterHub.db_url = "postgresql+psycopg2://jupyterhub:{}@127.0.0.1:5432/jupyterhub".format(
     os.environ["JUPYTERHUB_DB_PASSWORD"]
 )
-c.JupyterHub.cookie_secret_file = "/var/lib/jupyterhub/jupyterhub_cookie_secret"
+c.JupyterHub.cookie_secret_file = "/var/lib/jupyterhub/jupyterhub_cookie_secret"  # noqa: S105
 # Restarts and upgrades keep the users' servers: they live in their containers.
 c.JupyterHub.cleanup_servers = False
 c.JupyterHub.cleanup_proxy = False

@@ -56,7 +56,8 @@ pytestmark = [
 BUNDLE = Path("/var/cache/lxdspawner/install-bundle")
 HOST_SOCKET = topology.INCUS.socket
 INNER_SOCKET = "/srv/incus.socket"
-USER, PASSWORD = "alice", "correct-horse-" + secrets.token_hex(4)
+# A name of this run's own: a home volume is kept by design when its server goes.
+USER, PASSWORD = f"alice{secrets.token_hex(3)}", "correct-horse-" + secrets.token_hex(4)
 
 
 def run(*args: str, input: str | None = None, timeout: float = 900) -> str:
@@ -68,6 +69,22 @@ def run(*args: str, input: str | None = None, timeout: float = 900) -> str:
         output = done.stdout + done.stderr
         pytest.fail(f"{' '.join(args)} exited {done.returncode}:\n{output[-6000:]}")
     return done.stdout
+
+
+def run_quiet(*args: str, timeout: float = 120) -> str:
+    """A command whose failure is not the test's (waits, diagnostics, clean-up)."""
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    return done.stdout + done.stderr
+
+
+def prepare() -> tuple[str, str]:
+    """The Debian 12 image's alias and the bundle's log (both cached on the host)."""
+    image = run(str(REPO / "testbench" / "install-image.sh")).strip().splitlines()[-1]
+    BUNDLE.mkdir(parents=True, exist_ok=True)
+    log = run(
+        sys.executable, "-m", "lxdspawner.cli", "install", "--bundle", str(BUNDLE), "--skip-image"
+    )
+    return image, log
 
 
 def installer_lines(output: str) -> list[str]:
@@ -84,9 +101,12 @@ async def host_instances(hub_id: str) -> list[str]:
 
 
 async def remove_hub_leftovers(hub_id: str) -> None:
-    """The hub in the container made these on the host: they go with the test."""
+    """The hub in the container made these on the host: they go with the test (twice, a
+    moment apart: a spawn under way when the hub's container went may still land one)."""
     async with LxdClient(f"unix://{HOST_SOCKET}") as client:
-        for name in await host_instances(hub_id):
+        first = await host_instances(hub_id)
+        await asyncio.sleep(2)
+        for name in sorted(set(first) | set(await host_instances(hub_id))):
             try:
                 await client.stop_instance(name, force=True)
             except LxdError:
@@ -136,11 +156,7 @@ async def test_install_from_bundle_https_restart_keeps_the_tab(browser, output_d
     if reason:
         pytest.fail(reason)
     started = time.monotonic()
-    image = run(str(REPO / "testbench" / "install-image.sh")).strip().splitlines()[-1]
-    BUNDLE.mkdir(parents=True, exist_ok=True)
-    bundle_log = run(
-        sys.executable, "-m", "lxdspawner.cli", "install", "--bundle", str(BUNDLE), "--skip-image"
-    )
+    image, bundle_log = prepare()
     print("\n".join(installer_lines(bundle_log)))
     prepared = time.monotonic()
 
@@ -162,8 +178,7 @@ async def test_install_from_bundle_https_restart_keeps_the_tab(browser, output_d
         def inside(*args: str, input: str | None = None) -> str:
             return run(*cli, "exec", name, "--", *args, input=input)
 
-        subprocess.run([*cli, "exec", name, "--", "systemctl", "is-system-running", "--wait"],
-                       capture_output=True, timeout=120, check=False)  # fmt: skip
+        run_quiet(*cli, "exec", name, "--", "systemctl", "is-system-running", "--wait")
         address = re.search(r"inet ([0-9.]+)/", inside("ip", "-4", "-o", "addr", "show", "eth0"))
         assert address, "the install container got no IPv4 address"
         ip = address.group(1)
@@ -236,13 +251,10 @@ async def test_install_from_bundle_https_restart_keeps_the_tab(browser, output_d
             f"total {time.monotonic() - started:.0f} s"
         )
     except BaseException:
-        journal = subprocess.run(
-            [*cli, "exec", name, "--", "journalctl", "--no-pager", "-n", "120",
-             "-u", "jupyterhub", "-u", "jupyterhub-proxy", "-u", "caddy"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        print(journal.stdout[-12000:])
+        journal = run_quiet(*cli, "exec", name, "--", "journalctl", "--no-pager", "-n", "120",
+                            "-u", "jupyterhub", "-u", "jupyterhub-proxy", "-u", "caddy")  # fmt: skip
+        print(journal[-12000:])
         raise
     finally:
-        subprocess.run([*cli, "delete", "--force", name], capture_output=True, check=False)
+        run_quiet(*cli, "delete", "--force", name)
         await remove_hub_leftovers(hub_id)
