@@ -76,7 +76,7 @@ def query(socket_path: str, path: str) -> tuple[int, dict]:
 
 
 def daemon_name(socket_path: str) -> str | None:
-    """The daemon's name and version (e.g. ``incus 6.0.4``) when a daemon answers on ``socket_path``, else None."""
+    """The daemon's name and version (``incus 6.0.4``) answering on ``socket_path``, or None."""
     try:
         status, body = query(socket_path, "/1.0")
     except (OSError, ValueError):

@@ -251,8 +251,10 @@ async def test_install_from_bundle_https_restart_keeps_the_tab(browser, output_d
             f"total {time.monotonic() - started:.0f} s"
         )
     except BaseException:
-        journal = run_quiet(*cli, "exec", name, "--", "journalctl", "--no-pager", "-n", "120",
-                            "-u", "jupyterhub", "-u", "jupyterhub-proxy", "-u", "caddy")  # fmt: skip
+        units = ("-u", "jupyterhub", "-u", "jupyterhub-proxy", "-u", "caddy")
+        journal = run_quiet(
+            *cli, "exec", name, "--", "journalctl", "--no-pager", "-n", "120", *units
+        )
         print(journal[-12000:])
         raise
     finally:
