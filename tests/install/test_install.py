@@ -229,7 +229,7 @@ async def test_install_from_bundle_https_restart_keeps_the_tab(browser, output_d
 
             second = installer_lines(inside(*install))
             (output_dir / "install-2.txt").write_text("\n".join(second))
-            assert not [line for line in second if "changed:" in line], second
+            assert not [line for line in second if ": changed:" in line], second
             assert "nothing changed" in second[-1], second
 
             users = inside("runuser", "-u", "postgres", "--", "psql", "-tAc",
