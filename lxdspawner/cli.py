@@ -7,6 +7,7 @@
     lxdspawner doctor [-f jupyterhub_config.py] [--format json] [--no-probe] [--db-url URL]
     lxdspawner image build [RECIPE.yaml] [-f jupyterhub_config.py] [--alias NAME] [--force]
     lxdspawner volumes list|snapshot|restore|resize|delete|move ... [-f ...] [--endpoint ...]
+    lxdspawner install [--domain NAME] [--bundle DIR | --from-bundle DIR] ... (as root)
 
 Every command reads the connection (and prepull the image, profiles and shared directories)
 from the hub's config with ``-f`` (:func:`connection`); options given explicitly override it.
@@ -65,7 +66,7 @@ import sys
 import time
 import uuid
 
-from . import __version__, doctor, imagebuild, names, sharing, volumecli
+from . import __version__, doctor, imagebuild, installer, names, sharing, volumecli
 from .gc import stale
 from .listing import servers, table
 from .lxd import LxdClient, LxdError, image_source
@@ -355,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
         "find containers and volumes that belong to no server",
     )
     imagebuild.add_parser(sub, _add_connection)
+    # Its options are the script's (lxdspawner install --help): main() hands them over as given.
+    sub.add_parser(
+        "install",
+        add_help=False,
+        help="production install on this Debian 12 host (as root; --help for its options)",
+    )
     return parser
 
 
@@ -379,6 +386,9 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["install"]:
+        return installer.run(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "doctor":
