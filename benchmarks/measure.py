@@ -487,6 +487,8 @@ async def burst_rep(setup: Setup, index: int, label: str) -> None:
             "hist_p99_bucket_le": hist_le,
         },
     }
+    # Empty unless the hub runs with --loop-debug (asyncio's slow-callback warnings).
+    record["slow_callbacks"] = bl.slow_callbacks(segment)
     if setup.key == "lxd":
         timings = bl.spawn_timings(segment)
         record["spawner"] = [timings.get(u) for u in users]

@@ -222,6 +222,69 @@ def analyse(floor: Setup, lxd: Setup, poll: dict | None, meta: dict) -> dict:
     return result
 
 
+def loop_by_database(rounds: list[tuple[str, Setup, Setup]]) -> dict:
+    """The event-loop lag of each setup's hub during the bursts, per database (``--db``):
+    p50 and p99 (exact, from the histogram's count and the logged lags, as `analyse`), the
+    logged lags themselves (every one of at least the resolution), their sum (how long the
+    loop was held in all), the burst's wall time, and with ``--loop-debug`` the callbacks
+    that held it longest."""
+    out: dict[str, dict] = {}
+    for db, *setups in rounds:
+        out[db] = {}
+        for s in setups:
+            bursts = s.data.get("burst", [])
+            obs = sum(b["loop"]["observations"] for b in bursts)
+            lags = [x for b in bursts for x in b["loop"]["logged_lags_s"]]
+            p50, p50_bound = bl.exact_p99_from_log(obs, lags, LOOP_RESOLUTION, q=0.50)
+            p99, p99_bound = bl.exact_p99_from_log(obs, lags, LOOP_RESOLUTION)
+            slow = [tuple(x) for b in bursts for x in b.get("slow_callbacks") or []]
+            out[db][s.key] = {
+                "bursts": len(bursts),
+                "observations": obs,
+                "lags_logged_s": lags,
+                "lags_sum_s": sum(lags),
+                "max_lag_s": max(lags) if lags else None,
+                "p50_s": p50,
+                "p50_is_upper_bound": p50_bound,
+                "p99_s": p99,
+                "p99_is_upper_bound": p99_bound,
+                "burst_wall_median_s": bl.median([b["wall_s"] for b in bursts if b.get("wall_s")]),
+                "slow_callbacks_top": bl.top_slow_callbacks(slow),
+            }
+    return out
+
+
+def database_report(by_db: dict) -> str:
+    """The table of `loop_by_database`, and the slow callbacks when there are any."""
+
+    def lag(v: float | None, bound: bool) -> str:
+        return "n/a" if v is None else ("<" if bound else "") + bl.fmt(v, "ms")
+
+    rows = []
+    for db, setups in by_db.items():
+        for key, d in setups.items():
+            rows.append([
+                f"{db}, {key}",
+                lag(d["p50_s"], d["p50_is_upper_bound"]), lag(d["p99_s"], d["p99_is_upper_bound"]),
+                bl.fmt(d["max_lag_s"], "ms"), str(len(d["lags_logged_s"])),
+                bl.fmt(d["lags_sum_s"], "ms"), str(d["observations"]),
+                bl.fmt(d["burst_wall_median_s"]), str(d["bursts"]),
+            ])  # fmt: skip
+    header = ["loop lag in bursts (ms)", "p50", "p99", "max", f">={LOOP_RESOLUTION * 1000:.0f}",
+              "sum", "samples", "burst (s)", "n"]  # fmt: skip
+    out = [bl.table(rows, header)]
+    for db, setups in by_db.items():
+        for key, d in setups.items():
+            if d["slow_callbacks_top"]:
+                out.append(f"  slow callbacks, {db}, {key} (count, total ms, max ms):")
+                out.extend(
+                    f"    {r['count']:3d} {r['total_s'] * 1000:6.0f} {r['max_s'] * 1000:5.0f}  "
+                    f"{r['what']}"
+                    for r in d["slow_callbacks_top"][:8]
+                )
+    return "\n".join(out)
+
+
 def target_met(key: str, value: float | None) -> bool | None:
     if value is None:
         return None
@@ -274,6 +337,9 @@ def report(result: dict) -> str:
     header = ["metric", "floor med", "p95", "lxd med", "p95", "ratio", "target", "met", "n"]
     out = [bl.table(rows, header)]
 
+    if result.get("databases"):
+        out.append("\n" + database_report(result["databases"]))
+
     volumes = result.get("volumes") or {}
     if any(v["n"] for v in (volumes.get("summary") or {}).values()):
         out.append("\n" + volume_report(result))
@@ -292,7 +358,9 @@ def report(result: dict) -> str:
     ]
     out.append(bl.table(rows, header))
     poll = result.get("poll") or {}
-    if result["api_requests_source"] != API_COUNTER:
+    if not poll:
+        out.append("  polling: phase skipped (--poll-cycles 0)")
+    elif result["api_requests_source"] != API_COUNTER:
         out.append(f"  API requests: {API_COUNTER} is not on /hub/metrics: figure unavailable")
     elif poll.get("requests") is not None:
         idle = poll.get("no_servers") or {}

@@ -81,6 +81,20 @@ c.PeriodicMetricsCollector.event_loop_interval_resolution = {LOOP_RESOLUTION!r}
 c.PeriodicMetricsCollector.event_loop_interval_log_threshold = {LOOP_RESOLUTION!r}
 """
 
+# --loop-debug: asyncio's debug mode logs every callback or task step that holds the loop
+# for at least slow_callback_duration ("Executing <Task ... coro=<...> running at file:line>
+# took 0.052 seconds", on the hub's stderr, so in its log): it names the code behind each lag
+# the metric only counts. Debug mode costs CPU itself, so a run with it is a diagnosis, not a
+# measurement. The configuration is read inside the hub's running loop (initialize()).
+LOOP_DEBUG_CONFIG = f"""
+# --loop-debug
+import asyncio as _asyncio
+
+_loop = _asyncio.get_running_loop()
+_loop.set_debug(True)
+_loop.slow_callback_duration = {LOOP_RESOLUTION!r}
+"""
+
 FLOOR_CONFIG = """
 c.SimpleLocalProcessSpawner.home_dir_template = {homes!r} + "/{{username}}"
 c.Spawner.cmd = [{singleuser!r}]
@@ -204,9 +218,24 @@ class Setup:
 
 @contextlib.asynccontextmanager
 async def running_setups(
-    client: LxdClient, workdir: Path, singleuser: Path, lxd_config_extra: str = ""
+    client: LxdClient,
+    workdir: Path,
+    singleuser: Path,
+    lxd_config_extra: str = "",
+    *,
+    hubdir: Path | None = None,
+    db_configs: dict[str, str] | None = None,
+    extra_config: str = "",
 ) -> AsyncIterator[tuple[Setup, Setup]]:
-    """Both hubs and their proxies, up until the block ends: (floor, lxd)."""
+    """Both hubs and their proxies, up until the block ends: (floor, lxd).
+
+    The hubs' directories (configuration, log, sqlite file) are under ``hubdir`` (default
+    ``workdir``): a new one per round of ``--db``, so each round's hubs start afresh.
+    ``db_configs`` has each setup's database lines (`database.db_config`; none: the
+    harness's sqlite file), ``extra_config`` lines for both hubs (``--loop-debug``).
+    """
+    hubdir = hubdir or workdir
+    db_configs = db_configs or {}
     homes = workdir / "floor-homes"
     homes.mkdir(parents=True, exist_ok=True)
     floor_config = (
@@ -223,14 +252,16 @@ async def running_setups(
         + LXD_CONFIG
         + (f"\n# --lxd-config\n{lxd_config_extra}\n" if lxd_config_extra else "")
     )
+    floor_config += db_configs.get("floor", "") + extra_config
+    lxd_config += db_configs.get("lxd", "") + extra_config
     async with contextlib.AsyncExitStack() as stack:
         say("starting the floor's hub and proxy")
         fhub = await stack.enter_async_context(
-            hubtools.running_hub(workdir / "floor", floor_config, hub_ip="127.0.0.1")
+            hubtools.running_hub(hubdir / "floor", floor_config, hub_ip="127.0.0.1")
         )
         say("starting lxdspawner's hub and proxy")
         xhub = await stack.enter_async_context(
-            hubtools.running_hub(workdir / "lxd", lxd_config, hub_ip=LXD_HUB_IP)
+            hubtools.running_hub(hubdir / "lxd", lxd_config, hub_ip=LXD_HUB_IP)
         )
         yield Setup("floor", fhub, client), Setup("lxd", xhub, client, daemon=daemon_process())
         say("stopping hubs and proxies")
