@@ -72,7 +72,7 @@ def test_slow_callbacks_from_asyncios_own_warnings(caplog):
 
     async def hog():
         await asyncio.sleep(0)
-        time.sleep(0.06)  # the loop is held here, in this step of the task
+        time.sleep(0.06)  # noqa: ASYNC251 (holding the loop is the point)
         await asyncio.sleep(0)
 
     async def main():
@@ -153,4 +153,3 @@ def test_loop_lag_per_database():
     assert lines["postgresql, lxd"].split()[2:4] == ["<20", "<20"]
     assert lines["sqlite, floor"].split()[2:4] == ["n/a", "n/a"]
     assert "SpawnHandler.post (a.py:1)" in text
-
