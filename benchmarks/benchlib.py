@@ -207,38 +207,6 @@ def loop_lags(log: str) -> list[float]:
     return [float(x) for x in _LOOP.findall(log)]
 
 
-_SLOW = re.compile(r"Executing (.*) took ([\d.]+) seconds\s*$", re.M)
-_CORO = re.compile(r"coro=<(\S+?)\(\) (?:running|done, defined) at ([^>\s]+)>")
-_HANDLE = re.compile(r"<(?:Timer)?Handle (?:when=\S+ )?([^\s(]+)\(")
-
-
-def slow_callbacks(log: str) -> list[tuple[str, float]]:
-    """``(what, seconds)`` of asyncio's debug-mode warnings "Executing <handle> took N
-    seconds": a task's step as its coroutine and the line it stopped at (where the step
-    ended: the next ``await`` after the work), else the handle's callback."""
-    found = []
-    for m in _SLOW.finditer(log):
-        handle = m.group(1)
-        coro = _CORO.search(handle)
-        if coro:
-            what = f"{coro.group(1)} ({coro.group(2)})"
-        elif cb := _HANDLE.search(handle):
-            what = cb.group(1)
-        else:
-            what = handle[:100]
-        found.append((what, float(m.group(2))))
-    return found
-
-
-def top_slow_callbacks(found: Iterable[tuple[str, float]], n: int = 10) -> list[dict]:
-    """The callbacks that held the loop longest in total: what, count, total and max (s)."""
-    by: dict[str, list[float]] = {}
-    for what, seconds in found:
-        by.setdefault(what, []).append(seconds)
-    rows = [{"what": w, "count": len(v), "total_s": sum(v), "max_s": max(v)} for w, v in by.items()]
-    return sorted(rows, key=lambda r: -r["total_s"])[:n]
-
-
 # -- output ---------------------------------------------------------------------------------
 
 

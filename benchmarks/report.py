@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from . import benchlib as bl
-from .setups import API_COUNTER, LOOP_RESOLUTION, POLL_INTERVAL, Setup, say
+from . import loopwatch
+from .setups import API_COUNTER, LOOP_RESOLUTION, LOOPWATCH_INTERVAL, POLL_INTERVAL, Setup, say
 
 TARGETS = {
     "spawn_ratio": ("<=", 1.3),
@@ -226,8 +227,8 @@ def loop_by_database(rounds: list[tuple[str, Setup, Setup]]) -> dict:
     """The event-loop lag of each setup's hub during the bursts, per database (``--db``):
     p50 and p99 (exact, from the histogram's count and the logged lags, as `analyse`), the
     logged lags themselves (every one of at least the resolution), their sum (how long the
-    loop was held in all), the burst's wall time, and with ``--loop-debug`` the callbacks
-    that held it longest."""
+    loop was held in all), the burst's wall time, and with ``--loop-debug`` the places in
+    the code that held it most (`loopwatch`)."""
     out: dict[str, dict] = {}
     for db, *setups in rounds:
         out[db] = {}
@@ -237,7 +238,7 @@ def loop_by_database(rounds: list[tuple[str, Setup, Setup]]) -> dict:
             lags = [x for b in bursts for x in b["loop"]["logged_lags_s"]]
             p50, p50_bound = bl.exact_p99_from_log(obs, lags, LOOP_RESOLUTION, q=0.50)
             p99, p99_bound = bl.exact_p99_from_log(obs, lags, LOOP_RESOLUTION)
-            slow = [tuple(x) for b in bursts for x in b.get("slow_callbacks") or []]
+            samples = [tuple(x) for b in bursts for x in b.get("loop_samples") or []]
             out[db][s.key] = {
                 "bursts": len(bursts),
                 "observations": obs,
@@ -249,13 +250,14 @@ def loop_by_database(rounds: list[tuple[str, Setup, Setup]]) -> dict:
                 "p99_s": p99,
                 "p99_is_upper_bound": p99_bound,
                 "burst_wall_median_s": bl.median([b["wall_s"] for b in bursts if b.get("wall_s")]),
-                "slow_callbacks_top": bl.top_slow_callbacks(slow),
+                "loop_samples": len(samples),
+                "held_by": loopwatch.top(samples, LOOPWATCH_INTERVAL),
             }
     return out
 
 
 def database_report(by_db: dict) -> str:
-    """The table of `loop_by_database`, and the slow callbacks when there are any."""
+    """The table of `loop_by_database`, and where the loop was held when it was watched."""
 
     def lag(v: float | None, bound: bool) -> str:
         return "n/a" if v is None else ("<" if bound else "") + bl.fmt(v, "ms")
@@ -275,12 +277,15 @@ def database_report(by_db: dict) -> str:
     out = [bl.table(rows, header)]
     for db, setups in by_db.items():
         for key, d in setups.items():
-            if d["slow_callbacks_top"]:
-                out.append(f"  slow callbacks, {db}, {key} (count, total ms, max ms):")
+            if d["held_by"]:
+                out.append(
+                    f"  the loop held, {db}, {key}: {d['loop_samples']} samples of "
+                    f"{LOOPWATCH_INTERVAL * 1000:.0f} ms (samples, ~ms, longest hold ms, where):"
+                )
                 out.extend(
-                    f"    {r['count']:3d} {r['total_s'] * 1000:6.0f} {r['max_s'] * 1000:5.0f}  "
-                    f"{r['what']}"
-                    for r in d["slow_callbacks_top"][:8]
+                    f"    {r['samples']:4d} {r['held_s'] * 1000:6.0f} "
+                    f"{r['longest_s'] * 1000:5.0f}  {r['where']}"
+                    for r in d["held_by"][:8]
                 )
     return "\n".join(out)
 

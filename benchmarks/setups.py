@@ -61,6 +61,8 @@ POLL_INTERVAL = 5.0
 # logs every lag at or above the threshold. Equal values put every resolvable lag in the log
 # (2-decimal precision), so p99 is exact rather than "somewhere in the 0-50 ms bucket".
 LOOP_RESOLUTION = 0.02
+# --loop-debug: how often the watchdog samples the hub's stack while its loop is held.
+LOOPWATCH_INTERVAL = 0.005
 
 T0 = time.monotonic()
 
@@ -81,18 +83,19 @@ c.PeriodicMetricsCollector.event_loop_interval_resolution = {LOOP_RESOLUTION!r}
 c.PeriodicMetricsCollector.event_loop_interval_log_threshold = {LOOP_RESOLUTION!r}
 """
 
-# --loop-debug: asyncio's debug mode logs every callback or task step that holds the loop
-# for at least slow_callback_duration ("Executing <Task ... coro=<...> running at file:line>
-# took 0.052 seconds", on the hub's stderr, so in its log): it names the code behind each lag
-# the metric only counts. Debug mode costs CPU itself, so a run with it is a diagnosis, not a
-# measurement. The configuration is read inside the hub's running loop (initialize()).
+# --loop-debug: a watchdog thread in the hub samples its stack while the loop is held for at
+# least the resolution (benchmarks/loopwatch.py), on the hub's stderr, so in its log: it names
+# the code behind each lag the metric only counts. The configuration is read inside the hub's
+# running loop (initialize()), where the watchdog must start. The repository goes on the
+# hub's path so that it imports this checkout's benchmarks package.
 LOOP_DEBUG_CONFIG = f"""
 # --loop-debug
-import asyncio as _asyncio
+import sys as _sys
 
-_loop = _asyncio.get_running_loop()
-_loop.set_debug(True)
-_loop.slow_callback_duration = {LOOP_RESOLUTION!r}
+_sys.path.insert(0, {str(REPO)!r})
+from benchmarks import loopwatch as _loopwatch
+
+_loopwatch.start(threshold={LOOP_RESOLUTION!r}, interval={LOOPWATCH_INTERVAL!r})
 """
 
 FLOOR_CONFIG = """

@@ -299,8 +299,8 @@ def main() -> int:
     parser.add_argument(
         "--loop-debug",
         action="store_true",
-        help="asyncio debug mode in the hubs: log and report the callbacks that hold the "
-        "event loop (a diagnosis: debug mode slows the hubs)",
+        help="a watchdog in each hub samples its stack while its event loop is held (20 ms "
+        "or more) and the report names the code that held it (benchmarks/loopwatch.py)",
     )
     parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
     parser.add_argument("--plot", type=Path, help="draw spawn-time distributions to this PNG")

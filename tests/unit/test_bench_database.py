@@ -1,22 +1,21 @@
 """The spawn benchmark's pure parts for ``--db`` and ``--loop-debug``: which databases a run
 uses, the hubs' database names and URLs, the configuration lines, the choice of a Debian
-PostgreSQL cluster, the reading of asyncio's slow-callback warnings and the loop-lag table
-per database."""
+PostgreSQL cluster, the loop watchdog of ``--loop-debug`` (``benchmarks/loopwatch.py``) and
+the loop-lag table per database."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import threading
 import time
 
 import pytest
 from sqlalchemy.engine import make_url
 from traitlets.config import Config
 
-from benchmarks import benchlib as bl
-from benchmarks import database
+from benchmarks import database, loopwatch
 from benchmarks.report import database_report, loop_by_database
-from benchmarks.setups import LOOP_DEBUG_CONFIG, LOOP_RESOLUTION, Setup
+from benchmarks.setups import LOOP_DEBUG_CONFIG, LOOP_RESOLUTION, LOOPWATCH_INTERVAL, Setup
 
 
 def test_db_choices():
@@ -66,54 +65,78 @@ def test_pick_cluster_prefers_a_running_one():
     assert database.pick_cluster([]) is None
 
 
-def test_slow_callbacks_from_asyncios_own_warnings(caplog):
-    """The warnings of a real loop in debug mode (as --loop-debug sets up the hubs) name the
-    coroutine that held the loop, and where."""
+def _hold_the_loop(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_loopwatch_names_what_holds_a_real_loop(capsys):
+    """The hubs' --loop-debug lines, run in a real loop: a step that holds the loop is
+    sampled, and the samples name the function that held it."""
 
     async def hog():
-        await asyncio.sleep(0)
-        time.sleep(0.06)  # noqa: ASYNC251 (holding the loop is the point)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.05)  # idle: a waiting loop is not a held one
+        _hold_the_loop(0.1)
+        await asyncio.sleep(0.05)
 
     async def main():
-        namespace = {}
-        exec(LOOP_DEBUG_CONFIG, namespace)  # the hubs' lines, in this running loop
-        assert asyncio.get_running_loop().get_debug()
-        await asyncio.gather(hog(), hog())
+        exec(LOOP_DEBUG_CONFIG, {})  # the hubs' configuration lines, in this running loop
+        await hog()
 
-    with caplog.at_level(logging.WARNING, logger="asyncio"):
-        asyncio.run(main())
-    log = "\n".join(r.getMessage() for r in caplog.records)
-    found = bl.slow_callbacks(log)
-    assert len(found) >= 2, log
-    assert all(seconds >= 0.05 for _, seconds in found)
-    hogs = [what for what, _ in found if "hog" in what]
-    assert len(hogs) == 2, found
-    assert "test_bench_database.py:" in hogs[0]
-    top = bl.top_slow_callbacks(found)
-    assert top[0]["count"] == 2 and top[0]["what"] == hogs[0]
-    assert top[0]["total_s"] >= 0.1
+    asyncio.run(main())
+    for thread in threading.enumerate():
+        if thread.name == "loopwatch":
+            thread.join(1)  # it ends with its loop
+            assert not thread.is_alive()
+    samples = loopwatch.parse(capsys.readouterr().err)
+    assert len(samples) >= 5, samples  # 100 ms held, sampled every 5 ms from 20 ms on
+    assert all(0.02 <= held < 0.2 for _, held in samples)
+    places = {place for place, _ in samples}
+    assert any("test_bench_database.py:" in p and "_hold_the_loop" in p for p in places), places
+    top = loopwatch.top(samples, LOOPWATCH_INTERVAL)
+    assert "_hold_the_loop" in top[0]["where"]
+    assert top[0]["held_s"] == pytest.approx(top[0]["samples"] * LOOPWATCH_INTERVAL)
 
 
-def test_slow_callbacks_of_plain_handles():
-    log = (
-        "Executing <Handle IOLoop._run_callback(functools.par...7f0>)) created at "
-        "/x/tornado/ioloop.py:685> took 0.031 seconds\n"
-        "Executing <TimerHandle when=123.4 PeriodicCallback._run() created at /x.py:1> took "
-        "0.052 seconds\n"
-        "[I 2026-12-01 00:00:00.000 JupyterHub log:192] 200 GET /hub/api (@127.0.0.1) 3 ms\n"
-    )
-    assert bl.slow_callbacks(log) == [
-        ("IOLoop._run_callback", 0.031),
-        ("PeriodicCallback._run", 0.052),
+def test_loopwatch_attributes_a_sample_to_the_hubs_own_code():
+    site = "/venv/lib/python3.11/site-packages"
+    stack = [
+        (f"{site}/tornado/web.py", 1958, "_execute"),
+        (f"{site}/jupyterhub/handlers/base.py", 1190, "finish_user_spawn"),
+        (f"{site}/jupyterhub/orm.py", 300, "commit"),
+        (f"{site}/sqlalchemy/engine/default.py", 922, "do_commit"),
     ]
+    assert (
+        loopwatch.where(stack) == "engine/default.py:922 do_commit < jupyterhub/orm.py:300 commit"
+    )
+    spawner = [*stack[:2], ("/work/x/lxdspawner/spawner.py", 10, "start")]
+    assert loopwatch.where(spawner) == "lxdspawner/spawner.py:10 start"
+    assert loopwatch.where(stack[:1]) == "tornado/web.py:1958 _execute"
+    assert loopwatch.where([]) == "?"
+    log = (
+        "[W 2026-12-01 00:00:00.000 JupyterHub metrics:391] Event loop was unresponsive ...\n"
+        "loopwatch: held 0.025 s: a.py:1 f < jupyterhub/app.py:2 g\n"
+        "loopwatch: held 0.030 s: a.py:1 f < jupyterhub/app.py:2 g\n"
+        "loopwatch: held 0.021 s: b.py:3 h\n"
+    )
+    samples = loopwatch.parse(log)
+    assert samples == [
+        ("a.py:1 f < jupyterhub/app.py:2 g", 0.025),
+        ("a.py:1 f < jupyterhub/app.py:2 g", 0.03),
+        ("b.py:3 h", 0.021),
+    ]
+    assert loopwatch.top(samples, 0.005)[0] == {
+        "where": "a.py:1 f < jupyterhub/app.py:2 g",
+        "samples": 2,
+        "held_s": 0.01,
+        "longest_s": 0.03,
+    }
 
 
-def _burst(observations: int, lags: list[float], wall: float, slow=()) -> dict:
+def _burst(observations: int, lags: list[float], wall: float, samples=()) -> dict:
     return {
         "wall_s": wall,
         "loop": {"observations": observations, "logged_lags_s": lags},
-        "slow_callbacks": list(slow),
+        "loop_samples": list(samples),
     }
 
 
@@ -129,7 +152,7 @@ def test_loop_lag_per_database():
     pg_floor = setup(
         "floor", _burst(200, [0.03, 0.12, 0.025], 18.0), _burst(200, [0.05, 0.02, 0.04], 20.0)
     )
-    pg_lxd = setup("lxd", _burst(200, [], 19.0, [("SpawnHandler.post (a.py:1)", 0.03)]))
+    pg_lxd = setup("lxd", _burst(200, [], 19.0, [("orm.py:1 commit", 0.03)] * 3))
     sq_floor = setup("floor")
     sq_lxd = setup("lxd", _burst(100, [0.02] * 5, 21.0))
     result = loop_by_database([("postgresql", pg_floor, pg_lxd), ("sqlite", sq_floor, sq_lxd)])
@@ -143,7 +166,8 @@ def test_loop_lag_per_database():
     assert f["burst_wall_median_s"] == 19.0
     x = result["postgresql"]["lxd"]
     assert x["p99_is_upper_bound"] and x["max_lag_s"] is None
-    assert x["slow_callbacks_top"][0]["what"] == "SpawnHandler.post (a.py:1)"
+    assert x["loop_samples"] == 3
+    assert x["held_by"][0]["where"] == "orm.py:1 commit" and x["held_by"][0]["samples"] == 3
     assert result["sqlite"]["floor"]["p99_s"] is None  # no burst: nothing to report
     assert result["sqlite"]["lxd"]["p99_s"] == 0.02
 
@@ -152,4 +176,4 @@ def test_loop_lag_per_database():
     assert lines["postgresql, floor"].split()[2:5] == ["<20", "25", "120"]
     assert lines["postgresql, lxd"].split()[2:4] == ["<20", "<20"]
     assert lines["sqlite, floor"].split()[2:4] == ["n/a", "n/a"]
-    assert "SpawnHandler.post (a.py:1)" in text
+    assert "orm.py:1 commit" in text and "postgresql, lxd: 3 samples" in text
