@@ -139,7 +139,8 @@ async def db_round(
         args.lxd_config,
         hubdir=hubdir,
         db_configs=db_configs,
-        extra_config=LOOP_DEBUG_CONFIG if args.loop_debug else "",
+        extra_config=(LOOP_DEBUG_CONFIG if args.loop_debug else "")
+        + (f"\n# --hub-config\n{args.hub_config}\n" if args.hub_config else ""),
     ) as (floor, lxd):
         say("warm-up (not counted): one spawn and stop each")
         for s in (floor, lxd):
@@ -229,6 +230,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
             "databases": dbs,
             "postgresql": f"{cluster.version}/{cluster.name}" if cluster else None,
             "loop_debug": args.loop_debug,
+            "hub_config_extra": args.hub_config,
             "poll_cycles": poll_cycles,
         }
         say(
@@ -282,6 +284,12 @@ def main() -> int:
         default="",
         help="extra lines for lxdspawner's hub config, for experiments "
         """(e.g. 'c.LxdSpawner.extra_instance_config = {"limits.cpu.priority": "1"}')""",
+    )
+    parser.add_argument(
+        "--hub-config",
+        default="",
+        help="extra lines for both hubs' config, after the database's (e.g. database settings "
+        "to compare: the config can test c.JupyterHub.db_url)",
     )
     parser.add_argument(
         "--poll-cycles",
