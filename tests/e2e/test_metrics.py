@@ -4,7 +4,8 @@ with the README's snippet, is scraped the way the README's Prometheus config say
 The two code blocks of the README's "Metrics" section are taken from the README itself (the
 token file's path pointed at a temporary one), so an example that stops working, or a metric
 lxdspawner stops serving, fails here and not on an operator's monitoring. No container
-daemon is needed: the metrics are served from the hub's start, before any spawn.
+daemon is needed: the metrics are served from the hub's start, before any spawn. The same
+hub runs the README's snippet that puts its sqlite file in WAL mode ("The hub's database").
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ pytestmark = [
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TOKEN_PATH = "/etc/jupyterhub/prometheus.token"
+
+
+def wal_block() -> str:
+    """The Python block of the README's "The hub's database" (a sqlite hub in WAL mode)."""
+    text = README.read_text()
+    section = text[text.index("\n### The hub's database\n") :]
+    section = section[: section.index("\n## ", 1)]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    return block
 
 
 def metrics_blocks() -> tuple[str, str]:
@@ -61,7 +71,10 @@ async def test_readme_scrape_example(tmp_path):
     scrape, bearer = scrape_config(yml.replace(TOKEN_PATH, str(token_file)))
 
     config = 'c.JupyterHub.spawner_class = "lxd"\n' + python.replace(TOKEN_PATH, str(token_file))
+    # The same hub checks the README's other snippet: its sqlite file in WAL mode.
+    config += "\n" + wal_block()
     async with running_hub(tmp_path / "hub", config, hub_ip="127.0.0.1") as hub:
+        assert (tmp_path / "hub" / "jupyterhub.sqlite-wal").exists(), "the hub's db in WAL mode"
         # The snippet appends: the harness's own service and role are still there.
         assert (await hub.api("GET", "/users"))[0] == 200
         url = hub.public_url + scrape["metrics_path"]  # through the proxy, as in the example
