@@ -341,6 +341,9 @@ def report(result: dict) -> str:
     ])  # fmt: skip
     header = ["metric", "floor med", "p95", "lxd med", "p95", "ratio", "target", "met", "n"]
     out = [bl.table(rows, header)]
+    dbs = result["meta"].get("databases") or ["sqlite"]
+    if len(dbs) > 1:
+        out.append(f"  (hubs on {dbs[0]}: the first round; the bursts on each database below)")
 
     if result.get("databases"):
         out.append("\n" + database_report(result["databases"]))
