@@ -34,6 +34,7 @@ from lxdspawner.lxd import LxdClient, LxdError, NotFound
 from testbench import hubtools
 
 from . import benchlib as bl
+from . import loopwatch
 from .setups import (
     LOOP_RESOLUTION,
     NO_VOLUME_PREFIX,
@@ -487,6 +488,8 @@ async def burst_rep(setup: Setup, index: int, label: str) -> None:
             "hist_p99_bucket_le": hist_le,
         },
     }
+    # Empty unless the hubs run with --loop-debug (the watchdog's samples of a held loop).
+    record["loop_samples"] = loopwatch.parse(segment)
     if setup.key == "lxd":
         timings = bl.spawn_timings(segment)
         record["spawner"] = [timings.get(u) for u in users]

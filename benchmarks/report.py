@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from . import benchlib as bl
-from .setups import API_COUNTER, LOOP_RESOLUTION, POLL_INTERVAL, Setup, say
+from . import loopwatch
+from .setups import API_COUNTER, LOOP_RESOLUTION, LOOPWATCH_INTERVAL, POLL_INTERVAL, Setup, say
 
 TARGETS = {
     "spawn_ratio": ("<=", 1.3),
@@ -222,6 +223,73 @@ def analyse(floor: Setup, lxd: Setup, poll: dict | None, meta: dict) -> dict:
     return result
 
 
+def loop_by_database(rounds: list[tuple[str, Setup, Setup]]) -> dict:
+    """The event-loop lag of each setup's hub during the bursts, per database (``--db``):
+    p50 and p99 (exact, from the histogram's count and the logged lags, as `analyse`), the
+    logged lags themselves (every one of at least the resolution), their sum (how long the
+    loop was held in all), the burst's wall time, and with ``--loop-debug`` the places in
+    the code that held it most (`loopwatch`)."""
+    out: dict[str, dict] = {}
+    for db, *setups in rounds:
+        out[db] = {}
+        for s in setups:
+            bursts = s.data.get("burst", [])
+            obs = sum(b["loop"]["observations"] for b in bursts)
+            lags = [x for b in bursts for x in b["loop"]["logged_lags_s"]]
+            p50, p50_bound = bl.exact_p99_from_log(obs, lags, LOOP_RESOLUTION, q=0.50)
+            p99, p99_bound = bl.exact_p99_from_log(obs, lags, LOOP_RESOLUTION)
+            samples = [tuple(x) for b in bursts for x in b.get("loop_samples") or []]
+            out[db][s.key] = {
+                "bursts": len(bursts),
+                "observations": obs,
+                "lags_logged_s": lags,
+                "lags_sum_s": sum(lags),
+                "max_lag_s": max(lags) if lags else None,
+                "p50_s": p50,
+                "p50_is_upper_bound": p50_bound,
+                "p99_s": p99,
+                "p99_is_upper_bound": p99_bound,
+                "burst_wall_median_s": bl.median([b["wall_s"] for b in bursts if b.get("wall_s")]),
+                "loop_samples": len(samples),
+                "held_by": loopwatch.top(samples, LOOPWATCH_INTERVAL),
+            }
+    return out
+
+
+def database_report(by_db: dict) -> str:
+    """The table of `loop_by_database`, and where the loop was held when it was watched."""
+
+    def lag(v: float | None, bound: bool) -> str:
+        return "n/a" if v is None else ("<" if bound else "") + bl.fmt(v, "ms")
+
+    rows = []
+    for db, setups in by_db.items():
+        for key, d in setups.items():
+            rows.append([
+                f"{db}, {key}",
+                lag(d["p50_s"], d["p50_is_upper_bound"]), lag(d["p99_s"], d["p99_is_upper_bound"]),
+                bl.fmt(d["max_lag_s"], "ms"), str(len(d["lags_logged_s"])),
+                bl.fmt(d["lags_sum_s"], "ms"), str(d["observations"]),
+                bl.fmt(d["burst_wall_median_s"]), str(d["bursts"]),
+            ])  # fmt: skip
+    header = ["loop lag in bursts (ms)", "p50", "p99", "max", f">={LOOP_RESOLUTION * 1000:.0f}",
+              "sum", "samples", "burst (s)", "n"]  # fmt: skip
+    out = [bl.table(rows, header)]
+    for db, setups in by_db.items():
+        for key, d in setups.items():
+            if d["held_by"]:
+                out.append(
+                    f"  the loop held, {db}, {key}: {d['loop_samples']} samples of "
+                    f"{LOOPWATCH_INTERVAL * 1000:.0f} ms (samples, ~ms, longest hold ms, where):"
+                )
+                out.extend(
+                    f"    {r['samples']:4d} {r['held_s'] * 1000:6.0f} "
+                    f"{r['longest_s'] * 1000:5.0f}  {r['where']}"
+                    for r in d["held_by"][:8]
+                )
+    return "\n".join(out)
+
+
 def target_met(key: str, value: float | None) -> bool | None:
     if value is None:
         return None
@@ -273,6 +341,12 @@ def report(result: dict) -> str:
     ])  # fmt: skip
     header = ["metric", "floor med", "p95", "lxd med", "p95", "ratio", "target", "met", "n"]
     out = [bl.table(rows, header)]
+    dbs = result["meta"].get("databases") or ["sqlite"]
+    if len(dbs) > 1:
+        out.append(f"  (hubs on {dbs[0]}: the first round; the bursts on each database below)")
+
+    if result.get("databases"):
+        out.append("\n" + database_report(result["databases"]))
 
     volumes = result.get("volumes") or {}
     if any(v["n"] for v in (volumes.get("summary") or {}).values()):
@@ -292,7 +366,9 @@ def report(result: dict) -> str:
     ]
     out.append(bl.table(rows, header))
     poll = result.get("poll") or {}
-    if result["api_requests_source"] != API_COUNTER:
+    if not poll:
+        out.append("  polling: phase skipped (--poll-cycles 0)")
+    elif result["api_requests_source"] != API_COUNTER:
         out.append(f"  API requests: {API_COUNTER} is not on /hub/metrics: figure unavailable")
     elif poll.get("requests") is not None:
         idle = poll.get("no_servers") or {}

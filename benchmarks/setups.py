@@ -61,6 +61,8 @@ POLL_INTERVAL = 5.0
 # logs every lag at or above the threshold. Equal values put every resolvable lag in the log
 # (2-decimal precision), so p99 is exact rather than "somewhere in the 0-50 ms bucket".
 LOOP_RESOLUTION = 0.02
+# --loop-debug: how often the watchdog samples the hub's stack while its loop is held.
+LOOPWATCH_INTERVAL = 0.005
 
 T0 = time.monotonic()
 
@@ -79,6 +81,21 @@ c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 120
 c.PeriodicMetricsCollector.event_loop_interval_resolution = {LOOP_RESOLUTION!r}
 c.PeriodicMetricsCollector.event_loop_interval_log_threshold = {LOOP_RESOLUTION!r}
+"""
+
+# --loop-debug: a watchdog thread in the hub samples its stack while the loop is held for at
+# least the resolution (benchmarks/loopwatch.py), on the hub's stderr, so in its log: it names
+# the code behind each lag the metric only counts. The configuration is read inside the hub's
+# running loop (initialize()), where the watchdog must start. The repository goes on the
+# hub's path so that it imports this checkout's benchmarks package.
+LOOP_DEBUG_CONFIG = f"""
+# --loop-debug
+import sys as _sys
+
+_sys.path.insert(0, {str(REPO)!r})
+from benchmarks import loopwatch as _loopwatch
+
+_loopwatch.start(threshold={LOOP_RESOLUTION!r}, interval={LOOPWATCH_INTERVAL!r})
 """
 
 FLOOR_CONFIG = """
@@ -204,9 +221,24 @@ class Setup:
 
 @contextlib.asynccontextmanager
 async def running_setups(
-    client: LxdClient, workdir: Path, singleuser: Path, lxd_config_extra: str = ""
+    client: LxdClient,
+    workdir: Path,
+    singleuser: Path,
+    lxd_config_extra: str = "",
+    *,
+    hubdir: Path | None = None,
+    db_configs: dict[str, str] | None = None,
+    extra_config: str = "",
 ) -> AsyncIterator[tuple[Setup, Setup]]:
-    """Both hubs and their proxies, up until the block ends: (floor, lxd)."""
+    """Both hubs and their proxies, up until the block ends: (floor, lxd).
+
+    The hubs' directories (configuration, log, sqlite file) are under ``hubdir`` (default
+    ``workdir``): a new one per round of ``--db``, so each round's hubs start afresh.
+    ``db_configs`` has each setup's database lines (`database.db_config`; none: the
+    harness's sqlite file), ``extra_config`` lines for both hubs (``--loop-debug``).
+    """
+    hubdir = hubdir or workdir
+    db_configs = db_configs or {}
     homes = workdir / "floor-homes"
     homes.mkdir(parents=True, exist_ok=True)
     floor_config = (
@@ -223,14 +255,16 @@ async def running_setups(
         + LXD_CONFIG
         + (f"\n# --lxd-config\n{lxd_config_extra}\n" if lxd_config_extra else "")
     )
+    floor_config += db_configs.get("floor", "") + extra_config
+    lxd_config += db_configs.get("lxd", "") + extra_config
     async with contextlib.AsyncExitStack() as stack:
         say("starting the floor's hub and proxy")
         fhub = await stack.enter_async_context(
-            hubtools.running_hub(workdir / "floor", floor_config, hub_ip="127.0.0.1")
+            hubtools.running_hub(hubdir / "floor", floor_config, hub_ip="127.0.0.1")
         )
         say("starting lxdspawner's hub and proxy")
         xhub = await stack.enter_async_context(
-            hubtools.running_hub(workdir / "lxd", lxd_config, hub_ip=LXD_HUB_IP)
+            hubtools.running_hub(hubdir / "lxd", lxd_config, hub_ip=LXD_HUB_IP)
         )
         yield Setup("floor", fhub, client), Setup("lxd", xhub, client, daemon=daemon_process())
         say("stopping hubs and proxies")

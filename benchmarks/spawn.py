@@ -37,6 +37,7 @@ from pathlib import Path
 
 from lxdspawner.lxd import LxdClient
 
+from . import database
 from .measure import (
     BURST_SIZE,
     burst_rep,
@@ -47,14 +48,16 @@ from .measure import (
     stop,
     volume_rep,
 )
-from .report import analyse, plot, report
+from .report import analyse, loop_by_database, plot, report
 from .setups import (
     BENCH_HUB_ID,
     FLOOR_VENV,
     IMAGE,
+    LOOP_DEBUG_CONFIG,
     LOOP_RESOLUTION,
     POLL_INTERVAL,
     REPO,
+    Setup,
     ensure_floor_venv,
     final_sweep,
     image_requirements,
@@ -96,11 +99,84 @@ def _python_version(python: Path) -> str:
     return subprocess.run([str(python), "-V"], capture_output=True, text=True).stdout.strip()
 
 
+async def db_round(
+    args: argparse.Namespace,
+    client: LxdClient,
+    workdir: Path,
+    singleuser: Path,
+    db: str,
+    full: bool,
+    cluster: database.Cluster | None,
+    meta: dict,
+) -> tuple[tuple[str, Setup, Setup], dict | None]:
+    """Both hubs on one database (``--db``), fresh: the warm-up and the bursts, and in the
+    first (``full``) round the single spawns, the volume phase and the polling phase too.
+
+    Every round starts alike: no container or home volume of an earlier round left (the
+    bursts' users would otherwise find their volumes), new hub directories, and on
+    PostgreSQL the hubs' databases dropped and created again. Returns the round and, from
+    the full one, the polling phase's figures.
+    """
+    if not full:
+        await remove_our_containers(client)
+        await remove_our_volumes(client)
+        shutil.rmtree(workdir / "floor-homes", ignore_errors=True)
+    poll = None
+    db_configs = {}
+    if db == "postgresql":
+        assert cluster is not None
+        db_configs = {
+            key: database.db_config(database.reset_database(cluster, key))
+            for key in ("floor", "lxd")
+        }
+    reps, volume_reps, bursts = meta["reps"], meta["volume_reps"], meta["bursts"]
+    hubdir = workdir / db if len(meta["databases"]) > 1 else workdir
+    say(f"round on {db}: hubs in {hubdir}")
+    async with running_setups(
+        client,
+        workdir,
+        singleuser,
+        args.lxd_config,
+        hubdir=hubdir,
+        db_configs=db_configs,
+        extra_config=(LOOP_DEBUG_CONFIG if args.loop_debug else "")
+        + (f"\n# --hub-config\n{args.hub_config}\n" if args.hub_config else ""),
+    ) as (floor, lxd):
+        say("warm-up (not counted): one spawn and stop each")
+        for s in (floor, lxd):
+            await s.hub.ensure_user("warmup")
+            w = await spawn(s, "warmup")
+            await stop(s, "warmup")
+            say(f"warm-up {s.key}: {w['total_s']:.2f} s")
+        if full:
+            # The spawner registers its counter with its first client.
+            say(f"LXD API request counter: {(await lxd.api_requests())[1]}")
+            for i in range(reps):
+                order = (floor, lxd) if i % 2 == 0 else (lxd, floor)
+                for s in order:
+                    await single_rep(s, f"s{i:02d}", f"single {i + 1}/{reps}")
+            for i in range(volume_reps):
+                await volume_rep(lxd, i, f"volume {i + 1}/{volume_reps}")
+        for b in range(bursts):
+            order = (floor, lxd) if b % 2 == 0 else (lxd, floor)
+            for s in order:
+                await burst_rep(s, b, f"{db} burst {b + 1}/{bursts}")
+        if full and meta["poll_cycles"]:
+            poll = await poll_phase(lxd, meta["poll_cycles"], workdir)
+    return (db, floor, lxd), poll
+
+
 async def run(args: argparse.Namespace, workdir: Path) -> dict:
     reps = args.reps or (3 if args.quick else 10)
     volume_reps = reps if args.volume_reps is None else args.volume_reps
     bursts = args.bursts or (1 if args.quick else 3)
-    poll_cycles = 3 if args.quick else 6
+    poll_cycles = (3 if args.quick else 6) if args.poll_cycles is None else args.poll_cycles
+    dbs = database.databases(args.db)
+    cluster = None
+    if "postgresql" in dbs:
+        cluster = database.ensure_postgresql(say)
+        database.ensure_role(cluster)
+        say(f"PostgreSQL {cluster.version}/{cluster.name}, port {cluster.port}: {database.ROLE}")
     client = await LxdClient.connect()
     try:
         removed = await remove_our_containers(client)
@@ -151,6 +227,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
             "lxdspawner_commit": _git_head(),
             "lxdspawner_imported_from": imported_from,
             "hub_id": BENCH_HUB_ID,
+            "databases": dbs,
+            "postgresql": f"{cluster.version}/{cluster.name}" if cluster else None,
+            "loop_debug": args.loop_debug,
+            "hub_config_extra": args.hub_config,
+            "poll_cycles": poll_cycles,
         }
         say(
             f"{meta['mode']} run: {reps} single reps, {volume_reps} volume reps, {bursts} "
@@ -161,32 +242,30 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
             f"{meta['lxdspawner_commit']}; logs in {workdir}"
         )
         poll = None
-        async with running_setups(client, workdir, singleuser, args.lxd_config) as (floor, lxd):
-            say("warm-up (not counted): one spawn and stop each")
-            for s in (floor, lxd):
-                await s.hub.ensure_user("warmup")
-                w = await spawn(s, "warmup")
-                await stop(s, "warmup")
-                say(f"warm-up {s.key}: {w['total_s']:.2f} s")
-            # The spawner registers its counter with its first client.
-            say(f"LXD API request counter: {(await lxd.api_requests())[1]}")
-
-            for i in range(reps):
-                order = (floor, lxd) if i % 2 == 0 else (lxd, floor)
-                for s in order:
-                    await single_rep(s, f"s{i:02d}", f"single {i + 1}/{reps}")
-            for i in range(volume_reps):
-                await volume_rep(lxd, i, f"volume {i + 1}/{volume_reps}")
-            for b in range(bursts):
-                order = (floor, lxd) if b % 2 == 0 else (lxd, floor)
-                for s in order:
-                    await burst_rep(s, b, f"burst {b + 1}/{bursts}")
-            poll = await poll_phase(lxd, poll_cycles, workdir)
-            meta["loadavg_end"] = os.getloadavg()
-            meta["other_running_instances_end"] = await other_instances(client)
-        return analyse(floor, lxd, poll, meta)
+        rounds: list[tuple[str, Setup, Setup]] = []
+        for i, db in enumerate(dbs):
+            done, polled = await db_round(
+                args, client, workdir, singleuser, db, i == 0, cluster, meta
+            )
+            rounds.append(done)
+            poll = poll or polled
+        meta["loadavg_end"] = os.getloadavg()
+        meta["other_running_instances_end"] = await other_instances(client)
+        _, floor, lxd = rounds[0]
+        result = analyse(floor, lxd, poll, meta)
+        result["databases"] = loop_by_database(rounds)
+        result["raw_rounds"] = {db: {"floor": f.data, "lxd": x.data} for db, f, x in rounds[1:]}
+        for db, f, x in rounds[1:]:
+            for key, s in (("floor", f), ("lxd", x)):
+                result["failures"][key] += [f"{db}: {e}" for e in s.data.get("failures", [])]
+        return result
     finally:
         await client.close()
+        if cluster is not None:
+            try:
+                database.drop_all(cluster, ("floor", "lxd"))
+            except SystemExit as e:  # the run's own outcome matters more
+                say(f"clean-up of PostgreSQL: {e}")
 
 
 def main() -> int:
@@ -205,6 +284,31 @@ def main() -> int:
         default="",
         help="extra lines for lxdspawner's hub config, for experiments "
         """(e.g. 'c.LxdSpawner.extra_instance_config = {"limits.cpu.priority": "1"}')""",
+    )
+    parser.add_argument(
+        "--hub-config",
+        default="",
+        help="extra lines for both hubs' config, after the database's (e.g. database settings "
+        "to compare: the config can test c.JupyterHub.db_url)",
+    )
+    parser.add_argument(
+        "--poll-cycles",
+        type=int,
+        help="poll intervals of the polling phase (20 servers); default 3 (quick) or 6, 0 skips it",
+    )
+    parser.add_argument(
+        "--db",
+        choices=database.DB_CHOICES,
+        default="sqlite",
+        help="the hubs' database: sqlite (a file, the default), postgresql (Debian's, installed "
+        "and started when missing) or both (a round of bursts on each; the first round, "
+        "PostgreSQL's, also runs the other phases)",
+    )
+    parser.add_argument(
+        "--loop-debug",
+        action="store_true",
+        help="a watchdog in each hub samples its stack while its event loop is held (20 ms "
+        "or more) and the report names the code that held it (benchmarks/loopwatch.py)",
     )
     parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
     parser.add_argument("--plot", type=Path, help="draw spawn-time distributions to this PNG")
