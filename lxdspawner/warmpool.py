@@ -54,6 +54,8 @@ class WarmPool:
         self._taken: set[str] = set()
         #: Members being made, per key.
         self._making: Counter[str] = Counter()
+        #: The names of those (stopped until their start: not stale).
+        self._creating: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self._limit = asyncio.Semaphore(self.CONCURRENCY)
         self._checker: asyncio.Task | None = None
@@ -87,6 +89,7 @@ class WarmPool:
         size: int,
         prefix: str,
         check_interval: float = 60.0,
+        max_age: float = 30.0,
     ) -> pool.Wanted | None:
         """The pool's definition for a spawn of ``spec`` (hardened, its user's parts are
         left out); registers it, so it is kept full, and replaces members of the same lineage
@@ -95,7 +98,7 @@ class WarmPool:
         client = await self.daemon.client()
         await self.daemon.cache()
         try:
-            fingerprint = await client.image_fingerprint(source.image, max_age=30)
+            fingerprint = await client.image_fingerprint(source.image, max_age=max_age)
         except LxdError as e:
             log.warning("warm pool: image %r: %s", source.image, e.message)
             return None
@@ -153,6 +156,7 @@ class WarmPool:
     async def _make(self, entry: _Entry) -> None:
         key = entry.wanted.key
         name = names.pool_member_name(entry.prefix, key, secrets.token_hex(4))
+        self._creating.add(name)
         try:
             async with self._limit:
                 if self._wanted.get(entry.wanted.lineage) is not entry:
@@ -165,6 +169,7 @@ class WarmPool:
                 await self.daemon.remove(name, entry.source.teardown_timeout)
         finally:
             self._making[key] -= 1
+            self._creating.discard(name)
 
     async def _create(self, name: str, entry: _Entry) -> None:
         client = await self.daemon.client()
@@ -187,6 +192,8 @@ class WarmPool:
         keys = {e.wanted.lineage: e.wanted.key for e in self._wanted.values()}
         timeout = max((e.source.teardown_timeout for e in self._wanted.values()), default=30.0)
         for member in self.members(hub):
+            if member.name in self._creating:
+                continue
             lineage = member.config.get(pool.KEY_LINEAGE, "")
             stale = lineage in keys and member.config.get(pool.KEY_POOL) != keys[lineage]
             if stale or member.status == "Stopped":
@@ -231,6 +238,7 @@ class WarmPool:
                 lineage=lineage,
                 size=entry.wanted.size,
                 prefix=entry.prefix,
+                max_age=0,
             )
         self._replace_stale(hub)
         self.refill(hub)
@@ -260,15 +268,18 @@ class WarmPool:
             from .daemon import DaemonError
 
             raise DaemonError(f"the server's environment cannot be written: {e}") from e
-        await client.run(
+        # Live: user keys and disk devices are applied to a running container. Incus answers
+        # at once; an answer that is an operation is waited for.
+        answer = await client.request(
             "PATCH",
             f"/1.0/instances/{name}",
             json_body={
                 "config": objects.owner(spec).keys(),
                 "devices": pool.member_devices(spec),
             },
-            timeout=timeout,
         )
+        if isinstance(answer, dict) and answer.get("id") and "status_code" in answer:
+            await client.wait(answer, timeout=timeout)
         cache.note_instance(await client.get_instance(name))
         await client.push_file(
             name, pool.ENV_JSON_PATH, environment, uid=spec.uid, gid=spec.gid, mode=0o600
