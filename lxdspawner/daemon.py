@@ -160,6 +160,7 @@ class Daemon:
         return f"Daemon({self.remote})"
 
     async def close(self) -> None:
+        self.pool.close()
         if self._cache is not None:
             await self._cache.stop()
         if self._client is not None:

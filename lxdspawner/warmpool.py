@@ -288,14 +288,18 @@ class WarmPool:
             await client.push_file(name, container_path, data, mode=mode)
         await client.push_file(name, pool.CLAIM_PATH, claim, mode=0o600)
 
-    # -- the hub's exit -------------------------------------------------------------------------
-
-    async def remove_all(self, hub: str, timeout: float = 30.0) -> list[str]:
-        """Delete every member of this hub's pool (warm_pool_remove_on_exit)."""
+    def close(self) -> None:
+        """Stop the checks and the members being made (the daemon's close)."""
         if self._checker is not None:
             self._checker.cancel()
         for task in list(self._tasks):
             task.cancel()
+
+    # -- the hub's exit -------------------------------------------------------------------------
+
+    async def remove_all(self, hub: str, timeout: float = 30.0) -> list[str]:
+        """Delete every member of this hub's pool (warm_pool_remove_on_exit)."""
+        self.close()
         await self.daemon.cache()
         doomed = [m.name for m in self.members(hub)]
         await asyncio.gather(*(self._delete(n, hub, timeout) for n in doomed))
