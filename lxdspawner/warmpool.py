@@ -45,6 +45,10 @@ class WarmPool:
 
     #: Members made at once, for all definitions: a refill must not slow the spawns.
     CONCURRENCY = 2
+    #: After a member of a definition failed to be made, seconds before the next try,
+    #: doubled at each failure in a row up to the last: a definition that cannot work (an
+    #: image without systemd, a full pool) must not keep the daemon busy.
+    RETRY_DELAYS = (15.0, 30.0, 60.0, 120.0, 300.0)
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -59,6 +63,8 @@ class WarmPool:
         self._tasks: set[asyncio.Task] = set()
         self._limit = asyncio.Semaphore(self.CONCURRENCY)
         self._checker: asyncio.Task | None = None
+        #: key -> (failures in a row, loop time before which no member is made).
+        self._failed: dict[str, tuple[int, float]] = {}
 
     # -- what there is ------------------------------------------------------------------------
 
@@ -141,8 +147,11 @@ class WarmPool:
 
     def refill(self, hub: str) -> None:
         """Start making what each wanted definition lacks (in the background)."""
+        now = asyncio.get_running_loop().time()
         for entry in list(self._wanted.values()):
             key = entry.wanted.key
+            if self._failed.get(key, (0, 0.0))[1] > now:
+                continue
             have = len(self.members(hub, key)) + self._making[key]
             for _ in range(max(0, entry.wanted.size - have)):
                 self._making[key] += 1
@@ -162,9 +171,18 @@ class WarmPool:
                 if self._wanted.get(entry.wanted.lineage) is not entry:
                     return  # replaced meanwhile
                 await self._create(name, entry)
+            self._failed.pop(key, None)
             log.info("warm pool: %s is ready (definition %s)", name, key)
-        except Exception as e:  # the next claim or check tries again
-            log.warning("warm pool: making %s failed: %s", name, getattr(e, "message", e))
+        except Exception as e:  # a later claim or check tries again
+            failures = self._failed.get(key, (0, 0.0))[0]
+            delay = self.RETRY_DELAYS[min(failures, len(self.RETRY_DELAYS) - 1)]
+            self._failed[key] = (failures + 1, asyncio.get_running_loop().time() + delay)
+            log.warning(
+                "warm pool: making %s failed: %s; the next try in %.0f s",
+                name,
+                getattr(e, "message", e),
+                delay,
+            )
             with contextlib.suppress(Exception):
                 await self.daemon.remove(name, entry.source.teardown_timeout)
         finally:

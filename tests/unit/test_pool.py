@@ -6,6 +6,7 @@ another definition takes today's path, and an image moved replaces the members."
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -14,6 +15,7 @@ from fakes import IMAGE, FakeLxd, eventually
 from test_spawner_inprocess import HUB, hub_daemon, server_answers, spawner  # noqa: F401
 
 from lxdspawner import listing, names, objects, pool, preload
+from lxdspawner.lxd import LxdError
 from lxdspawner.ownership import KEY_HUB, KEY_LINEAGE, KEY_POOL, KEY_USER, Owner
 from lxdspawner.warmpool import WarmPool
 
@@ -240,6 +242,27 @@ async def test_a_restarted_hub_uses_the_members_it_finds(hub_daemon, fake):  # n
     bob = spawner(fake, "bob", warm_pool_size=1)
     await bob.start()
     assert bob.instance_name == member
+
+
+async def test_a_member_that_cannot_be_made_is_tried_again_later_not_at_once(
+    hub_daemon,  # noqa: F811
+    fake,
+    caplog,
+):
+    await spawner(fake, "ana", warm_pool_size=1).start()
+    await eventually(lambda: len(waiting(fake)) == 1)
+    fake.fail("create_instance", LxdError("Failed creating instance record"), times=None)
+    before = fake.requests["create_instance"]
+    bob = spawner(fake, "bob", warm_pool_size=1)
+    await bob.start()  # the claim does not wait for the refill, nor fail with it
+    await eventually(lambda: fake.requests["create_instance"] == before + 1)
+    await eventually(lambda: not hub_daemon.pool._making[next(iter(hub_daemon.pool._failed))])
+    assert "the next try in 15 s" in caplog.text
+    hub_daemon.pool.refill(HUB)  # a claim or a check right after: no new attempt
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert fake.requests["create_instance"] == before + 1
+    assert waiting(fake) == []
 
 
 async def test_no_pool_by_default(hub_daemon, fake):  # noqa: F811
