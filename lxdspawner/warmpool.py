@@ -126,9 +126,10 @@ class WarmPool:
             },
         )
         wanted = pool.Wanted(key=key, lineage=lineage, spec=member_spec, size=size)
-        entry = _Entry(wanted, dataclasses.replace(source, member=None), prefix)
         previous = self._wanted.get(lineage)
-        self._wanted[lineage] = entry
+        if previous is not None and previous.wanted == wanted:
+            return previous.wanted  # as it was: the members being made go on
+        self._wanted[lineage] = _Entry(wanted, dataclasses.replace(source, member=None), prefix)
         if previous is None or previous.wanted.key != key:
             self._replace_stale(spec.hub)
         if self._checker is None or self._checker.done():
@@ -168,7 +169,8 @@ class WarmPool:
         self._creating.add(name)
         try:
             async with self._limit:
-                if self._wanted.get(entry.wanted.lineage) is not entry:
+                now = self._wanted.get(entry.wanted.lineage)
+                if now is None or now.wanted.key != key:
                     return  # replaced meanwhile
                 await self._create(name, entry)
             self._failed.pop(key, None)

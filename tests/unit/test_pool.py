@@ -265,6 +265,18 @@ async def test_a_member_that_cannot_be_made_is_tried_again_later_not_at_once(
     assert waiting(fake) == []
 
 
+async def test_a_burst_of_first_spawns_fills_the_pool_once(hub_daemon, fake):  # noqa: F811
+    users = [spawner(fake, user, warm_pool_size=2) for user in ("ana", "bob", "carol", "dan")]
+    await asyncio.gather(*(s.start() for s in users))
+    await eventually(
+        lambda: (
+            len(waiting(fake)) == 2
+            and not hub_daemon.pool._making[next(iter(hub_daemon.pool._wanted.values())).wanted.key]
+        )
+    )
+    assert len(waiting(fake)) == 2  # not more: those being made count
+
+
 async def test_no_pool_by_default(hub_daemon, fake):  # noqa: F811
     await spawner(fake, "ana").start()
     await spawner(fake, "bob").start()
