@@ -29,6 +29,7 @@ from traitlets import Bool, Float, Int, TraitError, validate
 from traitlets.config import Configurable
 
 from . import objects, volumes
+from .lxd import LxdError
 from .ownership import KEY_HUB, KEY_LINEAGE, KEY_MANAGED, KEY_POOL, KEY_SERVER, KEY_USER
 
 if TYPE_CHECKING:
@@ -332,7 +333,7 @@ class PoolSettings(Configurable):
             ip = await self._step("ipv4", daemon.wait_ipv4(name, self.start_timeout))
             self._emit(f"Waiting for the server at {ip}:{self.port}", 80)
             await self._step("server", self._wait_http(daemon, name, ip))
-        except BaseException:
+        except BaseException as e:
             await daemon.cleanup_failed_start(
                 name,
                 self.owner,
@@ -340,10 +341,21 @@ class PoolSettings(Configurable):
                 timeout=self.stop_timeout + 10,
                 objects=self._object_kinds(),
             )
+            if not claimed and isinstance(e, LxdError):  # the member failed, not the user
+                # The volumes made now stay for the usual path (which discards them if it fails).
+                self.log.warning(
+                    "%s: claiming %s failed (%s): the usual path", self._log_name, name, e.message
+                )
+                raise ClaimFailed(name) from e
             if not claimed:  # the server never ran: nothing can be on a volume made now
                 await daemon.discard_volumes(data, None)
             raise
         return ip
+
+
+class ClaimFailed(Exception):
+    """A pool member could not be claimed (and is deleted); nothing of the server ran: the
+    spawn goes on by the usual path."""
 
 
 _exit_hooks: set[tuple[int, str]] = set()

@@ -54,7 +54,7 @@ from .failures import SpawnError, attach_logs, spawn_error
 from .guarantees import CapacitySettings
 from .lxd import FileHelperFailed, LxdError, Remote, Unreachable
 from .overrides import OverrideSettings
-from .pool import PoolSettings
+from .pool import ClaimFailed, PoolSettings
 from .profiles import ProfileSettings
 from .progress import Progress
 from .remotes import RemoteSettings
@@ -721,8 +721,10 @@ class LxdSpawner(
                 raise
 
         if existing is None and (warm := await self._take_warm(daemon, spec, need)):
-            ip = await self._start_warm(daemon, warm, spec, data, files)
-            return self._started(warm, ip)
+            try:
+                return self._started(warm, await self._start_warm(daemon, warm, spec, data, files))
+            except ClaimFailed:
+                self.instance_name = name
 
         created = started = False
         member = None

@@ -277,6 +277,21 @@ async def test_a_burst_of_first_spawns_fills_the_pool_once(hub_daemon, fake):  #
     assert len(waiting(fake)) == 2  # not more: those being made count
 
 
+async def test_a_member_the_daemon_will_not_hand_over_is_deleted_and_the_usual_path_taken(
+    hub_daemon,  # noqa: F811
+    fake,
+):
+    await spawner(fake, "ana", warm_pool_size=1).start()
+    await eventually(lambda: len(waiting(fake)) == 1)
+    (member,) = waiting(fake)
+    fake.fail("PATCH /1.0/instances/{name}", LxdError("Failed to add device"))
+    bob = spawner(fake, "bob", warm_pool_size=1)
+    await bob.start()
+    assert bob.instance_name == "jupyter-bob"
+    assert fake.instances["jupyter-bob"].status == "Running"
+    await eventually(lambda: member not in fake.instances)
+
+
 async def test_no_pool_by_default(hub_daemon, fake):  # noqa: F811
     await spawner(fake, "ana").start()
     await spawner(fake, "bob").start()
