@@ -80,12 +80,26 @@ def become(claim: dict) -> None:
     made = subprocess.run(claim["make_home"], check=False)
     if made.returncode != 0:
         log(f"could not create the home {claim['home']!r} (exit {made.returncode})")
-    # Groups first: once the uid is the user's, nothing else can be changed.
-    os.setgroups([])
+    # Groups first: once the uid is the user's, nothing else can be changed. The image's
+    # account of the uid, if any, gives its supplementary groups, as systemd's User= does.
+    account = _account(uid)
+    if account is not None:
+        os.initgroups(account.pw_name, gid)
+    else:
+        os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
     if os.getuid() != uid or os.geteuid() != uid or os.getegid() != gid:
         raise SystemExit("could not switch to the user's ids")
+
+
+def _account(uid: int):
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid)
+    except KeyError:
+        return None
 
 
 def load_environment(claim: dict) -> None:
@@ -95,6 +109,9 @@ def load_environment(claim: dict) -> None:
         env = json.loads(f.read())
     os.environ.clear()
     os.environ["PATH"] = claim["path"]
+    account = _account(os.getuid())
+    if account is not None:  # what systemd's User= sets (the hub's HOME comes below)
+        os.environ.update(USER=account.pw_name, LOGNAME=account.pw_name, SHELL=account.pw_shell)
     os.environ.update({str(k): str(v) for k, v in env.items()})
     if any(k in os.environ for k in IMPORT_TIME_ENV):
         # Decided at import from the (then empty) environment: decide again.
