@@ -9,10 +9,12 @@ it."""
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 
 import aiohttp
 
+from lxdspawner import cli
 from lxdspawner.lxd import LxdClient, NotFound
 from lxdspawner.ownership import KEY_HUB, KEY_POOL, KEY_USER
 from testbench.hubtools import running_hub
@@ -119,6 +121,10 @@ async def test_a_spawn_takes_a_preloaded_member_and_the_pool_is_kept_and_rotated
             environ = await ok(incus, name, f"tr '\\0' '\\n' < /proc/{pid}/environ")
             assert "JUPYTERHUB" not in environ, environ
             assert await ok(incus, name, f"stat -c %u /proc/{pid}") == "0"
+            out = io.StringIO()  # what an operator sees
+            assert await cli.list_servers(incus, out=out) == 0
+            (row,) = [line for line in out.getvalue().splitlines() if name in line]
+            assert row.split()[:3] == ["(pool)", "-", name], row
 
             # bob's spawn takes it: his server is that container, as his uid, his home.
             started = time.monotonic()
