@@ -25,9 +25,18 @@ from urllib.parse import urlsplit
 from . import capacity
 from .lxd import LxdClient, LxdError, NotFound
 from .lxd.client import CONNECTED
-from .ownership import KEY_HUB, KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY
+from .ownership import (
+    KEY_HUB,
+    KEY_LINEAGE,
+    KEY_MANAGED,
+    KEY_POOL,
+    KEY_SERVER,
+    KEY_USER,
+    MANAGED_BY,
+)
 
-_OWNERSHIP_KEYS = (KEY_MANAGED, KEY_HUB, KEY_USER, KEY_SERVER)
+# With the warm pool's keys: a member is known from the cache (warmpool.py).
+_OWNERSHIP_KEYS = (KEY_MANAGED, KEY_HUB, KEY_USER, KEY_SERVER, KEY_POOL, KEY_LINEAGE)
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ A :class:`Daemon` per :class:`~lxdspawner.lxd.Remote`, shared by every spawner o
 (:meth:`Daemon.of` is the one registry). It owns the client (one connection pool), the
 event-fed cache of our instances, what the hub knows of cluster members beyond LXD's answers,
 the shared read-only directories, LXD 5.0's shifted bases, the deletions in progress and the
-failed stops being retried, the bridges' gateways and the hardening read from the profiles.
+failed stops being retried, the bridges' gateways, the hardening read from the profiles and the
+warm pool (warmpool.py).
 
 It speaks of containers and owners, never of JupyterHub: its failures are :class:`DaemonError`
 (with the reason and status a spawn page shows), which the spawner turns into its SpawnError;
@@ -53,6 +54,7 @@ from .lxd import (
 )
 from .members import SUSPECT_FOR, MemberBook, Reservation
 from .removals import PendingStops, Removals, remove_once_torn_down
+from .warmpool import WarmPool
 
 #: Instance statuses in which a server counts as running.
 RUNNING_STATES = ("Running", "Starting", "Freezing", "Frozen", "Thawed")
@@ -152,11 +154,13 @@ class Daemon:
         self.hardenings: dict[tuple, tuple[float, dict, dict]] = {}
         self._root_pools: dict[tuple[str, ...], str | None] = {}
         self._pool_drivers: dict[str, str] = {}
+        self.pool = WarmPool(self)
 
     def __repr__(self) -> str:
         return f"Daemon({self.remote})"
 
     async def close(self) -> None:
+        self.pool.close()
         if self._cache is not None:
             await self._cache.stop()
         if self._client is not None:

@@ -10,7 +10,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .lxd import ipv4_addresses
-from .ownership import KEY_HUB, KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY
+from .ownership import KEY_HUB, KEY_MANAGED, KEY_POOL, KEY_SERVER, KEY_USER, MANAGED_BY
+
+#: The user column of a warm pool member waiting for a user (see pool.py). A user may be
+#: named "(pool)" too: the label is for people; ``Server.pool`` and the keys tell them apart.
+POOL_USER = "(pool)"
 
 HEADER = ("USER", "SERVER", "CONTAINER", "STATUS", "MEMBER", "IPV4", "HUB")
 
@@ -24,6 +28,7 @@ class Server:
     member: str  # "" on a standalone daemon
     ipv4: str  # "" when it has none
     hub: str = ""  # the hub_id of the hub that made it ("" before lxdspawner 0.2)
+    pool: bool = False  # a warm pool member, waiting for a user
 
 
 def servers(instances: Iterable[dict]) -> list[Server]:
@@ -34,15 +39,17 @@ def servers(instances: Iterable[dict]) -> list[Server]:
         if config.get(KEY_MANAGED) != MANAGED_BY:
             continue
         location = instance.get("location") or ""
+        waiting = not config.get(KEY_USER) and bool(config.get(KEY_POOL))
         found.append(
             Server(
-                user=config.get(KEY_USER, ""),
+                user=POOL_USER if waiting else config.get(KEY_USER, ""),
                 server=config.get(KEY_SERVER, ""),
                 instance=instance["name"],
                 status=instance.get("status", ""),
                 member="" if location == "none" else location,
                 ipv4=", ".join(ipv4_addresses(instance.get("state") or {})),
                 hub=config.get(KEY_HUB, ""),
+                pool=waiting,
             )
         )
     return sorted(found, key=lambda s: (s.user, s.server, s.instance))

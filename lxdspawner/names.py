@@ -3,9 +3,10 @@
 Servers' instances (from JupyterHub user and server names, below); the shared read-only
 copies of an image's directories (:func:`shared_volume_name`, parsed back by
 :func:`shared_volume_fingerprint` for ``lxdspawner gc``), their disk devices and the helper
-containers that fill them; LXD 5.0's shifted bases (:func:`base_name`); the prepull helpers;
-the doctor's probes (:func:`probe_name`); the network ACLs (:func:`acl_name`). One function
-per format: change one, and what parses it changes with it.
+containers that fill them; LXD 5.0's shifted bases (:func:`base_name`); the warm pool's members
+(:func:`pool_member_name`); the prepull helpers; the doctor's probes (:func:`probe_name`); the
+network ACLs (:func:`acl_name`). One function per format: change one, and what parses it
+changes with it.
 
 Instance names from JupyterHub user and server names:
 
@@ -194,6 +195,29 @@ def fill_helper_name(fingerprint: str, path: str, member: str | None) -> str:
 def base_name(prefix: str, fingerprint: str) -> str:
     """LXD 5.0's stopped base of an image, which servers are copies of."""
     return f"{prefix}-base-{fingerprint[:12]}"
+
+
+#: A warm pool member: ``<prefix>-pool-<8 hex of its key>-<8 random hex>``.
+_POOL_MEMBER = re.compile(
+    r"(?P<prefix>[a-zA-Z][a-zA-Z0-9-]*)-pool-(?P<key>[0-9a-f]{8})-[0-9a-f]{8}"
+)
+
+
+def pool_member_name(prefix: str, key: str, token: str) -> str:
+    """A warm pool member (see pool.py): ``token`` is 8 random hex digits, so members of one
+    key never collide. It ends like a hashed name (``-`` and 8 hex digits), which a username
+    kept as it is never does; a name is not proof of anything all the same: a member is known
+    by its keys."""
+    validate_prefix(prefix)
+    if not re.fullmatch(r"[0-9a-f]{8}", token):
+        raise ValueError(f"pool member token {token!r}: must be 8 hex digits")
+    return f"{prefix}-pool-{key[:8]}-{token}"
+
+
+def is_pool_member_name(name: str) -> bool:
+    """Whether ``name`` has the form of :func:`pool_member_name` (for display and for not
+    reusing a claimed member's name; never for ownership)."""
+    return bool(_POOL_MEMBER.fullmatch(name))
 
 
 def prepull_name(token: str) -> str:

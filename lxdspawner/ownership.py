@@ -25,6 +25,11 @@ MANAGED_BY = "lxdspawner"
 KEY_HUB = "user.jupyterhub.hub"
 KEY_USER = "user.jupyterhub.user"
 KEY_SERVER = "user.jupyterhub.server"
+#: A warm pool member's definition (see pool.py): with the hub key and no user key, the
+#: member waits for a user; after its claim it stays, a record of where the server came from.
+KEY_POOL = "user.jupyterhub.pool"
+#: Which pool members a new definition replaces (pool.lineage_of).
+KEY_LINEAGE = "user.jupyterhub.pool-lineage"
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from .failures import SpawnError, attach_logs, spawn_error
 from .guarantees import CapacitySettings
 from .lxd import FileHelperFailed, LxdError, Remote, Unreachable
 from .overrides import OverrideSettings
+from .pool import ClaimFailed, PoolSettings
 from .profiles import ProfileSettings
 from .progress import Progress
 from .remotes import RemoteSettings
@@ -73,7 +74,13 @@ def _as_trait_error():
 
 
 class LxdSpawner(
-    ProfileSettings, Spawner, StorageSettings, RemoteSettings, CapacitySettings, OverrideSettings
+    ProfileSettings,
+    Spawner,
+    StorageSettings,
+    RemoteSettings,
+    CapacitySettings,
+    OverrideSettings,
+    PoolSettings,
 ):
     """Spawn single-user servers in Incus or LXD containers, through the REST API."""
 
@@ -609,7 +616,7 @@ class LxdSpawner(
         started = time.monotonic()
         self.timings: dict[str, float] = {}
         try:
-            await self.apply_profile()  # the user's choice (profiles.py), before anything
+            self._selection = await self.apply_profile()  # the user's choice, before anything
             return await self._start()
         except (SpawnError, DaemonError, LxdError) as e:
             error = spawn_error(e)
@@ -663,7 +670,9 @@ class LxdSpawner(
                 f"{e.message}",
                 status_code=503,
             ) from e
-        candidates = [self.instance_name] if self.instance_name else []
+        # A claimed pool member's name is not this server's: never made again (warmpool.py).
+        recorded = self.instance_name and not names.is_pool_member_name(self.instance_name)
+        candidates = [self.instance_name] if recorded else []
         candidates += [
             names.instance_name(self.user.name, self.name or "", self.name_prefix, attempt)
             for attempt in range(self.NAME_ATTEMPTS)
@@ -710,6 +719,12 @@ class LxdSpawner(
             except BaseException:
                 daemon.landed(reservation)
                 raise
+
+        if existing is None and (warm := await self._take_warm(daemon, spec, need)):
+            try:
+                return self._started(warm, await self._start_warm(daemon, warm, spec, data, files))
+            except ClaimFailed:
+                self.instance_name = name
 
         created = started = False
         member = None
@@ -787,6 +802,10 @@ class LxdSpawner(
             raise
         finally:
             daemon.landed(reservation)
+        return self._started(name, ip)
+
+    def _started(self, name: str, ip: str) -> tuple[str, int]:
+        """The server answers: the post_hub_commands, the log line, start()'s answer."""
         if self.post_hub_commands:
             asyncio.ensure_future(
                 commands.run_post_hub_commands(

@@ -110,6 +110,8 @@ class FakeInstance:
     image: str = ""
     #: path -> (content, mode), what push_file wrote.
     files: dict[str, tuple[bytes, int]] = field(default_factory=dict)
+    #: path -> (uid, gid) of a pushed file not root's.
+    owners: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: path -> mode, and path -> target: what make_directory and make_symlink made.
     directories: dict[str, int] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)
@@ -678,7 +680,10 @@ class FakeLxd:
     ) -> None:
         await self._call("push_file")
         data = content.encode() if isinstance(content, str) else content
-        self._writable(name).files[path] = (data, mode)
+        instance = self._writable(name)
+        instance.files[path] = (data, mode)
+        if uid or gid:
+            instance.owners[path] = (uid, gid)
 
     async def make_directory(
         self, name: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755
@@ -722,7 +727,8 @@ class FakeLxd:
         **kwargs: Any,
     ) -> Any:
         """``GET /1.0/images/<fingerprint>``, ``PUT /1.0/instances/<name>`` (an operation),
-        ``DELETE /1.0/instances/<name>/files?path=``, and an operation's wait; counted (and
+        ``PATCH /1.0/instances/<name>`` (at once, as on Incus), ``DELETE
+        /1.0/instances/<name>/files?path=``, and an operation's wait; counted (and
         failed on demand) under the route, e.g. ``"PUT /1.0/instances/{name}"``."""
         parts = path.removeprefix("/1.0/").split("/")
         if method == "GET" and parts[0] == "storage-pools" and len(parts) == 2:
@@ -739,6 +745,17 @@ class FakeLxd:
             await self._call("PUT /1.0/instances/{name}")
             self._instance(parts[1])
             return self._operation(self._update(parts[1], json_body or {}))
+        if method == "PATCH" and parts[0] == "instances" and len(parts) == 2:
+            # Incus applies it at once (a running container's user keys and disk devices
+            # live) and answers without an operation; an empty value removes a key.
+            await self._call("PATCH /1.0/instances/{name}")
+            instance = self._instance(parts[1])
+            devices = {**instance.devices, **(json_body or {}).get("devices", {})}
+            self._check_volumes(devices, instance.location)
+            instance.config = _clean({**instance.config, **(json_body or {}).get("config", {})})
+            instance.devices = devices
+            self.emit("instance-updated", parts[1])
+            return {}
         if method == "DELETE" and parts[0] == "instances" and parts[2:] == ["files"]:
             await self._call("DELETE /1.0/instances/{name}/files")
             instance = self._writable(parts[1])

@@ -203,4 +203,18 @@ async def test_an_instance_put_is_an_operation_whose_failure_shows_only_when_wai
         await fake.wait(operation)
     assert fake.instances["c"].devices == {}
     with pytest.raises(NotImplementedError):
-        await fake.request("PATCH", "/1.0/instances/c")
+        await fake.request("POST", "/1.0/instances/c")
+
+
+async def test_an_instance_patch_merges_at_once_and_an_empty_value_removes(fake):
+    await fake.create_instance("c", source=SOURCE, config={"a": "1", "b": "2"})
+    disk = {"type": "disk", "source": "/srv", "path": "/srv"}
+    answer = await fake.request(
+        "PATCH",
+        "/1.0/instances/c",
+        json_body={"config": {"b": "", "c": "3"}, "devices": {"d": disk}},
+    )
+    assert answer == {}  # no operation, as Incus answers
+    assert fake.instances["c"].config == {"a": "1", "c": "3"}
+    assert fake.instances["c"].devices == {"d": disk}
+    assert fake.lifecycle[-1] == ("instance-updated", "c")

@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 from lxdspawner.names import (
     home_component,
     instance_name,
+    is_pool_member_name,
     is_safe_path_component,
     is_valid_instance_name,
+    pool_member_name,
     slugify,
     validate_prefix,
 )
@@ -170,3 +172,15 @@ def test_a_trailing_newline_is_not_a_safe_name(user):
     name = instance_name(user)
     assert is_valid_instance_name(name), name
     assert name != instance_name(user.rstrip("\n"))  # a different user, a different name
+
+
+@given(usernames, server_names, st.integers(min_value=0, max_value=7))
+@example("pool-01234567-89abcdef", "", 0)
+@example("pool-01234567", "89abcdef", 0)
+def test_no_servers_name_looks_like_a_pool_members(username, server_name, attempt):
+    """The spawner never takes a recorded name of the pool's form as the server's own (a
+    claimed member is used once): so no server's name may have that form, or a kept
+    container (remove = False) would be passed over."""
+    name = instance_name(username, server_name, "jupyter", attempt)
+    assert not is_pool_member_name(name)
+    assert is_pool_member_name(pool_member_name("jupyter", "0" * 16, "89abcdef"))
