@@ -405,13 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> int:
         try:
             remote = from_settings(chosen)
-            async with LxdClient(
-                remote.endpoint,
-                client_cert=remote.client_cert,
-                client_key=remote.client_key,
-                server_cert=remote.server_cert,
-                project=remote.project,
-            ) as client:
+            async with remote.client() as client:
                 if args.command == "gc":
                     return await gc(client, delete=args.delete, as_json=args.format == "json")
                 if args.command == "list":

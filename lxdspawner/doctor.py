@@ -361,13 +361,7 @@ async def check_remote(
     except Exception as e:  # a command-line remote that is not there, unreadable certs
         fix = f"c.LxdSpawner.remotes[{name!r}]" if name else "c.LxdSpawner.endpoint"
         return [Result(ERROR, label, "daemon", str(getattr(e, "message", e)), f"check {fix}")], None
-    client = LxdClient(
-        remote.endpoint,
-        client_cert=remote.client_cert,
-        client_key=remote.client_key,
-        server_cert=remote.server_cert,
-        project=remote.project,
-    )
+    client = remote.client()
     gateway = None
     try:
         try:

@@ -390,13 +390,7 @@ async def import_everywhere(
     The number of members that failed."""
     from .cli import prepull
 
-    async with LxdClient(
-        remote.endpoint,
-        client_cert=remote.client_cert,
-        client_key=remote.client_key,
-        server_cert=remote.server_cert,
-        project=remote.project,
-    ) as client:
+    async with remote.client() as client:
         changed = await import_image(client, cache_dir, alias, reporter, description)
         members = await client.cluster_members()
         if not members or not changed:
