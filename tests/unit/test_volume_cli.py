@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from fakes import FakeLxd
 
 from lxdspawner import cli, names, volumecli
+from lxdspawner.lxd import remote as lxd_remote
 from lxdspawner.ownership import KEY_HUB, KEY_MANAGED, MANAGED_BY, Owner
 from lxdspawner.volumes import KEY_VOLUME
 
@@ -502,7 +503,7 @@ def test_main_passes_the_exit_status_through(fake, monkeypatch, capsys):
         async def __aexit__(self, *exc):
             return None
 
-    monkeypatch.setattr(cli, "LxdClient", Connected)
+    monkeypatch.setattr(lxd_remote, "LxdClient", Connected)  # what Remote.client() makes
     assert cli.main(["volumes", "delete", "alice"]) == 2
     assert "run again with --yes" in capsys.readouterr().err
     assert cli.main(["volumes", "list"]) == 0
