@@ -11,8 +11,9 @@ it read-only, with the host's Incus socket through a proxy device, and runs
 - Chromium on the host logs in over HTTPS at the container's address (Caddy's internal CA;
   HTTP redirects to HTTPS), starts a server (a container on the host's Incus, made by the hub
   inside), runs a cell in JupyterLab;
-- ``systemctl restart jupyterhub`` in the container: the same tab runs another cell and no
-  websocket of the page closed (the proxy is its own unit);
+- ``systemctl restart jupyterhub`` in the container, and later an ``--upgrade`` run: the same
+  tab runs another cell each time and no websocket of the page closed (the proxy is its own
+  unit, the server its own container);
 - a second installer run changes nothing and says so; the hub's users are in PostgreSQL.
 
 Clean-up: the server is stopped through the hub, the install container deleted, and what the
@@ -234,6 +235,15 @@ async def test_install_from_bundle_https_restart_keeps_the_tab(browser, output_d
             (output_dir / "install-2.txt").write_text("\n".join(second))
             assert not [line for line in second if ": changed:" in line], second
             assert "nothing changed" in second[-1], second
+
+            # An upgrade run (the packages again, the hub's unit restarted) keeps the user's
+            # server and its connections: the tab runs a third cell.
+            upgrade = installer_lines(inside(*install, "--upgrade"))
+            (output_dir / "install-upgrade.txt").write_text("\n".join(upgrade))
+            await wait_hub(url)
+            await run_cell(page, panel, "print(6 * 7 + 2)", "44")
+            assert await host_instances(hub_id), "the upgrade run took the server away"
+            assert closed == [], f"websockets closed across the upgrade run: {closed}"
 
             users = inside("runuser", "-u", "postgres", "--", "psql", "-tAc",
                            "select name from users", "jupyterhub")  # fmt: skip
