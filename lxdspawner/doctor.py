@@ -427,6 +427,7 @@ async def check_remote(
                     profiles=settings.profiles,
                     image=settings.image,
                     settings_hint=hint,
+                    bridge=bridge,
                 )
             )
         return found, gateway

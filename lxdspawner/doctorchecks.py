@@ -20,11 +20,12 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
 
-from . import hostcheck, names, probe, sharing
+from . import hardening, hostcheck, names, network, probe, sharing
 from .findings import ERROR, OK, WARNING, Result, _tool
 from .hubdb import HubServers
-from .lxd import LxdClient, NotFound
+from .lxd import LxdClient, LxdError, NotFound
 from .ownership import KEY_HUB, KEY_MANAGED, KEY_SERVER, KEY_USER, MANAGED_BY
 
 if TYPE_CHECKING:
@@ -309,9 +310,11 @@ async def check_probe(
     profiles: list[str],
     image: str,
     settings_hint: str,
+    bridge: str = "",
 ) -> Result:
     """A probe container fetches the hub's API at ``hub_url``; what it found, with the fix.
-    ``settings_hint`` names the setting that chose ``hub_url``."""
+    ``settings_hint`` names the setting that chose ``hub_url``; ``bridge`` is the network of
+    the probe's NIC, whose ACLs may explain a refusal."""
     outcome = await probe.probe(client, hub_url, hub_id=hub_id, profiles=profiles, image=image)
     url = probe.api_url(hub_url)
     if outcome.kind == probe.HUB:
@@ -345,6 +348,17 @@ async def check_probe(
             "fix the errors above (image, profiles), or skip the probe: --no-probe",
         )
     if host_reaches:
+        waiting = await _acl_not_yet(client, bridge, hub_id, url)
+        if waiting:
+            return Result(
+                WARNING,
+                name,
+                "probe",
+                f"the hub answers at {url} from this host but not from a container "
+                f"({outcome.detail}): {waiting}",
+                "start (or restart) the hub with this configuration: it puts its ACL on the "
+                "bridge; then run doctor again",
+            )
         return Result(
             ERROR,
             name,
@@ -366,11 +380,57 @@ async def check_probe(
     )
 
 
+async def _acl_not_yet(client: LxdClient, bridge: str, hub_id: str, url: str) -> str:
+    """Why a container is refused the hub's API while the hub itself has not yet opened the
+    way, or "" if that is not why.
+
+    On a bridge dedicated to lxdspawner (``network_isolation``) every hub puts its own ACL on
+    the bridge when it starts, and the daemon rejects what none of the ACLs allows. So before
+    this configuration's hub has started once (or after its address or port changed), the
+    probe is refused for a reason the hub's start removes: this hub's ACL is missing, or
+    allows another address or port. That is a warning, not an error."""
+    if not bridge:
+        return ""
+    try:
+        info = await client.network(bridge)
+    except LxdError:
+        return ""
+    acls = network.acl_list(info)
+    if not network.is_dedicated(info) or not acls:
+        return ""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", str(parts.port or (443 if parts.scheme == "https" else 80))
+    if not hardening.is_reachable_host(host):  # a container's own loopback: no ACL's doing
+        return ""
+    try:
+        address = await hardening.address_of(host)
+    except network.IsolationError:
+        return ""
+    own = network.network_acl_name(hub_id, bridge)
+    if own not in acls:
+        return (
+            f"bridge {bridge} is dedicated to lxdspawner and carries network ACLs "
+            f"({_listed(acls)}), which reject what they do not allow; this hub's own "
+            f"({own}, hub_id {hub_id!r}) is not among them yet"
+        )
+    try:
+        acl = await client.request("GET", f"/1.0/network-acls/{quote(own, safe='')}")
+    except LxdError:
+        return ""
+    for rule in acl.get("egress") or []:
+        destinations = str(rule.get("destination", "")).split(",")
+        ports = str(rule.get("destination_port", "")).split(",")
+        if rule.get("action") == "allow" and address in destinations and port in ports:
+            return ""
+    return (
+        f"this hub's ACL {own} on bridge {bridge} does not allow {address} port "
+        f"{port} yet (it was written by the hub's last start, with another address or port)"
+    )
+
+
 def hub_url_for(settings: Settings, gateway: str | None) -> tuple[str, str]:
     """The URL servers will use for the hub (as the spawner picks it) and the setting that
     chose it: see :func:`lxdspawner.doctor.check_hub` for the rules."""
-    from urllib.parse import urlsplit
-
     s = settings
     base = (s.base_url or "/").rstrip("/")
     if s.spawner_hub_connect_url:

@@ -439,7 +439,8 @@ def network_acl_name(hub_id: str, network: str, *, prefix: str = MANAGED_BY) -> 
     return names.acl_name(prefix, "network", hub_id, network)
 
 
-def _acl_list(network: Mapping) -> list[str]:
+def acl_list(network: Mapping) -> list[str]:
+    """The ACLs on ``network`` (``GET /1.0/networks/<name>``), in their order."""
     value = str((network.get("config") or {}).get("security.acls") or "")
     return [a.strip() for a in value.split(",") if a.strip()]
 
@@ -458,7 +459,7 @@ async def _edit_network_acls(client: Any, network: str, edit: Any) -> bool:
     path = f"/1.0/networks/{quote(network, safe='')}"
     for _ in range(_ETAG_TRIES):
         info, etag = await client.request_with_etag(path)
-        current = _acl_list(info)
+        current = acl_list(info)
         wanted = edit(current)
         if wanted == current:
             return False
@@ -512,7 +513,7 @@ async def put_on_network(
 def other_acls(network: Mapping, hub_id: str, *, prefix: str = MANAGED_BY) -> list[str]:
     """The ACLs on ``network`` (``GET /1.0/networks/<name>``) that are not this hub's."""
     own = network_acl_name(hub_id, str(network.get("name", "")), prefix=prefix)
-    return [a for a in _acl_list(network) if a != own]
+    return [a for a in acl_list(network) if a != own]
 
 
 async def release_network(
@@ -551,7 +552,7 @@ async def forget_hub(client: Any, hub_id: str | None = None) -> list[str]:
         return []
     networks = await client.request("GET", "/1.0/networks", params={"recursion": "1"}) or []
     for info in networks:
-        if ours & set(_acl_list(info)):
+        if ours & set(acl_list(info)):
             await _edit_network_acls(
                 client, info["name"], lambda current: [a for a in current if a not in ours]
             )

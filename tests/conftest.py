@@ -57,9 +57,9 @@ def pytest_runtest_makereport(item, call):
 #: their hubs' ACLs off.
 DAEMON_TIERS = ("integration", "e2e")
 _uses_daemons = False
-#: Set by scripts/run-tests.sh for sessions that share the host's daemons with another
-#: session: neither may take the other's hubs' ACLs and volumes away at its start or end, so
-#: the script does that itself, before and after them.
+#: Set for sessions that share the host's daemons with another session (scripts/run-tests.sh
+#: does not run such sessions now: see there): neither may take the other's hubs' ACLs and
+#: volumes away at its start or end, so whoever runs them does that before and after them.
 SHARED_DAEMONS = "LXDSPAWNER_TEST_SHARED_DAEMONS"
 
 

@@ -10,8 +10,10 @@ that address and port, and a whole hub would add seconds for nothing more."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -20,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from lxdspawner import network
+from lxdspawner.lxd import LxdClient
+from testbench.hubtools import TEST_HUB_PREFIX, forget_network_acls
 from testbench.topology import INCUS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,20 +69,68 @@ def hub_api():
         server.server_close()
 
 
+def problems(results: list[dict]) -> list[dict]:
+    """The rows an operator would read first: everything not ``ok``."""
+    return [r for r in results if r["severity"] != "ok"]
+
+
 def errors(results: list[dict]) -> dict[str, dict]:
     return {r["check"]: r for r in results if r["severity"] == "error"}
 
 
-def test_doctor_on_the_bench(tmp_path, hub_api):
+async def put_hub_acl(hub_id: str, hub_port: int) -> None:
+    """Put on the bridge the network ACL a hub ``hub_id`` on ``hub_port`` puts there when it
+    starts (its servers reach its API and nothing else)."""
+    isolation = network.Isolation(
+        hub_ip=INCUS.gateway,
+        hub_port=hub_port,
+        proxy_ips=(INCUS.gateway,),
+        server_port=8888,
+        gateway=INCUS.gateway,
+    )
+    async with LxdClient(INCUS.endpoint) as client:
+        await network.put_on_network(client, hub_id, isolation, INCUS.bridge)
+
+
+@pytest.fixture
+async def hub_id():
+    """A test hub's id for the doctor's config; its ACL leaves the bridge at the end."""
+    hub_id = TEST_HUB_PREFIX + "doctor" + secrets.token_hex(3)
+    yield hub_id
+    await forget_network_acls(hub_id)
+
+
+async def test_doctor_on_the_bench(tmp_path, hub_api, hub_id):
     port, loopback_port = hub_api
     good = (
         f"c.LxdSpawner.endpoint = {INCUS.endpoint!r}\n"
         "c.LxdSpawner.image = 'jupyter-base'\n"
+        f"c.LxdSpawner.hub_id = {hub_id!r}\n"
         f"c.JupyterHub.hub_ip = {INCUS.gateway!r}\n"
         f"c.JupyterHub.hub_port = {port}\n"
     )
-    status, results = doctor(tmp_path, good)
-    assert status == 0, results
+    # The bridge is dedicated to lxdspawner: every hub puts its ACL there when it starts and
+    # the daemon rejects what none allows. Before this hub's start (here: its ACL still allows
+    # the port of an earlier configuration) the refusal is expected, and said so.
+    await put_hub_acl(hub_id, loopback_port)
+    status, results = await asyncio.to_thread(doctor, tmp_path, good)
+    assert status == 0, problems(results)
+    probe = next(r for r in results if r["check"] == "probe")
+    assert probe["severity"] == "warning", probe
+    assert f"does not allow {INCUS.gateway} port {port} yet" in probe["what"], probe
+    assert "start (or restart) the hub" in probe["fix"]
+
+    # Another hub's id (a hub not started yet): its ACL is not on the bridge at all.
+    other = good.replace(repr(hub_id), repr(hub_id + "x"))
+    status, results = await asyncio.to_thread(doctor, tmp_path, other)
+    probe = next(r for r in results if r["check"] == "probe")
+    assert status == 0 and probe["severity"] == "warning", probe
+    assert f"hub_id '{hub_id}x') is not among them yet" in probe["what"], probe
+
+    # Once the hub has started (its ACL allows its port), the probe gets through.
+    await put_hub_acl(hub_id, port)
+    status, results = await asyncio.to_thread(doctor, tmp_path, good)
+    assert status == 0, problems(results)
     assert {r["check"] for r in results} >= {
         "daemon", "storage", "network", "image", "hub", "ids", "probe"
     }  # fmt: skip
