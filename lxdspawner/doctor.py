@@ -244,8 +244,31 @@ async def check_profiles(client: LxdClient, name: str, profiles: list[str]) -> l
             )
         )
         return found
+    if not nic.get("network") and nic.get("nictype", "bridged") != "bridged":
+        # macvlan, ipvlan, physical, sriov: the host's own interface, no bridge of the
+        # daemon's; the network beyond it (and the hub's address on it) is the operator's.
+        found.append(
+            Result(
+                OK,
+                name,
+                "network",
+                f"eth0 is a {nic['nictype']} NIC on the host's {bridge} (no managed bridge: "
+                "the hub's address is hub_connect_url's, and network_isolation cannot apply)",
+            )
+        )
+        return found
     try:
         gateway = network.gateway_of(await client.network(bridge))
+    except LxdError as e:
+        found.append(
+            Result(
+                ERROR,
+                name,
+                "network",
+                f"eth0's network {bridge!r}: {e.message}",
+                f"{_tool(client)} network list: give eth0 a managed bridge (network=<bridge>)",
+            )
+        )
     except network.IsolationError as e:
         found.append(
             Result(
@@ -368,13 +391,15 @@ async def check_remote(
             await client.open()
         except LxdError as e:
             setting = f"c.LxdSpawner.remotes[{name!r}]['endpoint']" if name else "endpoint"
+            # A socket of LXD's (/var/lib/lxd/, the snap's /var/snap/lxd/) is LXD's service.
+            service = "lxd" if "/lxd/" in remote.endpoint else "incus"
             return [
                 Result(
                     ERROR,
                     label,
                     "daemon",
                     e.message,
-                    f"start the daemon (systemctl start incus), or correct "
+                    f"start the daemon (systemctl start {service}), or correct "
                     f"{setting if name else 'c.LxdSpawner.endpoint'} = {remote.endpoint!r}",
                 )
             ], None
@@ -453,6 +478,8 @@ async def _root_and_bridge(client: LxdClient, profiles: list[str]) -> tuple[str,
         return None
     pool = await client.request("GET", f"/1.0/storage-pools/{root['pool']}")
     nic = devices.get("eth0") or {}
+    if not nic.get("network") and nic.get("nictype", "bridged") != "bridged":
+        return root["pool"], pool.get("driver", ""), ""  # the host's interface, no bridge
     return root["pool"], pool.get("driver", ""), nic.get("network") or nic.get("parent") or ""
 
 

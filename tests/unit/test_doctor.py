@@ -86,6 +86,18 @@ async def test_dir_pool_missing_image_profile_and_offline_member(fake):
     assert "m2" in members[1].what
 
 
+async def test_a_macvlan_nic_is_the_operators_network_not_an_error(fake):
+    """A cluster's members often give instances a macvlan NIC on the host's own interface
+    (no managed bridge to ask for a gateway): fine, and no bridge for the later checks."""
+    fake.profiles["default"]["devices"]["eth0"] = {
+        "type": "nic", "name": "eth0", "nictype": "macvlan", "parent": "eth0"
+    }  # fmt: skip
+    found = await doctor.check_profiles(fake, "d", ["default"])
+    nic = next(r for r in found if r.check == "network")
+    assert nic.severity == doctor.OK and "macvlan NIC on the host's eth0" in nic.what, nic
+    assert (await doctor._root_and_bridge(fake, ["default"]))[2] == ""
+
+
 def test_output_and_exit_status():
     results = [
         doctor.Result(doctor.OK, "default", "image", "image 'x'"),
