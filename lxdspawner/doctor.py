@@ -437,6 +437,8 @@ async def check_remote(
                 isolated=isolated,
                 needed=settings.active_server_limit,
                 root=settings.host_root,
+                pool=pool,
+                driver=driver,
             )
         for r in found:
             if r.check == "network" and r.severity == OK and "gateway " in r.what:

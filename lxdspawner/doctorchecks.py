@@ -245,6 +245,29 @@ async def check_owners(
 # -- this host ----------------------------------------------------------------------------------
 
 
+def _btrfs_quotas(client: LxdClient, name: str, pool: str, root: Path) -> list[Result]:
+    """Whether btrfs enforces the pool's size limits (see :mod:`lxdspawner.hostcheck`)."""
+    socket = client.where.removeprefix("unix socket ").removeprefix("unix://")
+    if not socket.startswith("/"):
+        return []
+    mount = str(Path(socket).parent / "storage-pools" / pool)
+    state = hostcheck.btrfs_quota_state(mount, root)
+    if state == "inconsistent":
+        return [
+            Result(
+                WARNING,
+                name,
+                "quotas",
+                f"btrfs quota accounting of pool {pool!r} is inconsistent: no size limit "
+                "(disk_limit, home_volume_size) is enforced until a rescan ends",
+                f"btrfs quota rescan -w {mount}",
+            )
+        ]
+    if state == "consistent":
+        return [Result(OK, name, "quotas", f"btrfs quotas of pool {pool!r} are enforced")]
+    return []
+
+
 async def _all_instances(client: LxdClient) -> list[dict]:
     return await client.request(
         "GET", "/1.0/instances", params={"recursion": 1, "all-projects": "true"}
@@ -259,10 +282,14 @@ async def check_host(
     isolated: bool,
     needed: int,
     root: Path = Path("/"),
+    pool: str | None = None,
+    driver: str = "",
 ) -> list[Result]:
-    """For a daemon on this host: root's subordinate uid and gid ranges, and the bridge's
-    veth ports that no instance owns."""
+    """For a daemon on this host: root's subordinate uid and gid ranges, the bridge's veth
+    ports that no instance owns, and whether a btrfs ``pool`` enforces its quotas."""
     found: list[Result] = []
+    if pool and driver == "btrfs":
+        found += _btrfs_quotas(client, name, pool, root)
     instances = await _all_instances(client)
     existing = sum(
         1

@@ -19,6 +19,14 @@ instances name their host-side interfaces in ``volatile.<nic>.host_name``; a ``v
 the bridge that none names is such a leak (an instance starting at that very moment may not
 have written it yet: run the check again before deleting). Ports that are not veths (an
 uplink the operator added) are not ours to judge.
+
+Btrfs quotas. On a btrfs pool, root disk sizes (``disk_limit``) and home volume sizes
+(``home_volume_size``) are quota groups. When the file system marks its quota accounting
+inconsistent (quotas enabled on a pool that already held data; some subvolume deletions on
+recent kernels, see ``qgroups/drop_subtree_threshold``), btrfs enforces none of those limits
+until ``btrfs quota rescan`` ends: a user writes past their quota and nothing says so. The flag
+is ``/sys/fs/btrfs/<uuid>/qgroups/inconsistent``; the pool's file system is found through
+its mount point (``<daemon's directory>/storage-pools/<pool>``) in ``/proc/self/mountinfo``.
 """
 
 from __future__ import annotations
@@ -144,3 +152,38 @@ def owned_interfaces(instances: Iterable[Mapping]) -> set[str]:
 def stray_ports(ports: Iterable[str], owned: set[str]) -> list[str]:
     """The veth ports no instance owns."""
     return sorted(p for p in ports if p.startswith("veth") and p not in owned)
+
+
+def mount_source(mountinfo: str, mount: str) -> tuple[str, str] | None:
+    """(file system type, source device) mounted at ``mount``, from ``/proc/self/mountinfo``
+    text (the last mount there wins, as the kernel shows it)."""
+    found = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 10 or " - " not in line or fields[4] != mount:
+            continue
+        after = line.split(" - ", 1)[1].split()
+        if len(after) >= 2:
+            found = (after[0], after[1])
+    return found
+
+
+def btrfs_quota_state(mount: str, root: Path = Path("/")) -> str | None:
+    """``"inconsistent"``, ``"consistent"`` or ``"off"`` for the btrfs file system mounted
+    at ``mount`` on this host; None when it is not a btrfs mount here (another mount
+    namespace, as a snap's, or another driver)."""
+    try:
+        mountinfo = (root / "proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    found = mount_source(mountinfo, mount)
+    if found is None or found[0] != "btrfs":
+        return None
+    device = Path(found[1]).name
+    for fs in (root / "sys/fs/btrfs").glob("*/devices/" + device):
+        flag = fs.parent.parent / "qgroups" / "inconsistent"
+        try:
+            return "inconsistent" if flag.read_text().strip() == "1" else "consistent"
+        except OSError:
+            return "off"
+    return None

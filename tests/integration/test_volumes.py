@@ -7,9 +7,11 @@ import asyncio
 import importlib.util
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from lxdspawner import hostcheck
 from lxdspawner.lxd import LxdClient, NotFound
 from testbench.hubtools import LXD_HUB_IP, REPO, SpawnFailed, q, running_hub
 
@@ -123,7 +125,8 @@ async def test_the_home_outlives_its_server_holds_its_quota_and_is_snapshotted(
         code, out = await sh(
             client, name, "dd if=/dev/urandom of=/home/alice/big bs=1M count=100", uid=uid
         )
-        assert code != 0, out
+        pools = Path(SOCKETS[daemon]).parent / "storage-pools" / POOL
+        assert code != 0, f"{out}\nbtrfs quotas: {hostcheck.btrfs_quota_state(str(pools))}"
         assert "Disk quota exceeded" in out or "No space left on device" in out, out
         await ok(client, name, "echo root-fs-still-writable > /tmp/x", uid=uid)
         await ok(client, name, "rm -f /home/alice/big", uid=uid)

@@ -89,6 +89,47 @@ async def test_host_ids_and_stray_bridge_ports(fake, tmp_path):
     assert "eno1" not in bridge.what
 
 
+MOUNTINFO = (
+    "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+    "98 22 0:51 / /var/lib/incus/storage-pools/lxdspawner rw,relatime shared:40 - btrfs "
+    "/dev/loop0 rw,discard=async,space_cache=v2,user_subvol_rm_allowed,subvolid=5,subvol=/\n"
+    "99 22 0:52 / /var/lib/lxd/storage-pools/lxdspawner rw,relatime shared:41 - btrfs "
+    "/dev/loop1 rw,subvolid=5,subvol=/\n"
+)
+
+
+async def test_a_btrfs_pool_whose_quotas_are_not_enforced(fake, tmp_path, monkeypatch):
+    """Incus's pool (not LXD's, of the same name) has inconsistent quota accounting: a
+    warning naming the rescan; consistent, an OK; quotas off or not a mount here, nothing."""
+    monkeypatch.setattr(
+        type(fake), "where", property(lambda self: "unix socket /var/lib/incus/unix.socket")
+    )
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/mountinfo").write_text(MOUNTINFO)
+    for uuid, device, flag in (("aaaa", "loop0", "1"), ("bbbb", "loop1", "0")):
+        (tmp_path / f"sys/fs/btrfs/{uuid}/devices").mkdir(parents=True)
+        (tmp_path / f"sys/fs/btrfs/{uuid}/devices/{device}").touch()
+        (tmp_path / f"sys/fs/btrfs/{uuid}/qgroups").mkdir()
+        (tmp_path / f"sys/fs/btrfs/{uuid}/qgroups/inconsistent").write_text(flag + "\n")
+
+    async def quotas() -> list:
+        found = await doctorchecks.check_host(
+            fake, "d", bridge="", isolated=True, needed=0, root=tmp_path,
+            pool="lxdspawner", driver="btrfs",
+        )  # fmt: skip
+        return [r for r in found if r.check == "quotas"]
+
+    (warning,) = await quotas()
+    assert warning.severity == WARNING and "no size limit" in warning.what, warning
+    assert warning.fix == "btrfs quota rescan -w /var/lib/incus/storage-pools/lxdspawner"
+    (tmp_path / "sys/fs/btrfs/aaaa/qgroups/inconsistent").write_text("0\n")
+    assert [r.severity for r in await quotas()] == [OK]
+    (tmp_path / "sys/fs/btrfs/aaaa/qgroups/inconsistent").unlink()
+    assert [r.severity for r in await quotas()] == []
+    (tmp_path / "proc/self/mountinfo").write_text("")
+    assert await quotas() == []
+
+
 def _hub_database(path) -> str:
     from jupyterhub import orm
 
