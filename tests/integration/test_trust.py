@@ -155,6 +155,10 @@ c.JupyterHub.spawner_class = "lxd"
 c.LxdSpawner.name_prefix = {prefix!r}
 import lxdspawner.names
 lxdspawner.names.HASH_LENGTH = 1
+# Home volume names hash the user as instance names do: with one hex digit, the two users'
+# homes collide too (1 in 16) and the second spawn is refused, as it must be (a volume is
+# never taken over); this test is about the instances.
+c.LxdSpawner.home_volume_size = ""
 """
     async with running_hub(tmp_path, config) as hub:
         await hub.start_server(first)
