@@ -17,6 +17,7 @@ which members a new key replaces (:func:`lineage_of`), when a spawn may use the 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -225,10 +226,11 @@ class PoolSettings(Configurable):
         profile and options chosen), their server's code already imported, waiting for a
         user. A spawn that matches takes one: the user's volumes are attached, the
         environment pushed, and the server switches to the user's uid and gid and starts
-        serving, without the 2 to 3 s of Python start-up. The pool is refilled in the
-        background after each claim and made for a definition at its first spawn; a
-        container is used by one server only, then deleted. 0 (default): no pool. Not used
-        with remove = False, commands_to_prepare, internal_ssl, instance_patches,
+        serving, without the 2 to 3 s of Python start-up. The pool is filled in the
+        background when the hub starts (if servers are running) or at a user's first page,
+        and refilled after each claim; with profile_list, a choice's pool is made at its
+        first spawn. A container is used by one server only, then deleted. 0 (default): no
+        pool. Not used with remove = False, commands_to_prepare, internal_ssl, instance_patches,
         extra_objects, guarantees or GPUs, nor on a cluster (yet): those spawns take the
         usual path. Each member holds the memory of an idle server (about 80 MiB).
         Example: `c.LxdSpawner.warm_pool_size = 2`.""",
@@ -297,6 +299,70 @@ class PoolSettings(Configurable):
             self.log.info("%s: the warm pool is empty (it is being filled)", self._log_name)
         return taken
 
+    def _warm_ahead(self) -> None:
+        """Fill the pool of this spawner's definition now, in the background, rather than at
+        the definition's first spawn: called when JupyterHub makes the spawner, which is at
+        the hub's start for the servers running, and at a user's first page (home, spawn) for
+        the others. So a class that logs in at nine finds the pool full, and a restarted hub
+        refills and checks its pool at once. Only without profile_list: there the definition
+        is the user's choice, known at the spawn (and applying a profile changes the
+        spawner's settings, which a spawn may be using). Once per definition and daemon per
+        process, whatever the number of users."""
+        if self.warm_pool_size <= 0 or self.profile_list:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # made outside the hub's loop (a script, a test): nothing to do
+            return
+        task = loop.create_task(self._prewarm())
+        _prewarms.add(task)
+        task.add_done_callback(_prewarms.discard)
+
+    async def _prewarm(self) -> None:
+        lineage = lineage_of(self.image, "", {})
+        try:
+            daemon = self.daemon(self.remote_to_start_on())
+            if lineage in daemon.pool.warmed:
+                return
+            daemon.pool.warmed.add(lineage)
+            await daemon.ready()
+            why = why_not(
+                size=self.warm_pool_size,
+                kept=False,
+                remove=self.remove,
+                patched=bool(self.instance_patches or self.extra_objects),
+                prepare=bool(self.commands_to_prepare),
+                internal_ssl=bool(self.internal_ssl),
+                guarantees=bool(self._need()),
+                free_value=False,
+                clustered=daemon.clustered,
+            )
+            if why is not None:
+                return  # the spawn says why, in its user's log line
+            from . import hardening
+
+            spec = await hardening.harden(
+                daemon, self._hardening(daemon), self._spec(0, 0, "/", ())
+            )
+            wanted = await daemon.pool.want(
+                spec,
+                self._source(None),
+                lineage=lineage,
+                size=self.warm_pool_size,
+                prefix=self.name_prefix,
+                check_interval=self.warm_pool_check_interval,
+            )
+            if wanted is None:
+                return
+            if self.warm_pool_remove_on_exit:
+                _remove_on_exit(daemon, spec.hub)
+            daemon.pool.refill(spec.hub)
+            daemon_log.info("warm pool: filling %d of %s ahead of spawns", wanted.size, lineage)
+        except Exception as e:  # the first spawn takes today's path, and says why
+            daemon_log.warning(
+                "warm pool: not filled ahead of the first spawn: %s", getattr(e, "message", e)
+            )
+
     async def _start_warm(
         self,
         daemon: Daemon,
@@ -353,6 +419,10 @@ class PoolSettings(Configurable):
         return ip
 
 
+#: The background fills started by spawners being made (kept referenced while they run).
+_prewarms: set[asyncio.Task] = set()
+
+
 class ClaimFailed(Exception):
     """A pool member could not be claimed (and is deleted); nothing of the server ran: the
     spawn goes on by the usual path."""
@@ -367,7 +437,6 @@ def _remove_on_exit(daemon: Daemon, hub: str) -> None:
     if (id(daemon), hub) in _exit_hooks:
         return
     _exit_hooks.add((id(daemon), hub))
-    import asyncio
     import atexit
 
     from .daemon import Daemon as DaemonClass

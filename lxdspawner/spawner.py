@@ -87,6 +87,7 @@ class LxdSpawner(
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         attach_logs(self.log)
+        self._warm_ahead()
 
     # -- where: the daemon --------------------------------------------------------------------
 

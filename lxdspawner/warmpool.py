@@ -65,6 +65,8 @@ class WarmPool:
         self._checker: asyncio.Task | None = None
         #: key -> (failures in a row, loop time before which no member is made).
         self._failed: dict[str, tuple[int, float]] = {}
+        #: Lineages a spawner has filled ahead of their first spawn (PoolSettings._warm_ahead).
+        self.warmed: set[str] = set()
 
     # -- what there is ------------------------------------------------------------------------
 

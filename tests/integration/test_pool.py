@@ -1,15 +1,16 @@
 """The warm pool end to end, on the real Incus through a real JupyterHub: one hub for every
 check (pool.py, warmpool.py, preload.py).
 
-A pool member waits with its server's code imported and no secret in it; a spawn takes it (the
-user's server is that container), serving as the user's uid with the user's home volume; the
-pool is refilled; a hub restart keeps the member and uses it; the image alias moving replaces
-it."""
+A user's first page fills the pool; a member waits with its server's code imported and no
+secret in it; a spawn takes it (the user's server is that container), serving as the user's uid
+with the user's home volume; the pool is refilled; a hub restart keeps the member and uses it;
+the image alias moving replaces it, and members of the image it moved to serve."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import re
 import time
 
 import aiohttp
@@ -81,6 +82,20 @@ async def api_as(hub, path: str, token: str) -> tuple[int, str]:
         return r.status, await r.text()
 
 
+async def log_in(hub, user: str) -> str:
+    """Log ``user`` in through the login form, as a browser does; the page it lands on."""
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
+    async with aiohttp.ClientSession(cookie_jar=jar) as browser:
+        async with browser.get(hub.public_url + "/hub/login") as r:
+            xsrf = re.search(r'name="_xsrf" value="([^"]+)"', await r.text())
+        form = {"username": user, "password": hub.password}
+        if xsrf:
+            form["_xsrf"] = xsrf.group(1)
+        async with browser.post(hub.public_url + "/hub/login", data=form) as r:
+            assert r.status == 200, await r.text()
+            return str(r.url)
+
+
 async def instance_of(client: LxdClient, prefix: str, user: str) -> str:
     for i in await client.list_instances(recursion=1):
         if i["name"].startswith(prefix + "-") and i["config"].get(KEY_USER) == user:
@@ -100,12 +115,11 @@ async def test_a_spawn_takes_a_preloaded_member_and_the_pool_is_kept_and_rotated
         text = config(prefix, **SETTINGS).replace('"jupyter-base"', repr(alias))
         async with running_hub(tmp_path, text) as hub:
             hub_id = hub.hub_id
-            # The first spawn of a definition takes today's path, and the pool is made.
-            started = time.monotonic()
-            await hub.start_server("alice")
-            print(f"spawn without the pool: {time.monotonic() - started:.2f} s")
-            assert "not from the warm pool" not in hub.log()
+            # alice logs in: her first page makes her spawner, and with it the pool, before
+            # anybody spawns.
+            assert "/hub/spawn" in await log_in(hub, "alice")
             member = await wait_member(incus, prefix, hub_id)
+            assert "warm pool: filling 1 of" in hub.log()
             name = member["name"]
 
             # Waiting: nothing of any user, no token, in the member.
@@ -184,6 +198,14 @@ async def test_a_spawn_takes_a_preloaded_member_and_the_pool_is_kept_and_rotated
                 await asyncio.sleep(0.5)
             await wait_gone(incus, third["name"])
             assert "the next try in 15 s" in made[0], made
+
+            # The alias moves to an image that works: its members are made, and serve.
+            await incus.request("PUT", f"/1.0/images/aliases/{alias}", json_body={"target": base})
+            fourth = await wait_member(incus, prefix, hub_id, not_named={third["name"]})
+            await hub.start_server("dave")
+            assert await instance_of(incus, prefix, "dave") == fourth["name"]
+            pid = await server_pid(incus, fourth["name"])
+            assert await ok(incus, fourth["name"], f"readlink /proc/{pid}/cwd") == "/home/dave"
             hub.set_cleanup_servers(True)
         # warm_pool_remove_on_exit: the hub's exit deleted its members.
         assert await members(incus, prefix, hub_id) == []

@@ -296,3 +296,28 @@ async def test_no_pool_by_default(hub_daemon, fake):  # noqa: F811
     await spawner(fake, "ana").start()
     await spawner(fake, "bob").start()
     assert not [i for i in fake.instances.values() if i.config.get(KEY_POOL)]
+
+
+async def test_the_pool_is_filled_when_a_spawner_is_made_not_at_the_first_spawn(
+    hub_daemon,  # noqa: F811
+    fake,
+):
+    """JupyterHub makes a spawner at the hub's start (servers running) and at a user's first
+    page: the pool of its definition is filled then, once, so the first spawn takes a member."""
+    spawner(fake, "ana", warm_pool_size=1)
+    spawner(fake, "bob", warm_pool_size=1)  # the same definition: filled once
+    await eventually(lambda: len(waiting(fake)) == 1)
+    (member,) = waiting(fake)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert len([i for i in fake.instances.values() if i.config.get(KEY_POOL)]) == 1
+    carol = spawner(fake, "carol", warm_pool_size=1)
+    await carol.start()
+    assert carol.instance_name == member
+
+
+async def test_with_profile_list_the_pool_waits_for_the_choice(hub_daemon, fake):  # noqa: F811
+    spawner(fake, "ana", warm_pool_size=1, profile_list=[{"display_name": "Small"}])
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert not [i for i in fake.instances.values() if i.config.get(KEY_POOL)]
