@@ -452,12 +452,24 @@ _network_locks: dict[tuple[int, str, str], asyncio.Lock] = {}
 _ETAG_TRIES = 8
 
 
+#: Incus re-reads a bridge's ports when its config changes and fails if one vanishes meanwhile
+#: (``ip -d -j link show vethXXXX``: "does not exist", a container deleted at that moment:
+#: measured in ci44). The write did not happen; the next try, a moment later, works.
+_VANISHED = "Failed to delete bridge children interfaces"
+_VANISHED_PAUSE = 0.3
+
+
+def _bridge_port_vanished(e: LxdError) -> bool:
+    return _VANISHED in e.message and "does not exist" in e.message
+
+
 async def _edit_network_acls(client: Any, network: str, edit: Any) -> bool:
     """Set ``security.acls`` of ``network`` to ``edit(current list)``, with If-Match so a
-    concurrent writer (another hub, a burst of spawns) is not overwritten: on 412 read again.
+    concurrent writer (another hub, a burst of spawns) is not overwritten: on 412 read again,
+    and also when a bridge port vanished under the daemon (see :data:`_VANISHED`).
     True if it changed anything."""
     path = f"/1.0/networks/{quote(network, safe='')}"
-    for _ in range(_ETAG_TRIES):
+    for attempt in range(_ETAG_TRIES):
         info, etag = await client.request_with_etag(path)
         current = acl_list(info)
         wanted = edit(current)
@@ -473,8 +485,11 @@ async def _edit_network_acls(client: Any, network: str, edit: Any) -> bool:
             )
             return True
         except LxdError as e:
-            if e.status != 412:
+            if e.status == 412:
+                continue
+            if not _bridge_port_vanished(e) or attempt == _ETAG_TRIES - 1:
                 raise
+            await asyncio.sleep(_VANISHED_PAUSE)
     raise IsolationError(
         f"network isolation: the ACL list of network {network!r} kept changing under us "
         f"({_ETAG_TRIES} tries); try the spawn again"

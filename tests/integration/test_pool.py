@@ -14,12 +14,14 @@ import re
 import time
 
 import aiohttp
+import pytest
 
 from lxdspawner import cli
 from lxdspawner.lxd import LxdClient, NotFound
 from lxdspawner.ownership import KEY_HUB, KEY_POOL, KEY_USER
-from testbench.hubtools import running_hub
+from testbench.hubtools import LXD_HUB_IP, running_hub
 
+from .conftest import SOCKETS, test_daemons
 from .test_volumes import config, ok, wait_gone
 
 # 64 MiB homes; the shared directories are another test's business (and per image: the
@@ -103,17 +105,24 @@ async def instance_of(client: LxdClient, prefix: str, user: str) -> str:
     raise AssertionError(f"no container of {user}")
 
 
+@pytest.mark.parametrize("daemon", test_daemons())
 async def test_a_spawn_takes_a_preloaded_member_and_the_pool_is_kept_and_rotated(
-    tmp_path, prefix, incus, leftovers
+    daemon, tmp_path, prefix, leftovers
 ):
+    async with LxdClient(f"unix://{SOCKETS[daemon]}") as incus:
+        await _pool_end_to_end(daemon, tmp_path, prefix, incus)
+
+
+async def _pool_end_to_end(daemon: str, tmp_path, prefix: str, incus: LxdClient) -> None:
     alias = f"{prefix}-img"
     base = await incus.image_fingerprint("jupyter-base")
     tiny = await incus.image_fingerprint("lxdspawner-tiny")
     assert base and tiny, "the test images are missing (make setup)"
     await incus.request("POST", "/1.0/images/aliases", json_body={"name": alias, "target": base})
     try:
-        text = config(prefix, **SETTINGS).replace('"jupyter-base"', repr(alias))
-        async with running_hub(tmp_path, text) as hub:
+        text = config(prefix, daemon, **SETTINGS).replace('"jupyter-base"', repr(alias))
+        kwargs = {"hub_ip": LXD_HUB_IP} if daemon == "lxd" else {}
+        async with running_hub(tmp_path, text, **kwargs) as hub:
             hub_id = hub.hub_id
             # alice logs in: her first page makes her spawner, and with it the pool, before
             # anybody spawns.

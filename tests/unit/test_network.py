@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lxdspawner import hardening
+from lxdspawner import hardening, network
 from lxdspawner.lxd.dialect import Dialect
 from lxdspawner.lxd.errors import LxdError, NotFound, error_for_status
 from lxdspawner.network import (
@@ -817,6 +817,34 @@ async def test_a_burst_attaches_the_network_acl_once():
         *(prepare_nic(client, INCUS, "hub-1", isolation(), PROFILE_NIC) for _ in range(20))
     )
     assert [m for m, p in client.calls if "/networks/" in p].count("PATCH") == 1
+
+
+async def test_a_port_that_vanished_under_the_daemon_is_tried_again(monkeypatch):
+    """Incus fails a bridge's PATCH when a container's veth goes while it re-reads the ports
+    (ci44): nothing was written, and the next try works."""
+    monkeypatch.setattr(network, "_VANISHED_PAUSE", 0)
+
+    class Racing(FakeDaemonWithNetworks):
+        failures = 1
+
+        async def request(self, method, path, **kwargs):
+            if method == "PATCH" and self.failures:
+                self.failures -= 1
+                raise error_for_status(
+                    500,
+                    f"PATCH {path}: Failed to delete bridge children interfaces: Failed to run: "
+                    'ip -d -j link show veth5d1 : exit status 1 (Device "veth5d1" does not '
+                    "exist.)",
+                )
+            return await super().request(method, path, **kwargs)
+
+    client = Racing({"lxdspbr0": DEDICATED})
+    assert await attach_to_network(client, "lxdspbr0", "lxdspawner-00000000")
+    assert client.networks["lxdspbr0"]["config"]["security.acls"] == "lxdspawner-00000000"
+    other = Racing({"lxdspbr0": DEDICATED})
+    other.failures = 100  # not forever: the daemon's own words
+    with pytest.raises(LxdError, match="does not exist"):
+        await attach_to_network(other, "lxdspbr0", "lxdspawner-00000000")
 
 
 async def test_a_refused_write_names_the_network_and_the_way_out():
