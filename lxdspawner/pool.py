@@ -259,10 +259,9 @@ class PoolSettings(Configurable):
     #: What the user chose (profiles.Selection), set by start(): part of the lineage.
     _selection: Any = None
 
-    async def _take_warm(self, daemon: Daemon, spec: objects.ServerSpec, need: Any) -> str | None:
-        """A pool member for this spawn (None: today's path), the pool registered and refilled."""
-        selection = self._selection
-        why = why_not(
+    def _why_not_warm(self, daemon: Daemon, need: Any, *, free_value: bool) -> str | None:
+        """Why this spawner's spawns on ``daemon`` take the usual path (see :func:`why_not`)."""
+        return why_not(
             size=self.warm_pool_size,
             kept=False,
             remove=self.remove,
@@ -270,8 +269,15 @@ class PoolSettings(Configurable):
             prepare=bool(self.commands_to_prepare),
             internal_ssl=bool(self.internal_ssl),
             guarantees=bool(need),
-            free_value=bool(selection is not None and selection.uses_free_value),
+            free_value=free_value,
             clustered=daemon.clustered,
+        )
+
+    async def _take_warm(self, daemon: Daemon, spec: objects.ServerSpec, need: Any) -> str | None:
+        """A pool member for this spawn (None: today's path), the pool registered and refilled."""
+        selection = self._selection
+        why = self._why_not_warm(
+            daemon, need, free_value=bool(selection is not None and selection.uses_free_value)
         )
         if why is not None:
             if self.warm_pool_size:
@@ -326,18 +332,7 @@ class PoolSettings(Configurable):
                 return
             daemon.pool.warmed.add(lineage)
             await daemon.ready()
-            why = why_not(
-                size=self.warm_pool_size,
-                kept=False,
-                remove=self.remove,
-                patched=bool(self.instance_patches or self.extra_objects),
-                prepare=bool(self.commands_to_prepare),
-                internal_ssl=bool(self.internal_ssl),
-                guarantees=bool(self._need()),
-                free_value=False,
-                clustered=daemon.clustered,
-            )
-            if why is not None:
+            if self._why_not_warm(daemon, self._need(), free_value=False) is not None:
                 return  # the spawn says why, in its user's log line
             from . import hardening
 
