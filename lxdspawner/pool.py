@@ -273,6 +273,20 @@ class PoolSettings(Configurable):
             clustered=daemon.clustered,
         )
 
+    async def _want(self, daemon: Daemon, spec: objects.ServerSpec, lineage: str) -> Wanted | None:
+        """Register ``spec``'s definition with the daemon's pool (see WarmPool.want)."""
+        wanted = await daemon.pool.want(
+            spec,
+            self._source(None),
+            lineage=lineage,
+            size=self.warm_pool_size,
+            prefix=self.name_prefix,
+            check_interval=self.warm_pool_check_interval,
+        )
+        if wanted is not None and self.warm_pool_remove_on_exit:
+            _remove_on_exit(daemon, spec.hub)
+        return wanted
+
     async def _take_warm(self, daemon: Daemon, spec: objects.ServerSpec, need: Any) -> str | None:
         """A pool member for this spawn (None: today's path), the pool registered and refilled."""
         selection = self._selection
@@ -288,18 +302,9 @@ class PoolSettings(Configurable):
             selection.profile.slug if selection is not None else "",
             selection.choices if selection is not None else {},
         )
-        wanted = await daemon.pool.want(
-            spec,
-            self._source(None),
-            lineage=lineage,
-            size=self.warm_pool_size,
-            prefix=self.name_prefix,
-            check_interval=self.warm_pool_check_interval,
-        )
+        wanted = await self._want(daemon, spec, lineage)
         if wanted is None:
             return None
-        if self.warm_pool_remove_on_exit:
-            _remove_on_exit(daemon, spec.hub)
         taken = daemon.pool.take(wanted, spec.hub)
         if taken is None:
             self.log.info("%s: the warm pool is empty (it is being filled)", self._log_name)
@@ -339,18 +344,9 @@ class PoolSettings(Configurable):
             spec = await hardening.harden(
                 daemon, self._hardening(daemon), self._spec(0, 0, "/", ())
             )
-            wanted = await daemon.pool.want(
-                spec,
-                self._source(None),
-                lineage=lineage,
-                size=self.warm_pool_size,
-                prefix=self.name_prefix,
-                check_interval=self.warm_pool_check_interval,
-            )
+            wanted = await self._want(daemon, spec, lineage)
             if wanted is None:
                 return
-            if self.warm_pool_remove_on_exit:
-                _remove_on_exit(daemon, spec.hub)
             daemon.pool.refill(spec.hub)
             daemon_log.info("warm pool: filling %d of %s ahead of spawns", wanted.size, lineage)
         except Exception as e:  # the first spawn takes today's path, and says why
