@@ -34,7 +34,7 @@ from lxdspawner.lxd import LxdClient, LxdError, NotFound
 from testbench import hubtools
 
 from . import benchlib as bl
-from . import loopwatch
+from . import dockerbench, loopwatch
 from .setups import (
     LOOP_RESOLUTION,
     NO_VOLUME_PREFIX,
@@ -178,6 +178,8 @@ async def memory(setup: Setup, user: str, state: dict) -> dict:
             return {"bytes": None}
         tree = _tree_memory(pids)
         return {"bytes": tree["rss"], **tree}
+    if setup.key == "docker":
+        return _docker_memory(state)
     name = state.get("instance") or names.instance_name(user, "", PREFIX)
     st = await setup.lxd.instance_state(name)
     mem = st.get("memory") or {}
@@ -217,6 +219,36 @@ async def memory(setup: Setup, user: str, state: dict) -> dict:
     with contextlib.suppress(OSError, ValueError):
         usage = Path("/sys/fs/cgroup/cpuacct") / f"lxc.payload.{name}" / "cpuacct.usage"
         detail["cpu_s"] = int(usage.read_text()) / 1e9
+    return detail
+
+
+def _docker_memory(state: dict) -> dict:
+    """A DockerSpawner container's memory and CPU from its cgroups (v1, as Incus's): the
+    same figures as lxdspawner's container (usage, working set, processes' RSS)."""
+    cid = state.get("object_id") or state.get("container_id")
+    if not cid:
+        return {"bytes": None}
+    detail: dict[str, Any] = {"bytes": None, "container": cid[:12]}
+    cg = dockerbench.container_cgroup(cid, "memory")
+    if cg is not None:
+        with contextlib.suppress(OSError, ValueError):
+            detail["bytes"] = int((cg / "memory.usage_in_bytes").read_text())
+            stat = _cgroup_stat(cg / "memory.stat")
+            detail["cgroup_anon"] = stat.get("total_rss", 0)
+            detail["cgroup_cache"] = stat.get("total_cache", 0)
+            detail["cgroup_inactive_file"] = stat.get("total_inactive_file", 0)
+            detail["working_set"] = detail["bytes"] - detail["cgroup_inactive_file"]
+            pids = []
+            for procs in cg.rglob("cgroup.procs"):
+                pids += [int(x) for x in procs.read_text().split()]
+            if psutil is not None:
+                tree = _tree_memory(pids)
+                detail.update({f"procs_{k}": v for k, v in tree.items()})
+                detail["server_rss"] = tree["rss"]
+    cpu = dockerbench.container_cgroup(cid, "cpuacct")
+    if cpu is not None:
+        with contextlib.suppress(OSError, ValueError):
+            detail["cpu_s"] = int((cpu / "cpuacct.usage").read_text()) / 1e9
     return detail
 
 
@@ -269,7 +301,7 @@ def cpu_snapshot(setup: Setup) -> dict[str, float | None]:
     return {
         "hub": cpu_seconds(hub._hub.pid if hub._hub else None, children=False),
         "proxy": cpu_seconds(hub._proxy.pid if hub._proxy else None, children=False),
-        "daemon": cpu_seconds(setup.daemon) if setup.key == "lxd" else None,
+        "daemon": cpu_seconds(setup.daemon) if setup.key != "floor" else None,
     }
 
 
@@ -450,8 +482,21 @@ async def loop_snapshot(setup: Setup) -> dict:
     }
 
 
-async def burst_rep(setup: Setup, index: int, label: str) -> None:
-    users = [f"b{index}u{j:02d}" for j in range(BURST_SIZE)]
+async def burst_rep(
+    setup: Setup,
+    index: int,
+    label: str,
+    size: int = BURST_SIZE,
+    *,
+    users: list[str] | None = None,
+    record_as: str | None = None,
+    measure_memory: bool = True,
+) -> dict:
+    """``size`` users POSTed at once, until all are ready; their idle memory; then all
+    stopped at once. Recorded under ``record_as`` (default ``burst`` for 10 users, else
+    ``burst<size>``); returns the record."""
+    users = users or [f"b{size}x{index}u{j:02d}" for j in range(size)]
+    size = len(users)
     for u in users:
         await setup.hub.ensure_user(u)
     offset = setup.log_offset()
@@ -490,14 +535,17 @@ async def burst_rep(setup: Setup, index: int, label: str) -> None:
     }
     # Empty unless the hubs run with --loop-debug (the watchdog's samples of a held loop).
     record["loop_samples"] = loopwatch.parse(segment)
+    record["size"] = size
     if setup.key == "lxd":
         timings = bl.spawn_timings(segment)
         record["spawner"] = [timings.get(u) for u in users]
-    await asyncio.sleep(IDLE_WAIT)
-    mems = await asyncio.gather(
-        *(memory(setup, r["user"], r["state"]) for r in ok), return_exceptions=True
-    )
-    record["memory_bytes"] = [m.get("bytes") for m in mems if isinstance(m, dict)]
+    record["memory_bytes"] = []
+    if measure_memory:
+        await asyncio.sleep(IDLE_WAIT)
+        mems = await asyncio.gather(
+            *(memory(setup, r["user"], r["state"]) for r in ok), return_exceptions=True
+        )
+        record["memory_bytes"] = [m.get("bytes") for m in mems if isinstance(m, dict)]
     t1 = time.perf_counter()
     running = [r["user"] for r in ok]
     stops = await asyncio.gather(*(stop(setup, u) for u in running), return_exceptions=True)
@@ -509,13 +557,45 @@ async def burst_rep(setup: Setup, index: int, label: str) -> None:
     if errors or any(not isinstance(s, dict) for s in stops):
         with contextlib.suppress(Exception):
             await setup.hub.stop_all_servers()
-    setup.add("burst", record)
+    setup.add(record_as or ("burst" if size == BURST_SIZE else f"burst{size}"), record)
     lag = "n/a" if p99 is None else f"{'<' if bound else ''}{p99 * 1000:.0f} ms"
     say(
-        f"{label} {setup.key:5s}: {len(ok)}/{BURST_SIZE} ready in "
-        f"{bl.fmt(record['wall_s'])} s, loop lag p99 {lag}, 10 stops in "
+        f"{label} {setup.key:6s}: {len(ok)}/{size} ready in "
+        f"{bl.fmt(record['wall_s'])} s, loop lag p99 {lag}, {size} stops in "
         f"{bl.fmt(record['stop_wall_s'])} s, load {load:.1f}"
         + (f", {len(errors)} FAILED: {errors[0]}" if errors else "")
+    )
+    return record
+
+
+#: The class changeover: the next class's burst this long after the previous one's stop.
+CHANGEOVER_GAP = 2.0
+
+
+async def changeover_rep(setup: Setup, index: int, label: str, size: int = BURST_SIZE) -> None:
+    """A class changeover: a burst of ``size``, all stopped at once, and CHANGEOVER_GAP s
+    after the stops returned, the next ``size`` users' burst (while lxdspawner's previous
+    containers may still be being deleted in the background). Both bursts' wall times."""
+    first = await burst_rep(
+        setup, index, f"{label} first", size,
+        users=[f"c{index}a{j:02d}" for j in range(size)], record_as="changeover_first",
+        measure_memory=False,
+    )  # fmt: skip
+    await asyncio.sleep(CHANGEOVER_GAP)
+    second = await burst_rep(
+        setup, index, f"{label} next", size,
+        users=[f"c{index}b{j:02d}" for j in range(size)], record_as="changeover_next",
+        measure_memory=False,
+    )  # fmt: skip
+    setup.add(
+        "changeover",
+        {
+            "first_s": first["wall_s"],
+            "next_s": second["wall_s"],
+            "gap_s": CHANGEOVER_GAP,
+            "stop_first_s": first["stop_wall_s"],
+            "failed": first["failed"] + second["failed"],
+        },
     )
 
 

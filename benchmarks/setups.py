@@ -38,6 +38,7 @@ from lxdspawner.ownership import KEY_HUB
 from testbench import hubtools, topology
 
 from . import benchlib as bl
+from . import dockerbench
 
 try:
     import psutil
@@ -188,7 +189,7 @@ def ensure_floor_venv(requirements: Path) -> Path:
 
 @dataclass
 class Setup:
-    key: str  # "floor" or "lxd"
+    key: str  # "floor", "lxd" or "docker"
     hub: Any
     lxd: LxdClient
     daemon: Any = None  # psutil.Process of the daemon, for CPU accounting
@@ -229,8 +230,10 @@ async def running_setups(
     hubdir: Path | None = None,
     db_configs: dict[str, str] | None = None,
     extra_config: str = "",
-) -> AsyncIterator[tuple[Setup, Setup]]:
-    """Both hubs and their proxies, up until the block ends: (floor, lxd).
+    docker: Any = None,
+) -> AsyncIterator[tuple[Setup, ...]]:
+    """The hubs and their proxies, up until the block ends: (floor, lxd), and the peer
+    (floor, lxd, docker) when ``docker`` (a `dockerbench.Peer`) is given.
 
     The hubs' directories (configuration, log, sqlite file) are under ``hubdir`` (default
     ``workdir``): a new one per round of ``--db``, so each round's hubs start afresh.
@@ -266,7 +269,16 @@ async def running_setups(
         xhub = await stack.enter_async_context(
             hubtools.running_hub(hubdir / "lxd", lxd_config, hub_ip=LXD_HUB_IP)
         )
-        yield Setup("floor", fhub, client), Setup("lxd", xhub, client, daemon=daemon_process())
+        setups = [Setup("floor", fhub, client), Setup("lxd", xhub, client, daemon=daemon_process())]
+        if docker is not None:
+            say("starting DockerSpawner's hub and proxy")
+            docker_config = COMMON_CONFIG + dockerbench.hub_config(docker.image)
+            docker_config += db_configs.get("docker", "") + extra_config
+            dhub = await stack.enter_async_context(
+                hubtools.running_hub(hubdir / "docker", docker_config, hub_ip=docker.gateway)
+            )
+            setups.append(Setup("docker", dhub, client, daemon=dockerbench.dockerd_process()))
+        yield tuple(setups)
         say("stopping hubs and proxies")
 
 
