@@ -248,7 +248,19 @@ SCENARIOS = {
 QUICK_SCENARIOS = ("single", "burst10", "changeover")
 #: The setups a run can compare; the first two always run (the floor is what the ratios are
 #: against, lxd what is measured).
-SETUPS = ("floor", "lxd", "docker")
+SETUPS = ("floor", "lxd", "docker", "lxdpool")
+#: The bursts each scenario makes: the warm pool of lxdpool is sized for the largest.
+BURST_SIZES = {"burst10": 10, "burst30": 30, "burst50": 50, "changeover": 10}
+
+
+def pool_size_for(scenarios: Sequence[str], given: int | None = None) -> int:
+    """lxdpool's ``warm_pool_size``: ``--pool-size`` if given, else sized for the largest
+    burst of the run's scenarios (2 for single spawns only: a claim, and one to spare)."""
+    if given is not None:
+        if given < 0:
+            raise ValueError(f"--pool-size {given}: must be 0 or more")
+        return given
+    return max([BURST_SIZES.get(s, 0) for s in scenarios] + [2])
 
 
 def parse_scenarios(text: str | None, quick: bool = False) -> list[str]:
@@ -267,7 +279,8 @@ def parse_scenarios(text: str | None, quick: bool = False) -> list[str]:
 
 
 def parse_setups(text: str | None) -> list[str]:
-    """``--setups`` → the setups in a fixed order; floor and lxd are always among them."""
+    """``--setups`` → the setups in a fixed order; floor and lxd are always among them.
+    lxd is lxdspawner without a pool, lxdpool with ``warm_pool_size`` (`pool_size_for`)."""
     wanted = {w.strip() for w in (text or ",".join(SETUPS)).split(",") if w.strip()}
     unknown = sorted(wanted - set(SETUPS))
     if unknown:

@@ -31,6 +31,7 @@ from typing import Any
 
 from lxdspawner import names
 from lxdspawner.lxd import LxdClient, LxdError, NotFound
+from lxdspawner.ownership import KEY_HUB, KEY_POOL, KEY_USER
 from testbench import hubtools
 
 from . import benchlib as bl
@@ -38,7 +39,9 @@ from . import dockerbench, loopwatch
 from .setups import (
     LOOP_RESOLUTION,
     NO_VOLUME_PREFIX,
+    OUR_PREFIXES,
     POLL_INTERVAL,
+    POOL_HUB_ID,
     PREFIX,
     Setup,
     our_volumes,
@@ -536,7 +539,7 @@ async def burst_rep(
     # Empty unless the hubs run with --loop-debug (the watchdog's samples of a held loop).
     record["loop_samples"] = loopwatch.parse(segment)
     record["size"] = size
-    if setup.key == "lxd":
+    if setup.key.startswith("lxd"):
         timings = bl.spawn_timings(segment)
         record["spawner"] = [timings.get(u) for u in users]
     record["memory_bytes"] = []
@@ -717,6 +720,45 @@ async def poll_phase(setup: Setup, cycles: int, workdir: Path) -> dict:
     return result
 
 
+# -- the warm pool (lxdpool) ------------------------------------------------------------------
+
+
+async def pool_members(setup: Setup) -> int:
+    """The pool hub's members running and not taken (as the daemon lists them)."""
+    found = 0
+    for i in await setup.lxd.list_instances(recursion=1):
+        config = i.get("config") or {}
+        if (
+            config.get(KEY_HUB) == POOL_HUB_ID
+            and config.get(KEY_POOL)
+            and not config.get(KEY_USER)
+            and i.get("status") == "Running"
+        ):
+            found += 1
+    return found
+
+
+async def wait_pool(setup: Setup, timeout: float = 600) -> float | None:
+    """For lxdpool: wait until its pool is full again (after a claim it refills in the
+    background), so that every measurement of it starts with a full pool and its refill
+    does not run during another setup's measurement. Seconds waited (None: not lxdpool)."""
+    if setup.key != "lxdpool" or not setup.pool_size:
+        return None
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < timeout:
+        n = await pool_members(setup)
+        if n >= setup.pool_size:
+            # A member just started may still be importing its server's code.
+            await asyncio.sleep(2.0)
+            waited = time.perf_counter() - t0
+            setup.add("pool_refill_s", waited)
+            return waited
+        await asyncio.sleep(0.5)
+    say(f"lxdpool: only {n}/{setup.pool_size} pool members after {timeout:.0f} s")
+    return time.perf_counter() - t0
+
+
 # -- machine noise ---------------------------------------------------------------------------
 
 
@@ -726,6 +768,7 @@ async def other_instances(client: LxdClient) -> int:
         return sum(
             1
             for i in insts
-            if i.get("status") == "Running" and not i.get("name", "").startswith(PREFIX + "-")
+            if i.get("status") == "Running"
+            and not i.get("name", "").startswith(tuple(f"{p}-" for p in OUR_PREFIXES))
         )
     return -1

@@ -482,13 +482,14 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     raw = result["raw"]
-    colors = {"floor": "#4c72b0", "lxd": "#dd8452", "docker": "#55a868"}
+    colors = {"floor": "#4c72b0", "lxd": "#dd8452", "docker": "#55a868", "lxdpool": "#c44e52"}
     labels = {
         "floor": "floor (local process)",
         "lxd": "lxdspawner (Incus)",
         "docker": "DockerSpawner (docker.io)",
+        "lxdpool": "lxdspawner, warm pool",
     }
-    keys = [k for k in ("floor", "lxd", "docker") if k in raw]
+    keys = [k for k in ("floor", "lxd", "lxdpool", "docker") if k in raw]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.6), gridspec_kw={"width_ratios": [1, 1.2, 1.5]})
 
     ax = axes[0]

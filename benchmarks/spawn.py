@@ -50,6 +50,7 @@ from .measure import (
     spawn,
     stop,
     volume_rep,
+    wait_pool,
 )
 from .report import analyse, loop_by_database, plot, report
 from .setups import (
@@ -148,6 +149,7 @@ async def db_round(
         extra_config=(LOOP_DEBUG_CONFIG if args.loop_debug else "")
         + (f"\n# --hub-config\n{args.hub_config}\n" if args.hub_config else ""),
         docker=peer,
+        pool_size=meta["pool_size"] if "lxdpool" in meta["setups"] else 0,
     ) as setups:
         floor, lxd = setups[:2]
 
@@ -162,12 +164,16 @@ async def db_round(
             w = await spawn(s, "warmup")
             await stop(s, "warmup")
             say(f"warm-up {s.key}: {w['total_s']:.2f} s")
+            waited = await wait_pool(s)
+            if waited is not None:
+                say(f"lxdpool: {s.pool_size} pool members ready {waited:.0f} s after the warm-up")
         if full and "single" in scenarios:
             # The spawner registers its counter with its first client.
             say(f"LXD API request counter: {(await lxd.api_requests())[1]}")
             for i in range(reps):
                 for s in turn(i):
                     await single_rep(s, f"s{i:02d}", f"single {i + 1}/{reps}")
+                    await wait_pool(s)
         if full and "volumes" in scenarios:
             for i in range(volume_reps):
                 await volume_rep(lxd, i, f"volume {i + 1}/{volume_reps}")
@@ -176,14 +182,17 @@ async def db_round(
             for b in range(bursts):
                 for s in turn(b):
                     await burst_rep(s, b, f"{db} burst {b + 1}/{bursts}")
+                    await wait_pool(s)
         for size in (30, 50):
             if full and f"burst{size}" in scenarios:
                 for s in turn(size):
                     await burst_rep(s, 0, f"burst of {size}", size)
+                    await wait_pool(s)
         if full and "changeover" in scenarios:
             for b in range(bursts):
                 for s in turn(b + 1):
                     await changeover_rep(s, b, f"changeover {b + 1}/{bursts}")
+                    await wait_pool(s)
         if full and "poll" in scenarios and meta["poll_cycles"]:
             poll = await poll_phase(lxd, meta["poll_cycles"], workdir)
     return (db, *setups), poll
@@ -197,6 +206,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
     dbs = database.databases(args.db)
     scenarios = bl.parse_scenarios(args.scenarios, args.quick)
     setup_keys = bl.parse_setups(args.setups)
+    pool_size = bl.pool_size_for(scenarios, args.pool_size)
+    if not pool_size and "lxdpool" in setup_keys:
+        setup_keys.remove("lxdpool")
     peer = None
     cluster = None
     if "postgresql" in dbs:
@@ -265,6 +277,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
             "poll_cycles": poll_cycles,
             "scenarios": scenarios,
             "setups": setup_keys,
+            "pool_size": pool_size,
             "docker": (
                 {
                     "image": peer.image,
@@ -370,7 +383,14 @@ def main() -> int:
     parser.add_argument(
         "--setups",
         help=f"comma-separated, of: {', '.join(bl.SETUPS)} (default: all; floor and lxd always "
-        "run); docker is DockerSpawner on Debian's docker.io, started by the benchmark",
+        "run); docker is DockerSpawner on Debian's docker.io, started by the benchmark; lxdpool "
+        "is lxdspawner with a warm pool (--pool-size)",
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        help="lxdpool's warm_pool_size (default: the largest burst of the scenarios; 0 drops "
+        "the lxdpool setup)",
     )
     parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
     parser.add_argument("--plot", type=Path, help="draw spawn-time distributions to this PNG")
@@ -378,6 +398,7 @@ def main() -> int:
     try:
         bl.parse_scenarios(args.scenarios, args.quick)
         bl.parse_setups(args.setups)
+        bl.pool_size_for([], args.pool_size)
     except ValueError as e:
         parser.error(str(e))
 
