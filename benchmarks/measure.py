@@ -723,9 +723,9 @@ async def poll_phase(setup: Setup, cycles: int, workdir: Path) -> dict:
 # -- the warm pool (lxdpool) ------------------------------------------------------------------
 
 
-async def pool_members(setup: Setup) -> int:
+async def pool_members(setup: Setup) -> list[str]:
     """The pool hub's members running and not taken (as the daemon lists them)."""
-    found = 0
+    found = []
     for i in await setup.lxd.list_instances(recursion=1):
         config = i.get("config") or {}
         if (
@@ -734,8 +734,19 @@ async def pool_members(setup: Setup) -> int:
             and not config.get(KEY_USER)
             and i.get("status") == "Running"
         ):
-            found += 1
+            found.append(i["name"])
     return found
+
+
+async def pool_memory(setup: Setup) -> list[int]:
+    """The idle memory (LXD's ``memory.usage``) of each of lxdpool's waiting members."""
+    sizes = []
+    for name in await pool_members(setup):
+        with contextlib.suppress(LxdError):
+            usage = ((await setup.lxd.instance_state(name)).get("memory") or {}).get("usage")
+            if usage:
+                sizes.append(usage)
+    return sizes
 
 
 async def wait_pool(setup: Setup, timeout: float = 600) -> float | None:
@@ -747,7 +758,7 @@ async def wait_pool(setup: Setup, timeout: float = 600) -> float | None:
     t0 = time.perf_counter()
     n = 0
     while time.perf_counter() - t0 < timeout:
-        n = await pool_members(setup)
+        n = len(await pool_members(setup))
         if n >= setup.pool_size:
             # A member just started may still be importing its server's code.
             await asyncio.sleep(2.0)

@@ -345,6 +345,12 @@ def report(result: dict) -> str:
     if result.get("peer"):
         out.append("side by side (median, p95; ratio of medians against the floor):")
         out.append(bl.peer_table(result["peer"], keys))
+        sizes = (result["raw"].get("lxdpool") or {}).get("pool_memory_bytes")
+        if sizes:
+            out.append(
+                f"  lxdpool's warm pool, idle: {bl.fmt(bl.median(sizes), 'MiB')} MiB per member "
+                f"(median of {len(sizes)}), {sum(sizes) / 2**20:.0f} MiB in all"
+            )
         out.append("\nlxdspawner against the floor and the targets:")
     out.append(bl.table(rows, header))
     dbs = result["meta"].get("databases") or ["sqlite"]

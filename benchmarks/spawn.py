@@ -42,10 +42,12 @@ from . import benchlib as bl
 from . import database, dockerbench
 from .measure import (
     BURST_SIZE,
+    IDLE_WAIT,
     burst_rep,
     changeover_rep,
     other_instances,
     poll_phase,
+    pool_memory,
     single_rep,
     spawn,
     stop,
@@ -167,6 +169,13 @@ async def db_round(
             waited = await wait_pool(s)
             if waited is not None:
                 say(f"lxdpool: {s.pool_size} pool members ready {waited:.0f} s after the warm-up")
+                await asyncio.sleep(IDLE_WAIT)
+                sizes = await pool_memory(s)
+                s.data["pool_memory_bytes"] = sizes
+                say(
+                    f"lxdpool: idle memory of the pool: {bl.fmt(bl.median(sizes), 'MiB')} MiB "
+                    f"per member (median of {len(sizes)}), {sum(sizes) / 2**20:.0f} MiB in all"
+                )
         if full and "single" in scenarios:
             # The spawner registers its counter with its first client.
             say(f"LXD API request counter: {(await lxd.api_requests())[1]}")
