@@ -278,10 +278,16 @@ def parse_scenarios(text: str | None, quick: bool = False) -> list[str]:
     return [s for s in SCENARIOS if s in wanted]
 
 
-def parse_setups(text: str | None) -> list[str]:
+#: ``--quick``'s setups: the three columns (lxdpool's pool takes minutes to fill and refill).
+QUICK_SETUPS = ("floor", "lxd", "docker")
+
+
+def parse_setups(text: str | None, quick: bool = False) -> list[str]:
     """``--setups`` → the setups in a fixed order; floor and lxd are always among them.
-    lxd is lxdspawner without a pool, lxdpool with ``warm_pool_size`` (`pool_size_for`)."""
-    wanted = {w.strip() for w in (text or ",".join(SETUPS)).split(",") if w.strip()}
+    lxd is lxdspawner without a pool, lxdpool with ``warm_pool_size`` (`pool_size_for`).
+    None given: all of them, or ``--quick``'s three."""
+    default = QUICK_SETUPS if quick else SETUPS
+    wanted = {w.strip() for w in (text or ",".join(default)).split(",") if w.strip()}
     unknown = sorted(wanted - set(SETUPS))
     if unknown:
         raise ValueError(

@@ -214,7 +214,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
     poll_cycles = (3 if args.quick else 6) if args.poll_cycles is None else args.poll_cycles
     dbs = database.databases(args.db)
     scenarios = bl.parse_scenarios(args.scenarios, args.quick)
-    setup_keys = bl.parse_setups(args.setups)
+    setup_keys = bl.parse_setups(args.setups, args.quick)
     pool_size = bl.pool_size_for(scenarios, args.pool_size)
     if not pool_size and "lxdpool" in setup_keys:
         setup_keys.remove("lxdpool")
@@ -391,7 +391,8 @@ def main() -> int:
     )
     parser.add_argument(
         "--setups",
-        help=f"comma-separated, of: {', '.join(bl.SETUPS)} (default: all; floor and lxd always "
+        help=f"comma-separated, of: {', '.join(bl.SETUPS)} (default: all, with --quick "
+        f"{','.join(bl.QUICK_SETUPS)}; floor and lxd always "
         "run); docker is DockerSpawner on Debian's docker.io, started by the benchmark; lxdpool "
         "is lxdspawner with a warm pool (--pool-size)",
     )
@@ -406,7 +407,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         bl.parse_scenarios(args.scenarios, args.quick)
-        bl.parse_setups(args.setups)
+        bl.parse_setups(args.setups, args.quick)
         bl.pool_size_for([], args.pool_size)
     except ValueError as e:
         parser.error(str(e))

@@ -94,6 +94,8 @@ def test_scenarios():
 
 def test_setups_always_have_the_floor_and_lxd():
     assert bl.parse_setups(None) == ["floor", "lxd", "docker", "lxdpool"]
+    assert bl.parse_setups(None, quick=True) == ["floor", "lxd", "docker"]
+    assert bl.parse_setups("lxdpool", quick=True) == ["floor", "lxd", "lxdpool"]
     assert bl.parse_setups("docker") == ["floor", "lxd", "docker"]
     assert bl.parse_setups("lxdpool,floor") == ["floor", "lxd", "lxdpool"]
     with pytest.raises(ValueError, match="unknown kube"):
