@@ -242,6 +242,7 @@ SCENARIOS = {
     "burst30": "30 users together, then the 30 stopped at once",
     "burst50": "50 users together, then the 50 stopped at once",
     "changeover": "a class changeover: a burst of 10, stopped, and 2 s later the next 10",
+    "idle100": "100 idle servers (--idle-servers): memory, hub CPU, poll cost, one more spawn",
     "poll": "lxd only: LXD API requests per poll per server with 20 servers running",
 }
 #: ``--quick``'s scenarios: a few minutes on 2 cores with the three setups.
@@ -311,6 +312,10 @@ def _records(kind: str, field: str):
     return lambda data: [r.get(field) for r in data.get(kind, [])]
 
 
+def _pooled(kind: str, field: str):
+    return lambda data: [v for r in data.get(kind, []) for v in r.get(field) or []]
+
+
 #: The rows of the three-column table: (label, unit, the values from one setup's data).
 PEER_ROWS = (
     ("single spawn (s)", "s", _single("spawn_s")),
@@ -324,6 +329,10 @@ PEER_ROWS = (
     ("50 stops at once (s)", "s", _records("burst50", "stop_wall_s")),
     ("changeover: first 10 ready (s)", "s", _records("changeover", "first_s")),
     ("changeover: next 10, 2 s after (s)", "s", _records("changeover", "next_s")),
+    ("idle servers: memory per server (MiB)", "MiB", _pooled("idle", "memory_bytes")),
+    ("idle servers: hub CPU (s per s)", "s", _records("idle", "hub_cpu_per_s")),
+    ("idle servers: one more spawn (s)", "s", _records("idle", "next_spawn_s")),
+    ("idle servers: all stopped (s)", "s", _records("idle", "stop_all_s")),
 )
 
 

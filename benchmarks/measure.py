@@ -720,6 +720,66 @@ async def poll_phase(setup: Setup, cycles: int, workdir: Path) -> dict:
     return result
 
 
+# -- many idle servers ------------------------------------------------------------------------
+
+
+async def idle_phase(setup: Setup, servers: int, cycles: int) -> None:
+    """``servers`` servers started (in bursts of BURST_SIZE) and left idle: each one's idle
+    memory, the CPU the hub (and the daemon) use per second while they idle over ``cycles``
+    poll intervals, lxdspawner's API requests per poll per server in that window, then the
+    spawn time of one more user with all of them running, and all stopped at once."""
+    users = [f"i{j:03d}" for j in range(servers + 1)]
+    for u in users:
+        await setup.hub.ensure_user(u)
+    started: list[dict] = []
+    try:
+        for group in range(0, servers, BURST_SIZE):
+            chunk = users[group : min(group + BURST_SIZE, servers)]
+            res = await asyncio.gather(*(spawn(setup, u) for u in chunk), return_exceptions=True)
+            started += [r for r in res if isinstance(r, dict)]
+            for r in res:
+                if not isinstance(r, dict):
+                    setup.add("failures", f"idle phase: {r}")
+            say(f"idle {setup.key:6s}: {len(started)}/{servers} servers running")
+        await asyncio.sleep(POLL_INTERVAL * 1.2)
+        mems = await asyncio.gather(
+            *(memory(setup, r["user"], r["state"]) for r in started), return_exceptions=True
+        )
+        window = POLL_INTERVAL * cycles
+        is_lxd = setup.key.startswith("lxd")
+        req0 = (await setup.api_requests())[0] if is_lxd else None
+        cpu0, t0 = cpu_snapshot(setup), time.perf_counter()
+        await asyncio.sleep(window)
+        cpu1, t1 = cpu_snapshot(setup), time.perf_counter()
+        req1 = (await setup.api_requests())[0] if is_lxd else None
+        used = cpu_delta(cpu0, cpu1)
+        nxt = await _spawn_or_note(setup, users[-1], f"idle {setup.key}: server {servers + 1}")
+        record: dict[str, Any] = {
+            "servers": len(started),
+            "memory_bytes": [m.get("bytes") for m in mems if isinstance(m, dict)],
+            "window_s": t1 - t0,
+            "hub_cpu_per_s": None if used["hub"] is None else used["hub"] / (t1 - t0),
+            "daemon_cpu_per_s": None if used["daemon"] is None else used["daemon"] / (t1 - t0),
+            "next_spawn_s": nxt["total_s"] if nxt else None,
+        }
+        if None not in (req0, req1) and started:
+            polls = (t1 - t0) / POLL_INTERVAL
+            record["api_requests_per_poll_per_server"] = (req1 - req0) / (len(started) * polls)
+    finally:
+        t2 = time.perf_counter()
+        with contextlib.suppress(Exception):
+            await setup.hub.stop_all_servers(timeout=600)
+        stop_all_s = time.perf_counter() - t2
+    record["stop_all_s"] = stop_all_s
+    setup.add("idle", record)
+    say(
+        f"idle {setup.key:6s}: {record['servers']} idle servers, "
+        f"{bl.fmt(bl.median(record['memory_bytes']), 'MiB')} MiB each, hub CPU "
+        f"{bl.fmt(record['hub_cpu_per_s'])} s/s, server {servers + 1} spawned in "
+        f"{bl.fmt(record['next_spawn_s'])} s, all stopped in {stop_all_s:.1f} s"
+    )
+
+
 # -- the warm pool (lxdpool) ------------------------------------------------------------------
 
 

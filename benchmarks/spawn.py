@@ -45,6 +45,7 @@ from .measure import (
     IDLE_WAIT,
     burst_rep,
     changeover_rep,
+    idle_phase,
     other_instances,
     poll_phase,
     pool_memory,
@@ -202,6 +203,10 @@ async def db_round(
                 for s in turn(b + 1):
                     await changeover_rep(s, b, f"changeover {b + 1}/{bursts}")
                     await wait_pool(s)
+        if full and "idle100" in scenarios:
+            for s in setups:  # one at a time: their servers together would not fit
+                await idle_phase(s, meta["idle_servers"], max(meta["poll_cycles"], 3))
+                await wait_pool(s)
         if full and "poll" in scenarios and meta["poll_cycles"]:
             poll = await poll_phase(lxd, meta["poll_cycles"], workdir)
     return (db, *setups), poll
@@ -287,6 +292,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
             "scenarios": scenarios,
             "setups": setup_keys,
             "pool_size": pool_size,
+            "idle_servers": args.idle_servers,
             "docker": (
                 {
                     "image": peer.image,
@@ -395,6 +401,12 @@ def main() -> int:
         f"{','.join(bl.QUICK_SETUPS)}; floor and lxd always "
         "run); docker is DockerSpawner on Debian's docker.io, started by the benchmark; lxdpool "
         "is lxdspawner with a warm pool (--pool-size)",
+    )
+    parser.add_argument(
+        "--idle-servers",
+        type=int,
+        default=100,
+        help="servers of the idle100 scenario (default 100; one setup at a time)",
     )
     parser.add_argument(
         "--pool-size",

@@ -153,3 +153,18 @@ def test_peer_summary_and_table_three_columns():
     assert memory_line.split()[5:9] == ["128", "128", "64", "64"]
     change = next(ln for ln in lines if ln.startswith("changeover: first"))
     assert "n/a" in change and change.endswith("0/1/0")
+
+
+def test_peer_summary_idle_servers_pools_every_servers_memory():
+    idle = {"memory_bytes": [100 * 2**20, 120 * 2**20, 110 * 2**20], "hub_cpu_per_s": 0.02,
+            "next_spawn_s": 5.0, "stop_all_s": 30.0}  # fmt: skip
+    lxd = {"memory_bytes": [90 * 2**20] * 4, "hub_cpu_per_s": 0.01, "next_spawn_s": 4.0}
+    rows = {
+        r["metric"]: r for r in bl.peer_summary({"floor": {"idle": [idle]}, "lxd": {"idle": [lxd]}})
+    }
+    memory = rows["idle servers: memory per server (MiB)"]
+    assert memory["setups"]["floor"]["n"] == 3 and memory["setups"]["lxd"]["n"] == 4
+    assert memory["setups"]["floor"]["median"] == 110 * 2**20
+    assert rows["idle servers: hub CPU (s per s)"]["ratio"]["lxd"] == 0.5
+    assert rows["idle servers: one more spawn (s)"]["ratio"]["lxd"] == 0.8
+    assert rows["idle servers: all stopped (s)"]["ratio"]["lxd"] is None
