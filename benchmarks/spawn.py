@@ -306,7 +306,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         }
         say(
             f"{meta['mode']} run: {reps} single reps, {volume_reps} volume reps, {bursts} "
-            f"burst(s) of {BURST_SIZE}; "
+            f"burst(s) of {BURST_SIZE} and changeover(s) (as the scenarios say); "
             f"{meta['daemon']}, jupyterhub {meta['jupyterhub_singleuser']}, jupyterlab "
             f"{meta['jupyterlab']}; load {meta['loadavg_start'][0]:.1f}, "
             f"{meta['other_running_instances_start']} other running instances; spawner at "
