@@ -493,7 +493,7 @@ def plot(result: dict, path: Path) -> None:
         "floor": "floor (local process)",
         "lxd": "lxdspawner (Incus)",
         "docker": "DockerSpawner (docker.io)",
-        "lxdpool": "lxdspawner, warm pool",
+        "lxdpool": "warm pool (lxdspawner)",
     }
     keys = [k for k in ("floor", "lxd", "lxdpool", "docker") if k in raw]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.6), gridspec_kw={"width_ratios": [1, 1.2, 1.5]})
@@ -504,7 +504,9 @@ def plot(result: dict, path: Path) -> None:
     for i, (k, values) in enumerate(zip(keys, data, strict=True), start=1):
         xs = [i + (j % 7 - 3) * 0.04 for j in range(len(values))]
         ax.scatter(xs, values, color=colors[k], zorder=3, s=24, alpha=0.85)
-    ax.set_xticks(range(1, len(keys) + 1), [labels[k].replace(" (", "\n(") for k in keys])
+    ax.set_xticks(
+        range(1, len(keys) + 1), [labels[k].replace(" (", "\n(") for k in keys], fontsize=8
+    )
     ax.set_ylabel("seconds")
     ax.set_title("single spawn: POST → ready → first request")
     ax.set_ylim(bottom=0)
