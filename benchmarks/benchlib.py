@@ -330,7 +330,12 @@ PEER_ROWS = (
     ("changeover: first 10 ready (s)", "s", _records("changeover", "first_s")),
     ("changeover: next 10, 2 s after (s)", "s", _records("changeover", "next_s")),
     ("idle servers: memory per server (MiB)", "MiB", _pooled("idle", "memory_bytes")),
-    ("idle servers: hub CPU (s per s)", "s", _records("idle", "hub_cpu_per_s")),
+    ("idle servers: hub CPU (ms per s)", "ms", _records("idle", "hub_cpu_per_s")),
+    (
+        "idle servers: API requests/poll/server",
+        "",
+        _records("idle", "api_requests_per_poll_per_server"),
+    ),
     ("idle servers: one more spawn (s)", "s", _records("idle", "next_spawn_s")),
     ("idle servers: all stopped (s)", "s", _records("idle", "stop_all_s")),
 )

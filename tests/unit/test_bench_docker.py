@@ -165,6 +165,10 @@ def test_peer_summary_idle_servers_pools_every_servers_memory():
     memory = rows["idle servers: memory per server (MiB)"]
     assert memory["setups"]["floor"]["n"] == 3 and memory["setups"]["lxd"]["n"] == 4
     assert memory["setups"]["floor"]["median"] == 110 * 2**20
-    assert rows["idle servers: hub CPU (s per s)"]["ratio"]["lxd"] == 0.5
+    assert rows["idle servers: hub CPU (ms per s)"]["ratio"]["lxd"] == 0.5
+    text = bl.peer_table(list(rows.values()), ["floor", "lxd"])
+    assert next(ln for ln in text.splitlines() if "hub CPU" in ln).split()[7:11] == [
+        "20", "20", "10", "10",
+    ]  # fmt: skip
     assert rows["idle servers: one more spawn (s)"]["ratio"]["lxd"] == 0.8
     assert rows["idle servers: all stopped (s)"]["ratio"]["lxd"] is None
