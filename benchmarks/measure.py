@@ -6,8 +6,15 @@
 - stop: ``DELETE`` until the hub reports the server gone (a 204, else the user model);
 - idle memory per server, ~5 s after the first request: LXD's ``memory.usage`` of the
   container (``GET /1.0/instances/<name>/state``) vs the RSS of the local server's process tree;
-- burst: 10 users started at once, wall time until all are ready (same criterion), then the
-  10 stopped at once;
+- burst: 10 (30, 50) users started at once, wall time until all are ready (same criterion),
+  then all stopped at once;
+- class changeover: a burst of 10, stopped, and 2 s later the next class's 10 (a teacher's
+  next lesson), both bursts' wall times;
+- idle servers (``idle100``): many servers left idle, their memory, the hub's CPU per
+  second, the API requests per poll per server, one more user's spawn, all stopped at once;
+- DockerSpawner's containers (docker): memory and CPU from their cgroups, as LXD's figures
+  are; lxdpool: its pool filled again before each measurement (`wait_pool`) and the pool's
+  idle memory;
 - lxd only, home volumes: a spawn without a volume (a ``novol-*`` user), a user's first spawn
   (which creates the volume) and the same user's spawn after a stop (the volume exists);
 - lxd only: LXD API requests per poll cycle per server with 20 servers running (a counter

@@ -1,6 +1,8 @@
-"""The two setups the spawn benchmark compares: two real JupyterHubs, each behind a real
+"""The setups the spawn benchmark compares: real JupyterHubs, each behind a real
 configurable-http-proxy (`testbench.hubtools`, as in the tests), up side by side for the
-whole run.
+whole run. Besides the two below, **docker** (DockerSpawner, the peer: `dockerbench`) and
+**lxdpool** (lxd with ``warm_pool_size``, its own prefix ``lxdbenchp`` and hub id, so that
+its containers and volumes never meet lxd's; `lxd_pool_config`).
 
 - **floor**: ``SimpleLocalProcessSpawner`` running ``jupyterhub-singleuser`` (JupyterLab) as a
   plain process on the host, from a virtualenv (``.cache/floor-venv``, made here when missing)

@@ -1,4 +1,5 @@
-"""lxdspawner against the local-process floor: spawn, burst, stop, memory, polling, loop lag.
+"""lxdspawner against the local-process floor and DockerSpawner: spawn, burst, stop, memory,
+the class changeover, idle servers, polling, loop lag.
 
 Run it from the repository's root with the project's venv, as root, on a machine set up by
 ``make test`` (Incus running, the ``jupyter-base`` image imported, configurable-http-proxy in
@@ -7,15 +8,18 @@ Run it from the repository's root with the project's venv, as root, on a machine
     .venv/bin/python -m benchmarks.spawn --quick                  # a few minutes
     .venv/bin/python -m benchmarks.spawn --json out.json --plot out.png   # the full run
 
-Two real JupyterHubs, each behind a real configurable-http-proxy (`testbench.hubtools`),
-run side by side for the whole run: the **floor** (``SimpleLocalProcessSpawner``, the image's
-own server as a local process) and **lxd** (``LxdSpawner`` with the ``jupyter-base`` image);
-see ``setups.py``. Repetitions alternate between the two setups (and alternate which goes
-first) so that machine noise hits both. What is measured is in ``measure.py``; the figures,
-the report and the plot in ``report.py``. This module is the driver: the command line and
-the order of the phases. Between the single spawns and the bursts, the volume phase (lxd
-only) spawns a user without a home volume, a user's first spawn (which creates it) and that
-user again with the volume there, in turns.
+Real JupyterHubs, each behind a real configurable-http-proxy (`testbench.hubtools`), run
+side by side for the whole run: the **floor** (``SimpleLocalProcessSpawner``, the image's
+own server as a local process), **lxd** (``LxdSpawner`` with the ``jupyter-base`` image),
+the peer **docker** (``DockerSpawner`` on Debian's docker.io with an image imported from the
+same root file system, `dockerbench`) and **lxdpool** (``LxdSpawner`` with a warm pool);
+see ``setups.py``. ``--setups`` and ``--scenarios`` pick which run and what is measured
+(`benchlib.parse_setups`, `benchlib.parse_scenarios`). Repetitions alternate between the
+setups (each goes first in turn) so that machine noise hits all of them. What is measured
+is in ``measure.py``; the figures, the report and the plot in ``report.py``. This module is
+the driver: the command line and the order of the phases. Between the single spawns and
+the bursts, the volume phase (lxd only) spawns a user without a home volume, a user's first
+spawn (which creates it) and that user again with the volume there, in turns.
 
 Everything (servers, containers, hubs, proxies) is cleaned up at the end, also on Ctrl-C.
 The hubs' logs stay in ``.cache/bench/<timestamp>/`` for inspection.
