@@ -306,7 +306,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
                 }
                 if peer
                 else None
-            ),  # fmt: skip
+            ),
         }
         say(
             f"{meta['mode']} run: {reps} single reps, {volume_reps} volume reps, {bursts} "
