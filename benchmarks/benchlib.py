@@ -230,3 +230,150 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+# -- scenarios and setups (the command line) ---------------------------------------------------
+
+#: What a run can measure (``--scenarios``), in the order a run measures them.
+SCENARIOS = {
+    "single": "single spawns and stops, one at a time (idle memory, CPU, the breakdown)",
+    "volumes": "lxd only: a spawn without a home volume, a first spawn, an existing volume",
+    "burst10": "10 users pressing Start together, then the 10 stopped at once",
+    "burst30": "30 users together, then the 30 stopped at once",
+    "burst50": "50 users together, then the 50 stopped at once",
+    "changeover": "a class changeover: a burst of 10, stopped, and 2 s later the next 10",
+    "idle100": "100 idle servers (--idle-servers): memory, hub CPU, poll cost, one more spawn",
+    "poll": "lxd only: LXD API requests per poll per server with 20 servers running",
+}
+#: ``--quick``'s scenarios: a few minutes on 2 cores with the three setups.
+QUICK_SCENARIOS = ("single", "burst10", "changeover")
+#: The setups a run can compare; the first two always run (the floor is what the ratios are
+#: against, lxd what is measured).
+SETUPS = ("floor", "lxd", "docker", "lxdpool")
+#: The bursts each scenario makes: the warm pool of lxdpool is sized for the largest.
+BURST_SIZES = {"burst10": 10, "burst30": 30, "burst50": 50, "changeover": 10}
+
+
+def pool_size_for(scenarios: Sequence[str], given: int | None = None) -> int:
+    """lxdpool's ``warm_pool_size``: ``--pool-size`` if given, else sized for the largest
+    burst of the run's scenarios (2 for single spawns only: a claim, and one to spare)."""
+    if given is not None:
+        if given < 0:
+            raise ValueError(f"--pool-size {given}: must be 0 or more")
+        return given
+    return max([BURST_SIZES.get(s, 0) for s in scenarios] + [2])
+
+
+def parse_scenarios(text: str | None, quick: bool = False) -> list[str]:
+    """``--scenarios a,b`` → the scenarios, in the run's order; none given: ``--quick``'s
+    few or all of them. An unknown name is an error that lists the known ones."""
+    if not text:
+        return list(QUICK_SCENARIOS if quick else SCENARIOS)
+    wanted = [w.strip() for w in text.split(",") if w.strip()]
+    unknown = [w for w in wanted if w not in SCENARIOS]
+    if unknown or not wanted:
+        raise ValueError(
+            f"--scenarios {text!r}: unknown {', '.join(unknown) or '(none given)'}; "
+            f"known: {', '.join(SCENARIOS)}"
+        )
+    return [s for s in SCENARIOS if s in wanted]
+
+
+#: ``--quick``'s setups: the three columns (lxdpool's pool takes minutes to fill and refill).
+QUICK_SETUPS = ("floor", "lxd", "docker")
+
+
+def parse_setups(text: str | None, quick: bool = False) -> list[str]:
+    """``--setups`` → the setups in a fixed order; floor and lxd are always among them.
+    lxd is lxdspawner without a pool, lxdpool with ``warm_pool_size`` (`pool_size_for`).
+    None given: all of them, or ``--quick``'s three."""
+    default = QUICK_SETUPS if quick else SETUPS
+    wanted = {w.strip() for w in (text or ",".join(default)).split(",") if w.strip()}
+    unknown = sorted(wanted - set(SETUPS))
+    if unknown:
+        raise ValueError(
+            f"--setups {text!r}: unknown {', '.join(unknown)}; known: {', '.join(SETUPS)}"
+        )
+    return [s for s in SETUPS if s in wanted or s in ("floor", "lxd")]
+
+
+# -- the three columns ---------------------------------------------------------------------
+
+
+def _single(field: str):
+    return lambda data: [r.get(field) for r in data.get("single", [])]
+
+
+def _memory(data: dict) -> list:
+    return [(r.get("memory") or {}).get("bytes") for r in data.get("single", [])]
+
+
+def _records(kind: str, field: str):
+    return lambda data: [r.get(field) for r in data.get(kind, [])]
+
+
+def _pooled(kind: str, field: str):
+    return lambda data: [v for r in data.get(kind, []) for v in r.get(field) or []]
+
+
+#: The rows of the three-column table: (label, unit, the values from one setup's data).
+PEER_ROWS = (
+    ("single spawn (s)", "s", _single("spawn_s")),
+    ("stop (s)", "s", _single("stop_s")),
+    ("idle memory per server (MiB)", "MiB", _memory),
+    ("burst of 10, all ready (s)", "s", _records("burst", "wall_s")),
+    ("10 stops at once (s)", "s", _records("burst", "stop_wall_s")),
+    ("burst of 30, all ready (s)", "s", _records("burst30", "wall_s")),
+    ("30 stops at once (s)", "s", _records("burst30", "stop_wall_s")),
+    ("burst of 50, all ready (s)", "s", _records("burst50", "wall_s")),
+    ("50 stops at once (s)", "s", _records("burst50", "stop_wall_s")),
+    ("changeover: first 10 ready (s)", "s", _records("changeover", "first_s")),
+    ("changeover: next 10, 2 s after (s)", "s", _records("changeover", "next_s")),
+    ("idle servers: memory per server (MiB)", "MiB", _pooled("idle", "memory_bytes")),
+    ("idle servers: hub CPU (ms per s)", "ms", _records("idle", "hub_cpu_per_s")),
+    (
+        "idle servers: API requests/poll/server",
+        "",
+        _records("idle", "api_requests_per_poll_per_server"),
+    ),
+    ("idle servers: one more spawn (s)", "s", _records("idle", "next_spawn_s")),
+    ("idle servers: all stopped (s)", "s", _records("idle", "stop_all_s")),
+)
+
+
+def peer_summary(data: dict[str, dict]) -> list[dict]:
+    """Per row of PEER_ROWS measured in this run: each setup's summary, and its ratio of
+    medians against the floor's (``data``: setup key → that setup's recorded data)."""
+    rows = []
+    for label, unit, values in PEER_ROWS:
+        per = {key: summary(values(d)) for key, d in data.items()}
+        if not any(s["n"] for s in per.values()):
+            continue
+        floor = (per.get("floor") or {}).get("median")
+        rows.append({
+            "metric": label,
+            "unit": unit,
+            "setups": per,
+            "ratio": {k: ratio(s["median"], floor) for k, s in per.items() if k != "floor"},
+        })  # fmt: skip
+    return rows
+
+
+def peer_table(rows: Sequence[dict], keys: Sequence[str]) -> str:
+    """The three-column table: median and p95 of each setup, the others' ratio to the floor."""
+    header = ["metric"]
+    for k in keys:
+        header += [f"{k} med", "p95"] + ([] if k == "floor" else ["ratio"])
+    header.append("n")
+    lines = []
+    for row in rows:
+        cells = [row["metric"]]
+        for k in keys:
+            s = row["setups"].get(k) or summary([])
+            cells += [fmt(s["median"], row["unit"]), fmt(s["p95"], row["unit"])]
+            if k != "floor":
+                r = row["ratio"].get(k)
+                cells.append("" if r is None else f"{fmt(r)}x")
+        cells.append("/".join(str((row["setups"].get(k) or {"n": 0})["n"]) for k in keys))
+        lines.append(cells)
+    return table(lines, header)

@@ -6,8 +6,15 @@
 - stop: ``DELETE`` until the hub reports the server gone (a 204, else the user model);
 - idle memory per server, ~5 s after the first request: LXD's ``memory.usage`` of the
   container (``GET /1.0/instances/<name>/state``) vs the RSS of the local server's process tree;
-- burst: 10 users started at once, wall time until all are ready (same criterion), then the
-  10 stopped at once;
+- burst: 10 (30, 50) users started at once, wall time until all are ready (same criterion),
+  then all stopped at once;
+- class changeover: a burst of 10, stopped, and 2 s later the next class's 10 (a teacher's
+  next lesson), both bursts' wall times;
+- idle servers (``idle100``): many servers left idle, their memory, the hub's CPU per
+  second, the API requests per poll per server, one more user's spawn, all stopped at once;
+- DockerSpawner's containers (docker): memory and CPU from their cgroups, as LXD's figures
+  are; lxdpool: its pool filled again before each measurement (`wait_pool`) and the pool's
+  idle memory;
 - lxd only, home volumes: a spawn without a volume (a ``novol-*`` user), a user's first spawn
   (which creates the volume) and the same user's spawn after a stop (the volume exists);
 - lxd only: LXD API requests per poll cycle per server with 20 servers running (a counter
@@ -31,14 +38,17 @@ from typing import Any
 
 from lxdspawner import names
 from lxdspawner.lxd import LxdClient, LxdError, NotFound
+from lxdspawner.ownership import KEY_HUB, KEY_POOL, KEY_USER
 from testbench import hubtools
 
 from . import benchlib as bl
-from . import loopwatch
+from . import dockerbench, loopwatch
 from .setups import (
     LOOP_RESOLUTION,
     NO_VOLUME_PREFIX,
+    OUR_PREFIXES,
     POLL_INTERVAL,
+    POOL_HUB_ID,
     PREFIX,
     Setup,
     our_volumes,
@@ -178,6 +188,8 @@ async def memory(setup: Setup, user: str, state: dict) -> dict:
             return {"bytes": None}
         tree = _tree_memory(pids)
         return {"bytes": tree["rss"], **tree}
+    if setup.key == "docker":
+        return _docker_memory(state)
     name = state.get("instance") or names.instance_name(user, "", PREFIX)
     st = await setup.lxd.instance_state(name)
     mem = st.get("memory") or {}
@@ -217,6 +229,36 @@ async def memory(setup: Setup, user: str, state: dict) -> dict:
     with contextlib.suppress(OSError, ValueError):
         usage = Path("/sys/fs/cgroup/cpuacct") / f"lxc.payload.{name}" / "cpuacct.usage"
         detail["cpu_s"] = int(usage.read_text()) / 1e9
+    return detail
+
+
+def _docker_memory(state: dict) -> dict:
+    """A DockerSpawner container's memory and CPU from its cgroups (v1, as Incus's): the
+    same figures as lxdspawner's container (usage, working set, processes' RSS)."""
+    cid = state.get("object_id") or state.get("container_id")
+    if not cid:
+        return {"bytes": None}
+    detail: dict[str, Any] = {"bytes": None, "container": cid[:12]}
+    cg = dockerbench.container_cgroup(cid, "memory")
+    if cg is not None:
+        with contextlib.suppress(OSError, ValueError):
+            detail["bytes"] = int((cg / "memory.usage_in_bytes").read_text())
+            stat = _cgroup_stat(cg / "memory.stat")
+            detail["cgroup_anon"] = stat.get("total_rss", 0)
+            detail["cgroup_cache"] = stat.get("total_cache", 0)
+            detail["cgroup_inactive_file"] = stat.get("total_inactive_file", 0)
+            detail["working_set"] = detail["bytes"] - detail["cgroup_inactive_file"]
+            pids = []
+            for procs in cg.rglob("cgroup.procs"):
+                pids += [int(x) for x in procs.read_text().split()]
+            if psutil is not None:
+                tree = _tree_memory(pids)
+                detail.update({f"procs_{k}": v for k, v in tree.items()})
+                detail["server_rss"] = tree["rss"]
+    cpu = dockerbench.container_cgroup(cid, "cpuacct")
+    if cpu is not None:
+        with contextlib.suppress(OSError, ValueError):
+            detail["cpu_s"] = int((cpu / "cpuacct.usage").read_text()) / 1e9
     return detail
 
 
@@ -269,7 +311,7 @@ def cpu_snapshot(setup: Setup) -> dict[str, float | None]:
     return {
         "hub": cpu_seconds(hub._hub.pid if hub._hub else None, children=False),
         "proxy": cpu_seconds(hub._proxy.pid if hub._proxy else None, children=False),
-        "daemon": cpu_seconds(setup.daemon) if setup.key == "lxd" else None,
+        "daemon": cpu_seconds(setup.daemon) if setup.key != "floor" else None,
     }
 
 
@@ -450,8 +492,21 @@ async def loop_snapshot(setup: Setup) -> dict:
     }
 
 
-async def burst_rep(setup: Setup, index: int, label: str) -> None:
-    users = [f"b{index}u{j:02d}" for j in range(BURST_SIZE)]
+async def burst_rep(
+    setup: Setup,
+    index: int,
+    label: str,
+    size: int = BURST_SIZE,
+    *,
+    users: list[str] | None = None,
+    record_as: str | None = None,
+    measure_memory: bool = True,
+) -> dict:
+    """``size`` users POSTed at once, until all are ready; their idle memory; then all
+    stopped at once. Recorded under ``record_as`` (default ``burst`` for 10 users, else
+    ``burst<size>``); returns the record."""
+    users = users or [f"b{size}x{index}u{j:02d}" for j in range(size)]
+    size = len(users)
     for u in users:
         await setup.hub.ensure_user(u)
     offset = setup.log_offset()
@@ -490,14 +545,17 @@ async def burst_rep(setup: Setup, index: int, label: str) -> None:
     }
     # Empty unless the hubs run with --loop-debug (the watchdog's samples of a held loop).
     record["loop_samples"] = loopwatch.parse(segment)
-    if setup.key == "lxd":
+    record["size"] = size
+    if setup.key.startswith("lxd"):
         timings = bl.spawn_timings(segment)
         record["spawner"] = [timings.get(u) for u in users]
-    await asyncio.sleep(IDLE_WAIT)
-    mems = await asyncio.gather(
-        *(memory(setup, r["user"], r["state"]) for r in ok), return_exceptions=True
-    )
-    record["memory_bytes"] = [m.get("bytes") for m in mems if isinstance(m, dict)]
+    record["memory_bytes"] = []
+    if measure_memory:
+        await asyncio.sleep(IDLE_WAIT)
+        mems = await asyncio.gather(
+            *(memory(setup, r["user"], r["state"]) for r in ok), return_exceptions=True
+        )
+        record["memory_bytes"] = [m.get("bytes") for m in mems if isinstance(m, dict)]
     t1 = time.perf_counter()
     running = [r["user"] for r in ok]
     stops = await asyncio.gather(*(stop(setup, u) for u in running), return_exceptions=True)
@@ -509,13 +567,45 @@ async def burst_rep(setup: Setup, index: int, label: str) -> None:
     if errors or any(not isinstance(s, dict) for s in stops):
         with contextlib.suppress(Exception):
             await setup.hub.stop_all_servers()
-    setup.add("burst", record)
+    setup.add(record_as or ("burst" if size == BURST_SIZE else f"burst{size}"), record)
     lag = "n/a" if p99 is None else f"{'<' if bound else ''}{p99 * 1000:.0f} ms"
     say(
-        f"{label} {setup.key:5s}: {len(ok)}/{BURST_SIZE} ready in "
-        f"{bl.fmt(record['wall_s'])} s, loop lag p99 {lag}, 10 stops in "
+        f"{label} {setup.key:6s}: {len(ok)}/{size} ready in "
+        f"{bl.fmt(record['wall_s'])} s, loop lag p99 {lag}, {size} stops in "
         f"{bl.fmt(record['stop_wall_s'])} s, load {load:.1f}"
         + (f", {len(errors)} FAILED: {errors[0]}" if errors else "")
+    )
+    return record
+
+
+#: The class changeover: the next class's burst this long after the previous one's stop.
+CHANGEOVER_GAP = 2.0
+
+
+async def changeover_rep(setup: Setup, index: int, label: str, size: int = BURST_SIZE) -> None:
+    """A class changeover: a burst of ``size``, all stopped at once, and CHANGEOVER_GAP s
+    after the stops returned, the next ``size`` users' burst (while lxdspawner's previous
+    containers may still be being deleted in the background). Both bursts' wall times."""
+    first = await burst_rep(
+        setup, index, f"{label} first", size,
+        users=[f"c{index}a{j:02d}" for j in range(size)], record_as="changeover_first",
+        measure_memory=False,
+    )  # fmt: skip
+    await asyncio.sleep(CHANGEOVER_GAP)
+    second = await burst_rep(
+        setup, index, f"{label} next", size,
+        users=[f"c{index}b{j:02d}" for j in range(size)], record_as="changeover_next",
+        measure_memory=False,
+    )  # fmt: skip
+    setup.add(
+        "changeover",
+        {
+            "first_s": first["wall_s"],
+            "next_s": second["wall_s"],
+            "gap_s": CHANGEOVER_GAP,
+            "stop_first_s": first["stop_wall_s"],
+            "failed": first["failed"] + second["failed"],
+        },
     )
 
 
@@ -637,6 +727,116 @@ async def poll_phase(setup: Setup, cycles: int, workdir: Path) -> dict:
     return result
 
 
+# -- many idle servers ------------------------------------------------------------------------
+
+
+async def idle_phase(setup: Setup, servers: int, cycles: int) -> None:
+    """``servers`` servers started (in bursts of BURST_SIZE) and left idle: each one's idle
+    memory, the CPU the hub (and the daemon) use per second while they idle over ``cycles``
+    poll intervals, lxdspawner's API requests per poll per server in that window, then the
+    spawn time of one more user with all of them running, and all stopped at once."""
+    users = [f"i{j:03d}" for j in range(servers + 1)]
+    for u in users:
+        await setup.hub.ensure_user(u)
+    started: list[dict] = []
+    try:
+        for group in range(0, servers, BURST_SIZE):
+            chunk = users[group : min(group + BURST_SIZE, servers)]
+            res = await asyncio.gather(*(spawn(setup, u) for u in chunk), return_exceptions=True)
+            started += [r for r in res if isinstance(r, dict)]
+            for r in res:
+                if not isinstance(r, dict):
+                    setup.add("failures", f"idle phase: {r}")
+            say(f"idle {setup.key:6s}: {len(started)}/{servers} servers running")
+        await asyncio.sleep(POLL_INTERVAL * 1.2)
+        mems = await asyncio.gather(
+            *(memory(setup, r["user"], r["state"]) for r in started), return_exceptions=True
+        )
+        window = POLL_INTERVAL * cycles
+        is_lxd = setup.key.startswith("lxd")
+        req0 = (await setup.api_requests())[0] if is_lxd else None
+        cpu0, t0 = cpu_snapshot(setup), time.perf_counter()
+        await asyncio.sleep(window)
+        cpu1, t1 = cpu_snapshot(setup), time.perf_counter()
+        req1 = (await setup.api_requests())[0] if is_lxd else None
+        used = cpu_delta(cpu0, cpu1)
+        nxt = await _spawn_or_note(setup, users[-1], f"idle {setup.key}: server {servers + 1}")
+        record: dict[str, Any] = {
+            "servers": len(started),
+            "memory_bytes": [m.get("bytes") for m in mems if isinstance(m, dict)],
+            "window_s": t1 - t0,
+            "hub_cpu_per_s": None if used["hub"] is None else used["hub"] / (t1 - t0),
+            "daemon_cpu_per_s": None if used["daemon"] is None else used["daemon"] / (t1 - t0),
+            "next_spawn_s": nxt["total_s"] if nxt else None,
+        }
+        if None not in (req0, req1) and started:
+            polls = (t1 - t0) / POLL_INTERVAL
+            record["api_requests_per_poll_per_server"] = (req1 - req0) / (len(started) * polls)
+    finally:
+        t2 = time.perf_counter()
+        with contextlib.suppress(Exception):
+            await setup.hub.stop_all_servers(timeout=600)
+        stop_all_s = time.perf_counter() - t2
+    record["stop_all_s"] = stop_all_s
+    setup.add("idle", record)
+    say(
+        f"idle {setup.key:6s}: {record['servers']} idle servers, "
+        f"{bl.fmt(bl.median(record['memory_bytes']), 'MiB')} MiB each, hub CPU "
+        f"{bl.fmt(record['hub_cpu_per_s'])} s/s, server {servers + 1} spawned in "
+        f"{bl.fmt(record['next_spawn_s'])} s, all stopped in {stop_all_s:.1f} s"
+    )
+
+
+# -- the warm pool (lxdpool) ------------------------------------------------------------------
+
+
+async def pool_members(setup: Setup) -> list[str]:
+    """The pool hub's members running and not taken (as the daemon lists them)."""
+    found = []
+    for i in await setup.lxd.list_instances(recursion=1):
+        config = i.get("config") or {}
+        if (
+            config.get(KEY_HUB) == POOL_HUB_ID
+            and config.get(KEY_POOL)
+            and not config.get(KEY_USER)
+            and i.get("status") == "Running"
+        ):
+            found.append(i["name"])
+    return found
+
+
+async def pool_memory(setup: Setup) -> list[int]:
+    """The idle memory (LXD's ``memory.usage``) of each of lxdpool's waiting members."""
+    sizes = []
+    for name in await pool_members(setup):
+        with contextlib.suppress(LxdError):
+            usage = ((await setup.lxd.instance_state(name)).get("memory") or {}).get("usage")
+            if usage:
+                sizes.append(usage)
+    return sizes
+
+
+async def wait_pool(setup: Setup, timeout: float = 600) -> float | None:
+    """For lxdpool: wait until its pool is full again (after a claim it refills in the
+    background), so that every measurement of it starts with a full pool and its refill
+    does not run during another setup's measurement. Seconds waited (None: not lxdpool)."""
+    if setup.key != "lxdpool" or not setup.pool_size:
+        return None
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < timeout:
+        n = len(await pool_members(setup))
+        if n >= setup.pool_size:
+            # A member just started may still be importing its server's code.
+            await asyncio.sleep(2.0)
+            waited = time.perf_counter() - t0
+            setup.add("pool_refill_s", waited)
+            return waited
+        await asyncio.sleep(0.5)
+    say(f"lxdpool: only {n}/{setup.pool_size} pool members after {timeout:.0f} s")
+    return time.perf_counter() - t0
+
+
 # -- machine noise ---------------------------------------------------------------------------
 
 
@@ -646,6 +846,7 @@ async def other_instances(client: LxdClient) -> int:
         return sum(
             1
             for i in insts
-            if i.get("status") == "Running" and not i.get("name", "").startswith(PREFIX + "-")
+            if i.get("status") == "Running"
+            and not i.get("name", "").startswith(tuple(f"{p}-" for p in OUR_PREFIXES))
         )
     return -1

@@ -340,7 +340,19 @@ def report(result: dict) -> str:
         "< 50 ms", mark("loop_lag_p99_s"), "",
     ])  # fmt: skip
     header = ["metric", "floor med", "p95", "lxd med", "p95", "ratio", "target", "met", "n"]
-    out = [bl.table(rows, header)]
+    out = []
+    keys = result["meta"].get("setups") or ["floor", "lxd"]
+    if result.get("peer"):
+        out.append("side by side (median, p95; ratio of medians against the floor):")
+        out.append(bl.peer_table(result["peer"], keys))
+        sizes = (result["raw"].get("lxdpool") or {}).get("pool_memory_bytes")
+        if sizes:
+            out.append(
+                f"  lxdpool's warm pool, idle: {bl.fmt(bl.median(sizes), 'MiB')} MiB per member "
+                f"(median of {len(sizes)}), {sum(sizes) / 2**20:.0f} MiB in all"
+            )
+        out.append("\nlxdspawner against the floor and the targets:")
+    out.append(bl.table(rows, header))
     dbs = result["meta"].get("databases") or ["sqlite"]
     if len(dbs) > 1:
         out.append(f"  (hubs on {dbs[0]}: the first round; the bursts on each database below)")
@@ -417,7 +429,7 @@ def report(result: dict) -> str:
         f"{meta['other_running_instances_start']} / {meta.get('other_running_instances_end')} "
         "other running instances on this daemon at start / end"
     )
-    for key in ("floor", "lxd"):
+    for key in result["failures"]:
         for f in result["failures"][key]:
             out.append(f"  FAILURE ({key}): {f}")
     return "\n".join(out)
@@ -476,38 +488,51 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     raw = result["raw"]
-    colors = {"floor": "#4c72b0", "lxd": "#dd8452"}
-    labels = {"floor": "floor (local process)", "lxd": "lxdspawner (Incus)"}
+    colors = {"floor": "#4c72b0", "lxd": "#dd8452", "docker": "#55a868", "lxdpool": "#c44e52"}
+    labels = {
+        "floor": "floor (local process)",
+        "lxd": "lxdspawner (Incus)",
+        "docker": "DockerSpawner (docker.io)",
+        "lxdpool": "warm pool (lxdspawner)",
+    }
+    keys = [k for k in ("floor", "lxd", "lxdpool", "docker") if k in raw]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.6), gridspec_kw={"width_ratios": [1, 1.2, 1.5]})
 
     ax = axes[0]
-    data = [[r["spawn_s"] for r in raw[k].get("single", [])] for k in ("floor", "lxd")]
+    data = [[r["spawn_s"] for r in raw[k].get("single", [])] for k in keys]
     ax.boxplot(data, widths=0.5, showfliers=False, medianprops={"color": "black"})
-    for i, (k, values) in enumerate(zip(("floor", "lxd"), data, strict=True), start=1):
+    for i, (k, values) in enumerate(zip(keys, data, strict=True), start=1):
         xs = [i + (j % 7 - 3) * 0.04 for j in range(len(values))]
         ax.scatter(xs, values, color=colors[k], zorder=3, s=24, alpha=0.85)
-    ax.set_xticks([1, 2], [labels["floor"], labels["lxd"]])
+    ax.set_xticks(
+        range(1, len(keys) + 1), [labels[k].replace(" (", "\n(") for k in keys], fontsize=8
+    )
     ax.set_ylabel("seconds")
     ax.set_title("single spawn: POST → ready → first request")
     ax.set_ylim(bottom=0)
     ax.grid(axis="y", alpha=0.3)
 
     ax = axes[1]
-    for k in ("floor", "lxd"):
-        per_user = sorted(t for b in raw[k].get("burst", []) for t in b["per_user_s"])
-        if per_user:
+    styles = {"burst": "-", "changeover_next": ":", "burst30": "-.", "burst50": "--"}
+    names = {"burst": "burst of 10", "changeover_next": "10 right after 10 stopped",
+             "burst30": "burst of 30", "burst50": "burst of 50"}  # fmt: skip
+    for k in keys:
+        for kind, style in styles.items():
+            per_user = sorted(t for b in raw[k].get(kind, []) for t in b["per_user_s"])
+            if not per_user:
+                continue
             ys = [0.0] + [(i + 1) / len(per_user) for i in range(len(per_user))]
-            ax.step([0.0, *per_user], ys, where="post", color=colors[k], label=labels[k])
-        for b in raw[k].get("burst", []):
-            if b.get("wall_s"):
-                ax.axvline(b["wall_s"], color=colors[k], alpha=0.3, ls="--")
-    ax.set_xlabel("seconds after the 10 POSTs (all bursts pooled)")
+            ax.step(
+                [0.0, *per_user], ys, where="post", color=colors[k], ls=style,
+                label=f"{labels[k].split(' (')[0]}, {names[kind]}",
+            )  # fmt: skip
+    ax.set_xlabel("seconds after the POSTs (all bursts of a kind pooled)")
     ax.set_ylabel("fraction of users ready")
-    ax.set_title("burst of 10: users ready over time (dashed: all ready)")
+    ax.set_title("bursts: users ready over time")
     ax.set_xlim(left=0)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right", fontsize=7)
 
     ax = axes[2]
     part_colors = {
@@ -549,6 +574,21 @@ def plot(result: dict, path: Path) -> None:
         f"{bl.fmt(result['spawn_ratio'])}×, burst {bl.fmt(result['burst_ratio'])}×, stop "
         f"{bl.fmt(result['stop_ratio'])}×, memory {bl.fmt(result['memory_ratio'])}× the floor"
     )
+    ratios = {
+        r["metric"]: r["ratio"].get("docker")
+        for r in result.get("peer") or []
+        if r["ratio"].get("docker") is not None
+    }
+    if ratios:
+        title += (
+            "\nDockerSpawner: "
+            + ", ".join(
+                f"{m.split(' (')[0]} {bl.fmt(v)}×"
+                for m, v in ratios.items()
+                if m in ("single spawn (s)", "burst of 10, all ready (s)", "stop (s)")
+            )
+            + " the floor"
+        )
     if meta.get("lxd_config_extra"):
         title += f"\nlxdspawner's hub with: {meta['lxd_config_extra']}"
     fig.suptitle(title, fontsize=11)

@@ -1,6 +1,8 @@
-"""The two setups the spawn benchmark compares: two real JupyterHubs, each behind a real
+"""The setups the spawn benchmark compares: real JupyterHubs, each behind a real
 configurable-http-proxy (`testbench.hubtools`, as in the tests), up side by side for the
-whole run.
+whole run. Besides the two below, **docker** (DockerSpawner, the peer: `dockerbench`) and
+**lxdpool** (lxd with ``warm_pool_size``, its own prefix ``lxdbenchp`` and hub id, so that
+its containers and volumes never meet lxd's; `lxd_pool_config`).
 
 - **floor**: ``SimpleLocalProcessSpawner`` running ``jupyterhub-singleuser`` (JupyterLab) as a
   plain process on the host, from a virtualenv (``.cache/floor-venv``, made here when missing)
@@ -38,6 +40,7 @@ from lxdspawner.ownership import KEY_HUB
 from testbench import hubtools, topology
 
 from . import benchlib as bl
+from . import dockerbench
 
 try:
     import psutil
@@ -53,6 +56,12 @@ PREFIX = "lxdbench"  # c.LxdSpawner.name_prefix: our containers only
 # users' home volumes, which lxdspawner never deletes by itself), and not "testbench-*", whose
 # volumes a test run deletes when not in use, which ours are between two spawns.
 BENCH_HUB_ID = f"benchmark-{PREFIX}"
+# The hub with the warm pool (setup "lxdpool"): its own containers' prefix and hub id, so
+# that its users' containers and volumes never meet the other lxd hub's.
+POOL_PREFIX = f"{PREFIX}p"
+POOL_HUB_ID = f"benchmark-{POOL_PREFIX}"
+OUR_PREFIXES = (PREFIX, POOL_PREFIX)
+OUR_HUB_IDS = (BENCH_HUB_ID, POOL_HUB_ID)
 # Users whose names start with this spawn without a home volume (home_volume_size = "").
 NO_VOLUME_PREFIX = "novol-"
 LXD_HUB_IP = topology.INCUS.gateway
@@ -121,6 +130,18 @@ def _bench_pre_spawn_hook(spawner):
 c.Spawner.pre_spawn_hook = _bench_pre_spawn_hook
 """
 
+
+def lxd_pool_config(size: int) -> str:
+    """The lxdpool setup's hub: lxd's, with its own prefix and hub id and a warm pool of
+    ``size`` (removed when the hub exits: the benchmark's clean-up)."""
+    config = LXD_CONFIG.replace(repr(PREFIX), repr(POOL_PREFIX)).replace(
+        repr(BENCH_HUB_ID), repr(POOL_HUB_ID)
+    )
+    return config + (
+        f"c.LxdSpawner.warm_pool_size = {int(size)}\nc.LxdSpawner.warm_pool_remove_on_exit = True\n"
+    )
+
+
 # Exposed by lxdspawner (lxdspawner/metrics.py): LxdClient.request_count per endpoint.
 API_COUNTER = "lxdspawner_api_requests_total"
 
@@ -188,11 +209,12 @@ def ensure_floor_venv(requirements: Path) -> Path:
 
 @dataclass
 class Setup:
-    key: str  # "floor" or "lxd"
+    key: str  # "floor", "lxd", "docker" or "lxdpool"
     hub: Any
     lxd: LxdClient
     daemon: Any = None  # psutil.Process of the daemon, for CPU accounting
     data: dict = field(default_factory=dict)
+    pool_size: int = 0  # lxdpool: its warm_pool_size
 
     def add(self, name: str, value: Any) -> None:
         self.data.setdefault(name, []).append(value)
@@ -229,8 +251,12 @@ async def running_setups(
     hubdir: Path | None = None,
     db_configs: dict[str, str] | None = None,
     extra_config: str = "",
-) -> AsyncIterator[tuple[Setup, Setup]]:
-    """Both hubs and their proxies, up until the block ends: (floor, lxd).
+    docker: Any = None,
+    pool_size: int = 0,
+) -> AsyncIterator[tuple[Setup, ...]]:
+    """The hubs and their proxies, up until the block ends: (floor, lxd), and the peer
+    (floor, lxd, docker) when ``docker`` (a `dockerbench.Peer`) is given, and lxdpool last
+    when ``pool_size`` is not 0.
 
     The hubs' directories (configuration, log, sqlite file) are under ``hubdir`` (default
     ``workdir``): a new one per round of ``--db``, so each round's hubs start afresh.
@@ -266,7 +292,30 @@ async def running_setups(
         xhub = await stack.enter_async_context(
             hubtools.running_hub(hubdir / "lxd", lxd_config, hub_ip=LXD_HUB_IP)
         )
-        yield Setup("floor", fhub, client), Setup("lxd", xhub, client, daemon=daemon_process())
+        setups = [Setup("floor", fhub, client), Setup("lxd", xhub, client, daemon=daemon_process())]
+        if docker is not None:
+            say("starting DockerSpawner's hub and proxy")
+            docker_config = COMMON_CONFIG + dockerbench.hub_config(docker.image)
+            docker_config += db_configs.get("docker", "") + extra_config
+            dhub = await stack.enter_async_context(
+                hubtools.running_hub(hubdir / "docker", docker_config, hub_ip=docker.gateway)
+            )
+            setups.append(Setup("docker", dhub, client, daemon=dockerbench.dockerd_process()))
+        if pool_size:
+            say(f"starting the hub with a warm pool of {pool_size} and its proxy")
+            pool_config = COMMON_CONFIG + lxd_pool_config(pool_size)
+            pool_config += (
+                (f"\n# --lxd-config\n{lxd_config_extra}\n" if lxd_config_extra else "")
+                + db_configs.get("lxdpool", "")
+                + extra_config
+            )
+            phub = await stack.enter_async_context(
+                hubtools.running_hub(hubdir / "lxdpool", pool_config, hub_ip=LXD_HUB_IP)
+            )
+            setups.append(
+                Setup("lxdpool", phub, client, daemon=daemon_process(), pool_size=pool_size)
+            )
+        yield tuple(setups)
         say("stopping hubs and proxies")
 
 
@@ -290,7 +339,7 @@ async def remove_our_containers(client: LxdClient) -> list[str]:
     removed = []
     for inst in await client.list_instances(recursion=0):
         name = inst.rsplit("/", 1)[-1].split("?")[0]
-        if not name.startswith(PREFIX + "-"):
+        if not name.startswith(tuple(f"{p}-" for p in OUR_PREFIXES)):
             continue
         with contextlib.suppress(LxdError):
             await client.stop_instance(name, force=True)
@@ -309,7 +358,7 @@ async def our_volumes(client: LxdClient) -> list[tuple[str, dict]]:
     found = []
     for pool in await client.storage_pools():
         for volume in await client.list_volumes(pool):
-            if (volume.get("config") or {}).get(KEY_HUB) == BENCH_HUB_ID:
+            if (volume.get("config") or {}).get(KEY_HUB) in OUR_HUB_IDS:
                 found.append((pool, volume))
     return found
 
