@@ -33,6 +33,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from lxdspawner.lxd import LxdClient
 
 from . import benchlib as bl
@@ -55,9 +57,18 @@ GAP_S = 2.0  # between the last stop's answer and the second burst's POSTs
 RUNS_DIR = REPO / ".cache" / "bench"
 
 
+async def _ensure_user(setup: Setup, user: str) -> None:
+    """The proxy closes a keep-alive connection idle for 5 s (node's default), which the
+    waits here can exceed: the first request after one may find it closed."""
+    try:
+        await setup.hub.ensure_user(user)
+    except aiohttp.ServerDisconnectedError:
+        await setup.hub.ensure_user(user)
+
+
 async def _burst(setup: Setup, users: list[str]) -> dict:
     for u in users:
-        await setup.hub.ensure_user(u)
+        await _ensure_user(setup, u)
     t0 = time.perf_counter()
     results = await asyncio.gather(*(spawn(setup, u) for u in users), return_exceptions=True)
     ok = [r for r in results if isinstance(r, dict)]
@@ -90,6 +101,33 @@ async def _wait_no_instances(client: LxdClient, timeout: float = 180) -> float:
             break
         await asyncio.sleep(0.5)
     return time.perf_counter() - t0
+
+
+def kernel_cpu() -> dict[str, float]:
+    """CPU seconds so far of btrfs' kernel threads (the cleaner drops deleted subvolumes, with
+    their quota accounting; the transaction thread commits), of the Incus daemon and its
+    children (the ``btrfs`` commands it runs), and the time some task waited for I/O
+    (``/proc/pressure/io``)."""
+    found: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 2 :].split()
+            ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+            key = {"btrfs-cleaner": "btrfs_cleaner", "btrfs-transaction": "btrfs_transaction"}.get(
+                comm, "incusd" if comm == "incusd" else None
+            )
+            if key:
+                found[key] = found.get(key, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError, ValueError):
+        some = Path("/proc/pressure/io").read_text().splitlines()[0]
+        found["io_wait_some"] = int(some.rsplit("total=", 1)[1]) / 1e6
+    return found
+
+
+def _delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: round(b[k] - a.get(k, 0.0), 2) for k in b}
 
 
 def _open_write(path: Path):
@@ -172,12 +210,18 @@ async def changeover(setup: Setup, client: LxdClient, rep: int, lifecycle: Lifec
     first = [f"c{rep}a{j:02d}" for j in range(BURST)]
     second = [f"c{rep}b{j:02d}" for j in range(BURST)]
     offset = setup.log_offset()
+    k0 = kernel_cpu()
     a = await _burst(setup, first)
+    k1 = kernel_cpu()
     a["stop_s"] = await _stop_all(setup, a["users"])
     await asyncio.sleep(GAP_S)
     wall_b = time.time()
+    k2 = kernel_cpu()
     b = await _burst(setup, second)
+    k3 = kernel_cpu()
     wall_b_end = time.time()
+    a["kernel_cpu_s"] = _delta(k0, k1)
+    b["kernel_cpu_s"] = _delta(k2, k3)
     b["stop_s"] = await _stop_all(setup, b["users"])
     record: dict[str, Any] = {"first": a, "second": b}
     if setup.key == "lxd":
@@ -193,7 +237,10 @@ async def changeover(setup: Setup, client: LxdClient, rep: int, lifecycle: Lifec
                 for k in ("create", "push", "start", "ipv4", "server")
             }
         record["lifecycle"] = _overlap(lifecycle.events(wall_b - 120), wall_b, wall_b_end)
+        k4 = kernel_cpu()
         record["all_deleted_after_s"] = await _wait_no_instances(client)
+        await asyncio.sleep(5)  # the cleaner drops the last subvolumes after their deletion
+        record["kernel_cpu_after_s"] = _delta(k4, kernel_cpu())
     return record
 
 
@@ -211,6 +258,8 @@ def _line(key: str, rec: dict) -> str:
             f"second {_steps(b['steps_median_s'])}"
             f"\n       deletions of the first burst during the second: "
             f"{rec['lifecycle']['deleted_during_second_burst']}"
+            f"\n       CPU during the first burst {a['kernel_cpu_s']}"
+            f"\n       CPU during the second burst {b['kernel_cpu_s']}"
         )
     failed = a["failed"] + b["failed"]
     if failed:
@@ -236,7 +285,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
         ):
             # Untimed warm-up: the first spawn of a hub (and of an image) is not a class's.
             for s in (floor, lxd):
-                await s.hub.ensure_user("warmup")
+                await _ensure_user(s, "warmup")
                 await spawn(s, "warmup")
                 await stop(s, "warmup")
             await _wait_no_instances(client)
