@@ -105,8 +105,8 @@ async def _wait_no_instances(client: LxdClient, timeout: float = 180) -> float:
 
 def kernel_cpu() -> dict[str, float]:
     """CPU seconds so far of btrfs' kernel threads (the cleaner drops deleted subvolumes, with
-    their quota accounting; the transaction thread commits), of the Incus daemon and its
-    children (the ``btrfs`` commands it runs), and the time some task waited for I/O
+    their quota accounting; the transaction thread commits), of the Incus daemon's processes
+    alive (their own time), and the time some task waited for I/O
     (``/proc/pressure/io``)."""
     found: dict[str, float] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -114,10 +114,12 @@ def kernel_cpu() -> dict[str, float]:
             text = stat.read_text()
             comm = text[text.index("(") + 1 : text.rindex(")")]
             fields = text[text.rindex(")") + 2 :].split()
-            ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-            key = {"btrfs-cleaner": "btrfs_cleaner", "btrfs-transaction": "btrfs_transaction"}.get(
-                comm, "incusd" if comm == "incusd" else None
-            )
+            ticks = int(fields[11]) + int(fields[12])  # utime stime
+            key = {
+                "btrfs-cleaner": "btrfs_cleaner",
+                "btrfs-transaction": "btrfs_transaction",
+                "incusd": "incusd",
+            }.get(comm)
             if key:
                 found[key] = found.get(key, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
     with contextlib.suppress(OSError, ValueError):

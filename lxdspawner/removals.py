@@ -15,16 +15,17 @@ is left behind.
 A server's extra objects (see extraobjects.py) go once its container is deleted, here too,
 the exit handler's deletions included: they are found by the server's keys.
 
-Deletions wait while spawns are in flight on the same daemon (see :meth:`Removals.spawning`),
-at most ``defer_max`` seconds, and run ``parallel`` at a time. A class changeover (a burst of
-servers stopped, and 2 s later a burst of new ones started) made this necessary: on btrfs with
-quotas on (as LXD sets the pool up for root disk sizes), deleting a container's subvolume makes
-the kernel account every extent it shared with the image in the next transaction commits,
-which the new containers' snapshots and file writes wait for; ten deletions beside ten creates
-made the creates take up to 15 s instead of 1 s and the whole burst 1.6 times longer (see
-benchmarks/changeover.py). A stopped container costs nothing while it waits but its disk
-blocks, which the image shares; a new start of the same server needs its name, so waiting
-for it (:meth:`Removals.wait`) lets its deletion go at once.
+A deletion waits ``delay`` seconds after the teardown, then while spawns are in flight on the
+same daemon (see :meth:`Removals.spawning`), ``defer_max`` seconds at most in all, and
+``parallel`` run at a time. A class changeover (a burst of servers stopped, and 2 s later a
+burst of new ones started) is why: the daemon's DELETE returns within a second, but on btrfs
+with quotas on (LXD's root disk sizes need them) the kernel then drops the subvolume in the
+background (its ``btrfs-cleaner`` thread), accounting each extent to its quota groups: about
+0.4 s of CPU per container here, 3.5 s for ten, spent beside the next burst's creates and
+server starts, which are CPU-bound on a small host (see benchmarks/changeover.py). A stopped
+container costs nothing while it waits but its disk blocks, which the image shares; a new
+start of the same server needs its name, so waiting for it (:meth:`Removals.wait`) lets its
+deletion go at once.
 """
 
 from __future__ import annotations
@@ -49,12 +50,22 @@ Objects = tuple[Owner, tuple[str, ...]]
 class Removals:
     """The deletions in progress on one daemon (``remote``), for all the spawners of a hub.
 
-    ``defer_max``: the longest a deletion waits for the spawns in flight to end (0: it does
-    not wait for them); ``parallel``: how many deletions the daemon is asked for at once.
+    ``delay``: how long after its teardown a deletion waits before anything else;
+    ``defer_max``: the longest it waits (the delay included) while spawns are in flight (0:
+    it does not wait for them); ``parallel``: how many deletions the daemon is asked for at
+    once.
     """
 
-    def __init__(self, remote: Remote, *, defer_max: float = 120.0, parallel: int = 2) -> None:
+    def __init__(
+        self,
+        remote: Remote,
+        *,
+        delay: float = 0.0,
+        defer_max: float = 120.0,
+        parallel: int = 2,
+    ) -> None:
         self.remote = remote
+        self.delay = delay
         self.defer_max = defer_max
         self.parallel = parallel
         self._tasks: dict[str, asyncio.Task] = {}
@@ -87,17 +98,25 @@ class Removals:
 
     @contextlib.asynccontextmanager
     async def _turn(self, name: str) -> AsyncIterator[None]:
-        """Until ``name``'s deletion may be sent, then while it runs: no spawn in flight (or
-        ``defer_max`` waited, or a new start of the server waits for it), and fewer than
-        ``parallel`` deletions running."""
+        """Until ``name``'s deletion may be sent, then while it runs: ``delay`` passed and no
+        spawn in flight (or ``defer_max`` passed, or a new start of the server waits for it),
+        and fewer than ``parallel`` deletions running."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.defer_max
+        now = loop.time()
+        settled = now + self.delay
+        deadline = now + max(self.defer_max, self.delay)
         while True:
             wake = self._wake
-            quiet = not self._spawns or name in self._urgent or loop.time() >= deadline
-            if quiet and self._running < max(1, self.parallel):
+            now = loop.time()
+            if name in self._urgent or now >= deadline:
+                free = True
+            elif now < settled:
+                free = False
+            else:
+                free = not self._spawns
+            if free and self._running < max(1, self.parallel):
                 break
-            timeout = None if quiet else max(0.0, deadline - loop.time())
+            timeout = None if free else max(0.0, (settled if now < settled else deadline) - now)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
         self._running += 1

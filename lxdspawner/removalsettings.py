@@ -1,5 +1,5 @@
 """When the containers of stopped servers are deleted (see removals.py): a mixin, so that
-``c.LxdSpawner.removal_defer_max`` and ``removals_at_once`` are LxdSpawner's own settings."""
+``c.LxdSpawner.removal_delay`` and the rest are LxdSpawner's own settings."""
 
 from __future__ import annotations
 
@@ -10,17 +10,26 @@ from .removals import Removals
 
 
 class RemovalSettings(Configurable):
+    removal_delay = Float(
+        10.0,
+        config=True,
+        help="""Seconds the deletion of a stopped server's container waits before it may go
+        (default 10; 0: at once), then while other servers are being spawned on the same
+        daemon (see `removal_defer_max`).
+
+        On btrfs with quotas (the pools LXD sizes root disks on), the kernel accounts a
+        deleted container's blocks in the background, about 0.4 s of CPU each: a class
+        stopping its servers and the next class starting right after pays for it during
+        its spawns. A new start of the same server never waits for this: its old
+        container is deleted at once.""",
+    )
     removal_defer_max = Float(
         120.0,
         config=True,
-        help="""Seconds the deletion of a stopped server's container may wait while other
-        servers are being spawned on the same daemon (default 120; 0: delete at once).
-
-        On btrfs with quotas (the pools LXD sizes root disks on), deleting containers slows
-        the creates and file pushes of the spawns running beside them: a class stopping
-        its servers and the next class starting 2 s later waited half again as long. The
-        deletions go once no spawn is in flight, or after this long. A new start of the
-        same server never waits for this: its old container is deleted at once.""",
+        help="""The longest the deletion of a stopped server's container waits, in all, while
+        other servers are being spawned on the same daemon (default 120; 0: it does not wait
+        for them). Deletions go once `removal_delay` has passed and no spawn is in flight,
+        or after this long.""",
     )
     removals_at_once = Int(
         2,
@@ -32,5 +41,6 @@ class RemovalSettings(Configurable):
     def schedule_removals(self, removals: Removals) -> None:
         """The settings onto the daemon's deletions (the hub's one for that daemon: the
         last spawner's settings stand, as they are one hub's)."""
+        removals.delay = max(0.0, self.removal_delay)
         removals.defer_max = max(0.0, self.removal_defer_max)
         removals.parallel = max(1, self.removals_at_once)
