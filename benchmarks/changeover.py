@@ -208,7 +208,9 @@ def _overlap(events: list[tuple[float, str, str]], start: float, end: float) -> 
     }
 
 
-async def changeover(setup: Setup, client: LxdClient, rep: int, lifecycle: Lifecycle) -> dict:
+async def changeover(
+    setup: Setup, client: LxdClient, rep: int, lifecycle: Lifecycle, sync: bool = False
+) -> dict:
     first = [f"c{rep}a{j:02d}" for j in range(BURST)]
     second = [f"c{rep}b{j:02d}" for j in range(BURST)]
     offset = setup.log_offset()
@@ -216,6 +218,11 @@ async def changeover(setup: Setup, client: LxdClient, rep: int, lifecycle: Lifec
     a = await _burst(setup, first)
     k1 = kernel_cpu()
     a["stop_s"] = await _stop_all(setup, a["users"])
+    if sync:  # the experiment: the first burst's dirty data written out before the second
+        t = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec("sync")
+        await proc.wait()
+        a["sync_s"] = time.perf_counter() - t
     await asyncio.sleep(GAP_S)
     wall_b = time.time()
     k2 = kernel_cpu()
@@ -251,6 +258,7 @@ def _line(key: str, rec: dict) -> str:
     text = (
         f"{key:5s}: first burst {bl.fmt(a['wall_s'])} s, second {bl.fmt(b['wall_s'])} s "
         f"(x{bl.fmt(bl.ratio(b['wall_s'], a['wall_s']), '')}), stops {bl.fmt(a['stop_s'])} s"
+        + (f", sync {bl.fmt(a['sync_s'])} s" if "sync_s" in a else "")
     )
     if "steps_max_s" in b:
         text += (
@@ -294,7 +302,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
             for rep in range(args.reps):
                 order = (floor, lxd) if rep % 2 == 0 else (lxd, floor)
                 for s in order:
-                    rec = await changeover(s, client, rep, lifecycle)
+                    rec = await changeover(s, client, rep, lifecycle, args.sync)
                     results[s.key].append(rec)
                     say(f"changeover {rep}: " + _line(s.key, rec))
         return results
@@ -318,6 +326,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=1, help="changeovers per setup (default 1)")
     parser.add_argument("--lxd-config", default="", help="extra lines for lxdspawner's hub")
+    parser.add_argument(
+        "--sync",
+        action="store_true",
+        help="an experiment: sync(1) after the first burst's stops, before the 2 s gap",
+    )
     parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
     args = parser.parse_args()
     if os.geteuid() != 0:

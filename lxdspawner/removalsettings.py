@@ -11,17 +11,18 @@ from .removals import Removals
 
 class RemovalSettings(Configurable):
     removal_delay = Float(
-        10.0,
+        0.0,
         config=True,
         help="""Seconds the deletion of a stopped server's container waits before it may go
-        (default 10; 0: at once), then while other servers are being spawned on the same
-        daemon (see `removal_defer_max`).
+        (default 0), then while other servers are being spawned on the same daemon (see
+        `removal_defer_max`).
 
         On btrfs with quotas (the pools LXD sizes root disks on), the kernel accounts a
-        deleted container's blocks in the background, about 0.4 s of CPU each: a class
-        stopping its servers and the next class starting right after pays for it during
-        its spawns. A new start of the same server never waits for this: its old
-        container is deleted at once.""",
+        deleted container's blocks in the background after the deletion returns, about
+        0.4 s of CPU each on a small host: a class stopping its servers and the next class
+        starting a few seconds later pays for it during its spawns. `10` keeps that out of
+        such a changeover (see README "Performance"). A new start of the same server never
+        waits for this: its old container is deleted at once.""",
     )
     removal_defer_max = Float(
         120.0,

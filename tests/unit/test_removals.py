@@ -244,9 +244,7 @@ async def test_a_deletion_waits_no_longer_than_defer_max(fake, cache, no_exit_ha
         assert pending.spawns_in_flight == 1
 
 
-async def test_a_new_start_of_the_server_does_not_wait_for_the_others(
-    fake, cache, no_exit_handler
-):
+async def test_a_new_start_of_the_server_does_not_wait_for_the_others(fake, cache, no_exit_handler):
     await stopped(fake, cache, "ana")
     await stopped(fake, cache, "bob")
     pending = Removals(REMOTE, defer_max=60)
@@ -274,3 +272,16 @@ async def test_no_more_than_parallel_deletions_are_sent_at_once(fake, cache, no_
     for name in names:
         await asyncio.wait_for(pending.wait(name), 1)
     assert not set(names) & set(fake.instances)
+
+
+async def test_a_delayed_deletion_waits_its_delay_unless_the_server_starts_again(
+    fake, cache, no_exit_handler
+):
+    await stopped(fake, cache, "ana")
+    pending = Removals(REMOTE, delay=60)  # removal_delay: no spawn in flight, yet it waits
+    pending.start(fake, cache, "ana", teardown_timeout=60, log=log)
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert fake.requests["delete_instance"] == 0
+    await asyncio.wait_for(pending.wait("ana"), 1)  # a new start of ana's server
+    assert "ana" not in fake.instances
