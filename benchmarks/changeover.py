@@ -10,7 +10,7 @@ containers (``incus monitor --type=lifecycle``), so what overlapped with what ca
 
     .venv/bin/python -m benchmarks.changeover            # 1 changeover per setup, ~4 minutes
     .venv/bin/python -m benchmarks.changeover --reps 2 --json changeover.json
-    .venv/bin/python -m benchmarks.changeover --lxd-config 'c.LxdSpawner.removal_delay = 0'
+    .venv/bin/python -m benchmarks.changeover --lxd-config 'c.LxdSpawner.removal_delay = 10'
 
 Run as root on a machine set up by ``make test``, like ``benchmarks.spawn``. The setups
 alternate (which goes first too); before each changeover the previous containers are gone

@@ -3,9 +3,11 @@
 Issue 15 read "the server inside the container needed 3.99 s of CPU to start against 2.76 s as
 a local process" from ``benchmarks.spawn``. That figure is, for lxdspawner, the container's
 whole cgroup (``cpuacct.usage``: its boot, systemd and every unit, and the server), and for
-the floor the server's process tree. This splits the container's figure per cgroup (the
-server's unit, init.scope, journald, networkd, ...) and per process, with user and system
-time, beside the floor's server; and times the server's imports alone (``python -c "import
+the floor the server's process tree. This gives the container's figure with user and system
+time, its cgroups below it if the container's systemd made any in the cpuacct hierarchy
+(with cgroup v1 it does not), and its processes alive, each with its own CPU (the server,
+systemd, resolved, networkd, journald, udevd; what exited during the boot is the rest),
+beside the floor's server; and times the server's imports alone (``python -c "import
 ..."``, process CPU, 3 runs each after a warm-up) inside a running container (its
 ``/opt/jupyterhub`` and ``/usr`` being the shared read-only volumes) and on the host (the
 floor's virtualenv, the same packages)::
