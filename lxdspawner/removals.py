@@ -17,15 +17,16 @@ the exit handler's deletions included: they are found by the server's keys.
 
 A deletion waits ``delay`` seconds after the teardown, then while spawns are in flight on the
 same daemon (see :meth:`Removals.spawning`), ``defer_max`` seconds at most in all, and
-``parallel`` run at a time. A class changeover (a burst of servers stopped, and 2 s later a
-burst of new ones started) is why: the daemon's DELETE returns within a second, but on btrfs
-with quotas on (LXD's root disk sizes need them) the kernel then drops the subvolume in the
-background (its ``btrfs-cleaner`` thread), accounting each extent to its quota groups: about
-0.4 s of CPU per container here, 3.5 s for ten, spent beside the next burst's creates and
-server starts, which are CPU-bound on a small host (see benchmarks/changeover.py). A stopped
-container costs nothing while it waits but its disk blocks, which the image shares; a new
-start of the same server needs its name, so waiting for it (:meth:`Removals.wait`) lets its
-deletion go at once.
+``parallel`` run at a time. Why (see benchmarks/changeover.py and README "Performance"): the
+daemon's DELETE returns within a second, but on btrfs with quotas on (LXD's root disk sizes
+need them) the kernel then drops the subvolume in the background (its ``btrfs-cleaner``
+thread), accounting each extent to its quota groups: 0.5 to 0.7 s of CPU per container on
+the development machine, 3.5 to 3.8 s of it inside the next burst when a class of ten
+stopped 2 s before it. The deletions that come while a burst runs wait for its end, and
+``delay`` (``removal_delay``, 0 by default) holds back those of the class that just stopped.
+A stopped container costs nothing while it waits but its disk blocks, which the image
+shares; a new start of the same server needs its name, so waiting for it
+(:meth:`Removals.wait`) lets its deletion go at once.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ class RemovalSettings(Configurable):
         `removal_defer_max`).
 
         On btrfs with quotas (the pools LXD sizes root disks on), the kernel accounts a
-        deleted container's blocks in the background after the deletion returns, about
-        0.4 s of CPU each on a small host: a class stopping its servers and the next class
+        deleted container's blocks in the background after the deletion returns, 0.5 to
+        0.7 s of CPU each on a 2-core host: a class stopping its servers and the next class
         starting a few seconds later pays for it during its spawns. `10` keeps that out of
         such a changeover (see README "Performance"). A new start of the same server never
         waits for this: its old container is deleted at once.""",
