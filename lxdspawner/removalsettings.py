@@ -10,6 +10,8 @@ from .removals import Removals
 
 
 class RemovalSettings(Configurable):
+    """The settings; :meth:`schedule_removals` hands them to a daemon's :class:`Removals`."""
+
     removal_delay = Float(
         0.0,
         config=True,
