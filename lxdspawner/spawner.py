@@ -58,6 +58,7 @@ from .pool import ClaimFailed, PoolSettings
 from .profiles import ProfileSettings
 from .progress import Progress
 from .remotes import RemoteSettings
+from .removalsettings import RemovalSettings
 from .storage import StorageSettings
 
 #: 2: the whole remote is recorded (1: its endpoint and project only).
@@ -81,6 +82,7 @@ class LxdSpawner(
     CapacitySettings,
     OverrideSettings,
     PoolSettings,
+    RemovalSettings,
 ):
     """Spawn single-user servers in Incus or LXD containers, through the REST API."""
 
@@ -500,11 +502,13 @@ class LxdSpawner(
     def daemon(self, remote: Remote | None = None) -> Daemon:
         """The hub's Daemon for ``remote``: by default the one holding this server's
         container (recorded in its state), else the configured one."""
-        return Daemon.of(
+        daemon = Daemon.of(
             remote or self.recorded_remote or self.configured_remote,
             timeout=self.api_timeout,
             resync_interval=self.cache_resync_interval,
         )
+        self.schedule_removals(daemon.removals)
+        return daemon
 
     def _daemon_to_start_on(self) -> Daemon:
         """The configured daemon (`remote`); a kept container (remove = False) stays where it
@@ -618,7 +622,8 @@ class LxdSpawner(
         self.timings: dict[str, float] = {}
         try:
             self._selection = await self.apply_profile()  # the user's choice, before anything
-            return await self._start()
+            with contextlib.ExitStack() as self._while_spawning:
+                return await self._start()
         except (SpawnError, DaemonError, LxdError) as e:
             error = spawn_error(e)
             self.log.error("Spawn of %s failed: %s", self._log_name, error.message)
@@ -661,6 +666,8 @@ class LxdSpawner(
         except ValueError as e:
             raise SpawnError(str(e), status_code=400) from e
         daemon = self._daemon_to_start_on()
+        # The daemon's deletions of stopped servers wait for this spawn (see removals.py).
+        self._while_spawning.enter_context(daemon.removals.spawning())
         try:
             client, cache = await daemon.ready()
         except Unreachable as e:

@@ -207,3 +207,81 @@ async def test_one_retry_per_container_and_a_new_start_takes_over(fake, quick_sl
     stops.retry("ana", stopper(fake, "ana", done), log)
     await asyncio.wait_for(done.wait(), 1)
     assert fake.instances["ana"].status == "Stopped"
+
+
+# -- Removals: deletions wait for the spawns in flight, a few at a time -----------------------
+
+
+async def stopped(fake: FakeLxd, cache: InstanceCache, name: str) -> None:
+    """A server's container that has powered off and been torn down."""
+    await server(fake, cache, name)
+    fake.power_off(name)
+    await cache.wait_torn_down(name, 1)
+
+
+async def test_a_deletion_waits_while_a_spawn_is_in_flight_and_goes_when_it_ends(
+    fake, cache, no_exit_handler
+):
+    await stopped(fake, cache, "ana")
+    pending = Removals(REMOTE, defer_max=60)
+    with pending.spawning():
+        pending.start(fake, cache, "ana", teardown_timeout=60, log=log)
+        with pending.spawning():  # a second spawn, ending first
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)
+        assert "ana" in fake.instances
+        assert fake.requests["delete_instance"] == 0
+    await asyncio.wait_for(pending.wait("ana"), 1)
+    assert "ana" not in fake.instances
+
+
+async def test_a_deletion_waits_no_longer_than_defer_max(fake, cache, no_exit_handler):
+    await stopped(fake, cache, "ana")
+    pending = Removals(REMOTE, defer_max=0)  # removal_defer_max = 0: as before, at once
+    with pending.spawning():
+        pending.start(fake, cache, "ana", teardown_timeout=60, log=log)
+        await eventually(lambda: "ana" not in fake.instances)
+        assert pending.spawns_in_flight == 1
+
+
+async def test_a_new_start_of_the_server_does_not_wait_for_the_others(fake, cache, no_exit_handler):
+    await stopped(fake, cache, "ana")
+    await stopped(fake, cache, "bob")
+    pending = Removals(REMOTE, defer_max=60)
+    with pending.spawning():  # other users' spawns, and ana's own new one
+        pending.start(fake, cache, "ana", teardown_timeout=60, log=log)
+        pending.start(fake, cache, "bob", teardown_timeout=60, log=log)
+        await asyncio.wait_for(pending.wait("ana"), 1)
+        assert "ana" not in fake.instances
+        assert "bob" in fake.instances  # still waiting for the spawns
+    await asyncio.wait_for(pending.wait("bob"), 1)
+
+
+async def test_no_more_than_parallel_deletions_are_sent_at_once(fake, cache, no_exit_handler):
+    names = ["ana", "bob", "cyd", "dan", "eve"]
+    for name in names:
+        await stopped(fake, cache, name)
+    gate = fake.hang("delete_instance")
+    pending = Removals(REMOTE, parallel=2)
+    for name in names:
+        pending.start(fake, cache, name, teardown_timeout=60, log=log)
+    await fake.wait_calls("delete_instance", 2)
+    await asyncio.sleep(0.02)
+    assert fake.requests["delete_instance"] == 2  # the other three wait their turn
+    gate.set()
+    for name in names:
+        await asyncio.wait_for(pending.wait(name), 1)
+    assert not set(names) & set(fake.instances)
+
+
+async def test_a_delayed_deletion_waits_its_delay_unless_the_server_starts_again(
+    fake, cache, no_exit_handler
+):
+    await stopped(fake, cache, "ana")
+    pending = Removals(REMOTE, delay=60)  # removal_delay: no spawn in flight, yet it waits
+    pending.start(fake, cache, "ana", teardown_timeout=60, log=log)
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert fake.requests["delete_instance"] == 0
+    await asyncio.wait_for(pending.wait("ana"), 1)  # a new start of ana's server
+    assert "ana" not in fake.instances

@@ -159,6 +159,26 @@ async def test_a_new_start_waits_for_the_deletion_an_earlier_stop_left(hub_daemo
     assert fake.instances[NAME].status == "Running"
 
 
+async def test_a_stopped_server_is_deleted_only_once_the_spawns_in_flight_have_ended(
+    hub_daemon, fake
+):
+    ana = spawner(fake)
+    await ana.start()
+    gate = fake.hang("create_instance")
+    bob = asyncio.ensure_future(start(spawner(fake, "bob")))
+    await fake.wait_calls("create_instance", 2)  # ana's, and bob's, held
+    await ana.stop()
+    fake.finish_teardown(NAME)
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert fake.instances[NAME].status == "Stopped"  # torn down, not deleted beside bob's spawn
+    assert hub_daemon.removals.spawns_in_flight == 1
+    gate.set()
+    await asyncio.wait_for(bob, 2)
+    assert hub_daemon.removals.spawns_in_flight == 0
+    await eventually(lambda: NAME not in fake.instances)
+
+
 async def test_a_kept_container_is_started_again_with_the_current_settings(hub_daemon, fake):
     state = kept(fake, **{"limits.cpu": "8", "volatile.uuid": "u1"})
     s = spawner(fake, remove=False, mem_limit="1G")
