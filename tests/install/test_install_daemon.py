@@ -45,6 +45,10 @@ pytestmark = [pytest.mark.install, pytest.mark.exclusive]
 PRESEED = REPO / "lxdspawner" / "install" / "incus-preseed.yaml"
 
 
+BOOTED = (
+    "until case $(systemctl is-system-running --wait 2>/dev/null) in running|degraded) true;; "
+    "*) false;; esac; do sleep 0.2; done"
+)
 ACME_DIR = "/srv/acme-ca"
 ACME_ROOT = f"{ACME_DIR}/caddy/pki/authorities/local/root.crt"
 ACME_URL = "https://acme.test:9443/acme/local/directory"
@@ -103,7 +107,9 @@ def test_install_sets_up_incus_from_the_preseed():
         def inside(*args: str, input: str | None = None, timeout: float = 900) -> str:
             return run(*cli, "exec", name, "--", *args, input=input, timeout=timeout)
 
-        run_quiet(*cli, "exec", name, "--", "systemctl", "is-system-running", "--wait")
+        # Until systemd has booted ("offline" before its bus is up: --wait does not wait for
+        # that, and an install started meanwhile lost its /tmp to systemd-tmpfiles).
+        inside("sh", "-c", BOOTED, timeout=120)
         inside("sh", "-c", "mkdir -p /etc/lxdspawner && cat >/etc/lxdspawner/incus-preseed.yaml",
                input=dir_pool_preseed())  # fmt: skip
         # HTTPS on loopback: this test needs nothing of the host's bridge.
