@@ -345,26 +345,38 @@ def _build(recipe, base, base_fingerprint, digest, builder, work, dest, say) -> 
 # -- importing ---------------------------------------------------------------------------------
 
 
+def daemon_name(client: LxdClient) -> str:
+    """Which daemon the messages speak of, e.g. "LXD 5.0.2 at unix socket /var/lib/lxd/...":
+    the product and version the daemon announced, beside the endpoint (a host may run both)."""
+    dialect = client.dialect
+    if dialect is None:
+        return client.where
+    product = "Incus" if dialect.product == "incus" else "LXD"
+    version = f" {dialect.server_version}" if dialect.server_version else ""
+    return f"{product}{version} at {client.where}"
+
+
 async def import_image(
     client: LxdClient, cache_dir: Path, alias: str, reporter: Reporter, description: str = ""
 ) -> bool:
     """Point ``alias`` on the daemon at the image in ``cache_dir``, importing it if the daemon
     lacks it; an image the alias left with no alias is deleted. True when anything changed."""
     fingerprint = (cache_dir / "fingerprint").read_text().strip()
+    where = daemon_name(client)
     current = await client.image_fingerprint(alias)
     if current == fingerprint:
-        reporter.say(f"nothing to do: {alias} -> {fingerprint[:12]} on {client.where}")
+        reporter.say(f"nothing to do: {alias} -> {fingerprint[:12]} on {where}")
         return False
     if await client.image_fingerprint(fingerprint) is not None:
-        reporter.say(f"image {fingerprint[:12]} is already on {client.where}")
+        reporter.say(f"image {fingerprint[:12]} is already on {where}")
     else:
         meta, rootfs = cache_dir / "meta.tar.xz", cache_dir / "rootfs.squashfs"
         total = meta.stat().st_size + rootfs.stat().st_size
         started = time.monotonic()
-        with reporter.upload(f"uploading to {client.where}", total) as progress:
+        with reporter.upload(f"uploading to {where}", total) as progress:
             got = await client.import_image(meta, rootfs, on_progress=progress)
         if got != fingerprint:
-            raise BuildError(f"the daemon reports fingerprint {got}, expected {fingerprint}")
+            raise BuildError(f"{where} reports fingerprint {got}, expected {fingerprint}")
         reporter.say(f"imported {fingerprint[:12]} in {time.monotonic() - started:.1f} s")
     await client.set_image_alias(alias, fingerprint, description)
     if current is None:

@@ -22,6 +22,10 @@
 #
 # Options:
 #   --domain NAME         public DNS name: Caddy gets a certificate for it from Let's Encrypt
+#   --acme-ca URL         with --domain: the ACME directory to get it from instead (a campus
+#                         CA, e.g. step-ca: https://ca.example.org/acme/acme/directory)
+#   --acme-ca-root FILE   with --acme-ca: that CA's root certificate (PEM), when this machine
+#                         does not trust it already (copied to /etc/caddy/acme-ca-root.pem)
 #   --address IP          the address HTTPS is served on without --domain (default: this
 #                         machine's address on its default route)
 #   --hub-address IP      where containers reach the hub's API (default: the bridge's
@@ -39,13 +43,15 @@ umask 022
 here=$(cd "$(dirname "$0")" && pwd)
 
 VENV=/opt/jupyterhub
-domain="" address="" hub_address="" daemon_socket="" hub_id="" skip_image=0 upgrade=0
+domain="" acme_ca="" acme_ca_root="" address="" hub_address="" daemon_socket="" hub_id="" skip_image=0 upgrade=0
 isolation=internet
 from_bundle="" bundle=""
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --domain) domain=${2:?--domain needs a value}; shift ;;
+        --acme-ca) acme_ca=${2:?--acme-ca needs a URL}; shift ;;
+        --acme-ca-root) acme_ca_root=${2:?--acme-ca-root needs a file}; shift ;;
         --address) address=${2:?--address needs a value}; shift ;;
         --hub-address) hub_address=${2:?--hub-address needs a value}; shift ;;
         --daemon-socket) daemon_socket=${2:?--daemon-socket needs a value}; shift ;;
@@ -72,6 +78,17 @@ check_value() {
 }
 [ -n "$domain" ] && check_value --domain "$domain"
 [ -n "$address" ] && check_value --address "$address"
+# The ACME directory goes into the Caddyfile: an https URL of plain characters only.
+if [ -n "$acme_ca" ]; then
+    [ -n "$domain" ] || die "--acme-ca needs --domain (without it, Caddy's own CA signs)"
+    [[ $acme_ca =~ ^https://[A-Za-z0-9][A-Za-z0-9.:-]*(/[A-Za-z0-9._~/-]*)?$ ]] ||
+        die "--acme-ca '$acme_ca': an https:// URL of letters, digits and . : - _ ~ / only"
+fi
+if [ -n "$acme_ca_root" ]; then
+    [ -n "$acme_ca" ] || die "--acme-ca-root needs --acme-ca"
+    [ -f "$acme_ca_root" ] && grep -q -- '-----BEGIN CERTIFICATE-----' "$acme_ca_root" ||
+        die "--acme-ca-root '$acme_ca_root': not a PEM certificate file"
+fi
 [ -n "$hub_address" ] && check_value --hub-address "$hub_address"
 [ -n "$hub_id" ] && check_value --hub-id "$hub_id"
 [ "$(id -u)" = 0 ] || die "run as root (sudo lxdspawner install ...)"
@@ -83,7 +100,8 @@ ETC=/etc/jupyterhub
 
 # The Debian packages the install uses (their dependencies come along).
 DEBS=(python3 python3-venv nodejs postgresql caddy ca-certificates)
-DAEMON_DEBS=(incus-base incus-client btrfs-progs)
+# dnsmasq-base is only a Recommends of incus-base, but a bridge (the preseed's) needs it.
+DAEMON_DEBS=(incus-base incus-client btrfs-progs dnsmasq-base)
 CHP_SPEC="configurable-http-proxy@^4"
 PIP_WANTED=(jupyterhub-lxdspawner jupyterhub-idle-culler psycopg2-binary)
 
@@ -314,7 +332,10 @@ SRC
         changed "started Incus"
     fi
     install_new_file "$pkgdir/incus-preseed.yaml" /etc/lxdspawner/incus-preseed.yaml 0644
-    if incus storage show jupyterhub >/dev/null 2>&1 || incus storage list -f csv | grep -q .; then
+    # Initialised when the default profile has a root disk, as the preseed's last part gives
+    # it: an init that failed halfway (a pool made, the bridge not) is applied again (the
+    # preseed updates what exists), never taken for done.
+    if [ -n "$(incus profile device get default root pool 2>/dev/null)" ]; then
         ok "Incus is initialised (storage pools: $(incus storage list -f csv -c n | tr '\n' ' '))"
     else
         incus admin init --preseed </etc/lxdspawner/incus-preseed.yaml
@@ -579,8 +600,14 @@ step_caddy() {
         echo
         if [ -n "$domain" ]; then
             # A public name: a certificate from Let's Encrypt (ports 80 and 443 reachable),
-            # and Caddy redirects HTTP to HTTPS by itself.
-            printf '%s {\n\treverse_proxy 127.0.0.1:8000\n}\n' "$domain"
+            # or from the ACME CA of --acme-ca; Caddy redirects HTTP to HTTPS by itself.
+            printf '%s {\n' "$domain"
+            if [ -n "$acme_ca" ]; then
+                printf '\ttls {\n\t\tca %s\n' "$acme_ca"
+                [ -z "$acme_ca_root" ] || printf '\t\tca_root /etc/caddy/acme-ca-root.pem\n'
+                printf '\t}\n'
+            fi
+            printf '\treverse_proxy 127.0.0.1:8000\n}\n'
         else
             site=$address
             [[ $site == *:* ]] && site="[$site]"
@@ -590,6 +617,9 @@ step_caddy() {
     } >"$tmp"
     mkdir -p "$STATE"
     local dest=/etc/caddy/Caddyfile reload=0
+    if [ -n "$acme_ca_root" ] && install_file "$acme_ca_root" /etc/caddy/acme-ca-root.pem 0644; then
+        reload=1
+    fi
     # Debian's Caddyfile, or the one we wrote last, is replaced; one the operator edited is not.
     local debian_md5
     debian_md5=$(dpkg-query -W -f='${Conffiles}' caddy 2>/dev/null | awk '$1 == "/etc/caddy/Caddyfile" {print $2}')

@@ -42,3 +42,28 @@ def test_daemon_questions_without_a_daemon(tmp_path):
     assert installer.has_image(missing, "jupyter-base") is False
     assert installer.main(["answers", missing]) == 1
     assert installer.main(["bogus"]) == 2
+
+
+def test_acme_ca_values_are_checked_before_anything_runs(tmp_path):
+    """--acme-ca goes into the Caddyfile: only a plain https URL, only with --domain; its root
+    must be a PEM certificate."""
+    script = str(installer.script())
+
+    def refused(*args: str) -> str:
+        done = subprocess.run(["bash", script, *args], capture_output=True, text=True)
+        assert done.returncode == 1, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    url = "https://ca.example.org/acme/acme/directory"
+    assert "--acme-ca needs --domain" in refused("--acme-ca", url)
+    injected = "https://ca.example.org/ {\n}\nevil {"
+    assert "an https:// URL of letters" in refused(
+        "--domain", "hub.example.org", "--acme-ca", injected
+    )
+    assert "an https:// URL" in refused("--domain", "h.example.org", "--acme-ca", "http://ca/")
+    not_pem = tmp_path / "root.crt"
+    not_pem.write_text("hello\n")
+    assert "not a PEM certificate file" in refused(
+        "--domain", "h.example.org", "--acme-ca", url, "--acme-ca-root", str(not_pem)
+    )
+    assert "--acme-ca-root needs --acme-ca" in refused("--acme-ca-root", str(not_pem))

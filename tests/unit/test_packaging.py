@@ -13,7 +13,6 @@ from __future__ import annotations
 import configparser
 import email.parser
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -24,59 +23,31 @@ from pathlib import Path
 import pytest
 
 import lxdspawner
+from testbench.wheel import build as build_distributions
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST = "jupyterhub-lxdspawner"
 VERSION = lxdspawner.__version__
-CAN_BUILD = (
-    "import setuptools.build_meta;"
-    "from importlib.metadata import version;"
-    "import importlib.util as u;"
-    "v = tuple(int(x) for x in version('setuptools').split('.')[:2]);"
-    "assert v >= (70, 1) or u.find_spec('wheel')"
-)
-
-
-def _builder() -> str:
-    """An interpreter whose setuptools can build a wheel without downloading anything.
-
-    The venv's own when it can (setuptools 70.1 or later, or the wheel package), else Debian's.
-    """
-    for python in (sys.executable, "/usr/bin/python3"):
-        if shutil.which(python) and subprocess.run([python, "-c", CAN_BUILD]).returncode == 0:
-            return python
-    pytest.skip("no interpreter here has setuptools>=70.1 or wheel: pip install 'setuptools>=70.1'")
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(wheel, sdist, the wheel unpacked as pip installs it)."""
     tmp = tmp_path_factory.mktemp("packaging")
-    src, out, site = tmp / "src", tmp / "dist", tmp / "site"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "MANIFEST.in"):
-        shutil.copy2(ROOT / name, src / name)
-    shutil.copytree(
-        ROOT / "lxdspawner", src / "lxdspawner", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    python = _builder()
-    for hook in ("build_wheel", "build_sdist"):  # one process each, as build frontends do
-        subprocess.run(
-            [python, "-c", f"import sys, setuptools.build_meta as b; b.{hook}(sys.argv[1])", out],
-            cwd=src,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-    (wheel,) = out.glob("*.whl")
+    site = tmp / "site"
+    try:
+        out = build_distributions(tmp)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    (whl,) = out.glob("*.whl")
     (sdist,) = out.glob("*.tar.gz")
-    with zipfile.ZipFile(wheel) as z:
+    with zipfile.ZipFile(whl) as z:
         for info in z.infolist():
             path = Path(z.extract(info, site))
             mode = info.external_attr >> 16
             if mode & 0o111:  # as pip does: an executable file stays executable
                 path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return wheel, sdist, site
+    return whl, sdist, site
 
 
 def installed(site: Path, code: str) -> str:
