@@ -336,6 +336,9 @@ class PoolSettings(Configurable):
             if lineage in daemon.pool.warmed:
                 return
             daemon.pool.warmed.add(lineage)
+            # Without profile_list this is the one definition the hub can want: members of
+            # another lineage (an image setting since changed) are no one's, and go.
+            daemon.pool.only_lineages[self.hub_id] = {lineage}
             await daemon.ready()
             if self._why_not_warm(daemon, self._need(), free_value=False) is not None:
                 return  # the spawn says why, in its user's log line

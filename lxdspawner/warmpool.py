@@ -67,6 +67,9 @@ class WarmPool:
         self._failed: dict[str, tuple[int, float]] = {}
         #: Lineages a spawner has filled ahead of their first spawn (PoolSettings._warm_ahead).
         self.warmed: set[str] = set()
+        #: hub -> the only lineages its configuration can want (known without profile_list:
+        #: one), so members of any other lineage are no one's and go; None: not known.
+        self.only_lineages: dict[str, set[str]] = {}
 
     # -- what there is ------------------------------------------------------------------------
 
@@ -210,7 +213,9 @@ class WarmPool:
 
     def _replace_stale(self, hub: str) -> None:
         """Delete this hub's members that no wanted definition of their lineage has (an
-        image moved, a setting changed) and those that stopped (their preloader ended)."""
+        image moved, a setting changed), those of a lineage the hub's settings can no longer
+        want (:attr:`only_lineages`: the image setting changed, profile_list removed) and
+        those that stopped (their preloader ended)."""
         keys = {e.wanted.lineage: e.wanted.key for e in self._wanted.values()}
         timeout = max((e.source.teardown_timeout for e in self._wanted.values()), default=30.0)
         for member in self.members(hub):
@@ -218,12 +223,18 @@ class WarmPool:
                 continue
             lineage = member.config.get(pool.KEY_LINEAGE, "")
             stale = lineage in keys and member.config.get(pool.KEY_POOL) != keys[lineage]
-            if stale or member.status == "Stopped":
+            only = self.only_lineages.get(hub)
+            unwanted = only is not None and lineage not in only
+            if stale or unwanted or member.status == "Stopped":
                 self._taken.add(member.name)  # nobody takes it meanwhile
                 log.info(
                     "warm pool: deleting %s (%s)",
                     member.name,
-                    "its definition is replaced" if stale else "stopped",
+                    "its definition is replaced"
+                    if stale
+                    else "no setting of this hub wants its definition any more"
+                    if unwanted
+                    else "stopped",
                 )
                 self._spawn_task(self._delete(member.name, hub, timeout))
 

@@ -321,3 +321,22 @@ async def test_with_profile_list_the_pool_waits_for_the_choice(hub_daemon, fake)
     for _ in range(100):
         await asyncio.sleep(0)
     assert not [i for i in fake.instances.values() if i.config.get(KEY_POOL)]
+
+
+async def test_members_no_setting_wants_any_more_go_when_the_hub_starts(
+    hub_daemon,  # noqa: F811
+    fake,
+):
+    """The operator changed the image setting (to another alias): after the restart, the
+    members of the old setting are no one's (without profile_list, one lineage is wanted)."""
+    spawner(fake, "ana", warm_pool_size=1)
+    await eventually(lambda: len(waiting(fake)) == 1)
+    (old,) = waiting(fake)
+    await eventually(lambda: not hub_daemon.pool._tasks)  # made, not cut short by the close
+    fake.add_image("beef" * 16, "other-image")
+    hub_daemon.pool.close()
+    hub_daemon.pool = WarmPool(hub_daemon)  # the restarted hub
+    spawner(fake, "bob", warm_pool_size=1, image="other-image")
+    await eventually(lambda: old not in fake.instances and len(waiting(fake)) == 1)
+    (new,) = waiting(fake)
+    assert fake.instances[new].image == "beef" * 16
