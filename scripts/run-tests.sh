@@ -31,13 +31,21 @@ host="not cluster and not nodaemon"
 logs=$(mktemp -d /tmp/lxdspawner-tests.XXXXXX)
 trap 'rm -rf "$logs"' EXIT
 
-"$PYTHON" -m pytest "${common[@]}" -m "cluster or nodaemon" >"$logs/cluster" 2>&1 &
+# The exclusive tests stop and restart the host's daemons; a cluster-tier test that also
+# drives them (test_remotes) waits for them to end on this lock, held exclusively meanwhile.
+export LXDSPAWNER_EXCLUSIVE_LOCK="$logs/exclusive.lock"
+exec 9>"$LXDSPAWNER_EXCLUSIVE_LOCK"
+flock -x 9
+
+"$PYTHON" -m pytest "${common[@]}" -m "cluster or nodaemon" >"$logs/cluster" 2>&1 9>&- &
 cluster=$!
 
 echo "== the host's daemons to one session: the exclusive tests =="
-"$PYTHON" -m pytest "${common[@]}" -m "$host and exclusive"
+"$PYTHON" -m pytest "${common[@]}" -m "$host and exclusive" 9>&-
 exclusive=$?
 [ "$exclusive" -eq 5 ] && exclusive=0 # none selected
+flock -u 9
+exec 9>&-
 
 echo "== the host's daemons to one session: the others =="
 "$PYTHON" -m pytest "${common[@]}" -m "$host and not exclusive"

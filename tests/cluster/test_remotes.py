@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import re
 import shutil
 import time
@@ -40,6 +42,21 @@ from testbench.hubtools import CHROMIUM, CHROMIUM_ARGS, SpawnFailed, chromium_mi
 
 from .conftest import BASE_IMAGE
 from .test_cluster_spawner import LIGHT_SERVER
+
+
+@pytest.fixture(autouse=True, scope="module")
+def host_daemons_settled():
+    """This test drives the host's Incus and LXD from the cluster's session, which
+    scripts/run-tests.sh runs beside the host's sessions: it first waits for the `exclusive`
+    tests to end (they stop and restart those daemons; ci49 lost LXD under this test). The
+    script holds LXDSPAWNER_EXCLUSIVE_LOCK exclusively while they run."""
+    path = os.environ.get("LXDSPAWNER_EXCLUSIVE_LOCK")
+    if path:
+        with open(path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)  # blocks while the exclusive tests run
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
+
 
 #: One profile per remote ("incus" the default), and one naming a remote nobody configured.
 PROFILES = """
