@@ -44,10 +44,10 @@ from .setups import (
     REPO,
     Setup,
     ensure_floor_venv,
-    final_sweep,
     image_requirements,
     remove_our_containers,
     remove_our_volumes,
+    run_swept,
     running_setups,
     say,
 )
@@ -339,15 +339,7 @@ def main() -> int:
     workdir = RUNS_DIR / ("changeover-" + time.strftime("%Y%m%d-%H%M%S"))
     workdir.mkdir(parents=True, exist_ok=True)
     say(f"logs in {workdir}")
-    results = None
-    try:
-        results = asyncio.run(run(args, workdir))
-    except KeyboardInterrupt:
-        say("interrupted: cleaning up")
-    finally:
-        with contextlib.suppress(Exception):
-            asyncio.run(final_sweep(workdir / "floor-homes"))
-        shutil.rmtree(workdir / "floor-homes", ignore_errors=True)
+    results = run_swept(lambda: run(args, workdir), workdir)
     if results is None:
         return 130
     print(summary(results))

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -44,10 +43,10 @@ from .setups import (
     REPO,
     Setup,
     ensure_floor_venv,
-    final_sweep,
     image_requirements,
     remove_our_containers,
     remove_our_volumes,
+    run_swept,
     running_setups,
     say,
 )
@@ -241,15 +240,7 @@ def main() -> int:
         return 2
     workdir = RUNS_DIR / ("servercpu-" + time.strftime("%Y%m%d-%H%M%S"))
     workdir.mkdir(parents=True, exist_ok=True)
-    results = None
-    try:
-        results = asyncio.run(run(args, workdir))
-    except KeyboardInterrupt:
-        say("interrupted: cleaning up")
-    finally:
-        with contextlib.suppress(Exception):
-            asyncio.run(final_sweep(workdir / "floor-homes"))
-        shutil.rmtree(workdir / "floor-homes", ignore_errors=True)
+    results = run_swept(lambda: run(args, workdir), workdir)
     if results is None:
         return 130
     print(summary(results))

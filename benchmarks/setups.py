@@ -23,6 +23,7 @@ What is measured on them is in ``measure.py``; ``spawn.py`` drives the run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import shutil
@@ -30,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,3 +422,18 @@ async def final_sweep(homes: Path) -> None:
         )
     if in_use:
         say(f"clean-up: volumes of the benchmark hub still in use, kept: {in_use}")
+
+
+def run_swept(main: Callable[[], Coroutine[Any, Any, Any]], workdir: Path) -> Any | None:
+    """A benchmark driver's run: ``main()`` in an event loop of its own, then (also after an
+    error or Ctrl-C) the sweep of what it left and of the floor's homes under ``workdir``.
+    Its result; None when interrupted."""
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        say("interrupted: cleaning up")
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run(final_sweep(workdir / "floor-homes"))
+        shutil.rmtree(workdir / "floor-homes", ignore_errors=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -70,10 +69,10 @@ from .setups import (
     REPO,
     Setup,
     ensure_floor_venv,
-    final_sweep,
     image_requirements,
     remove_our_containers,
     remove_our_volumes,
+    run_swept,
     running_setups,
     say,
 )
@@ -433,15 +432,7 @@ def main() -> int:
         return 2
     workdir = RUNS_DIR / time.strftime("%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
-    result = None
-    try:
-        result = asyncio.run(run(args, workdir))
-    except KeyboardInterrupt:
-        say("interrupted: cleaning up")
-    finally:
-        with contextlib.suppress(Exception):
-            asyncio.run(final_sweep(workdir / "floor-homes"))
-        shutil.rmtree(workdir / "floor-homes", ignore_errors=True)
+    result = run_swept(lambda: run(args, workdir), workdir)
     if result is None:
         return 130
     print()
